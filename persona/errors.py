@@ -1,0 +1,73 @@
+"""The error hierarchy.
+
+Every error persona raises derives from :class:`PersonaError`. Each subclass also inherits the
+builtin a caller would naturally catch (``KeyError`` for something missing, ``ValueError`` for bad
+input), so ``except KeyError`` keeps working for code that does not know persona.
+
+Messages say what was wrong and what to do about it; the CLI prints them as they are.
+"""
+
+from __future__ import annotations
+
+
+class PersonaError(Exception):
+    """Base class of every error raised by persona."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it plain.
+        return str(self.args[0]) if self.args else self.__class__.__name__
+
+
+class InvalidName(PersonaError, ValueError):
+    """An adapter name, alias or kind breaks the naming rule."""
+
+
+class InvalidReference(PersonaError, ValueError):
+    """A reference such as ``user:alice@v3`` or a stack ``A+B`` is malformed."""
+
+
+class InvalidConfig(PersonaError, ValueError):
+    """A configuration has an unknown key or a value out of range."""
+
+
+class InvalidInteractions(PersonaError, ValueError):
+    """An interactions file has a bad line; the message names the file, the line and the reason."""
+
+
+class StoreNotInitialized(PersonaError, FileNotFoundError):
+    """The store root has no ``persona.json``; run ``persona init`` first."""
+
+
+class StoreExists(PersonaError, FileExistsError):
+    """``init`` was asked to bind a store that is already bound to a (different) base."""
+
+
+class AdapterNotFound(PersonaError, KeyError):
+    """No adapter of that kind and name exists in the store."""
+
+
+class AdapterExists(PersonaError, FileExistsError):
+    """``create`` was asked for an adapter that already exists."""
+
+
+class VersionNotFound(PersonaError, KeyError):
+    """The adapter exists but has no such version or alias."""
+
+
+class IntegrityError(PersonaError):
+    """A published file no longer matches the sha256 recorded when it was written."""
+
+
+class BaseMismatch(PersonaError):
+    """An adapter (or store) is bound to another base model fingerprint."""
+
+
+class UnsafeWeightFile(PersonaError):
+    """A weight file in a format persona never opens (pickle: ``.bin``, ``.pt``, ``.pth``, ...)."""
+
+
+class BaseModelUnavailable(PersonaError, FileNotFoundError):
+    """The base model cannot be found or loaded (missing package, offline without a cache, ...)."""
+
+
+class LockTimeout(PersonaError, TimeoutError):
+    """Another writer holds the adapter's lock for longer than the timeout."""

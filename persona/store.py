@@ -1,0 +1,711 @@
+"""The versioned adapter store: the source of truth for every adapter and every version.
+
+Layout (see docs/STORE.md)::
+
+    ROOT/persona.json                 format, base id, base fingerprint
+    ROOT/.locks/<hash>.lock           one writer lock per adapter (named by hash: no user names)
+    ROOT/KIND/NAME/vNNNN/             adapter_config.json adapter_model.safetensors meta.json
+    ROOT/KIND/NAME/refs.json          aliases -> version numbers (current, candidate, ...)
+    ROOT/KIND/NAME/replay.jsonl       the adapter's replay buffer
+    ROOT/KIND/NAME/pending.jsonl      interactions logged, not yet trained on
+
+Guarantees:
+- Versions are immutable and published whole: files go to a hidden temp dir, are fsynced, and the
+  dir is renamed to ``vNNNN`` in one ``os.replace``. A new adapter (its first version and its refs)
+  appears the same way, in one rename of its whole folder.
+- Aliases move by an atomic rewrite of ``refs.json``, after the version they name exists: refs never
+  point at a missing version, whatever instant a crash hits.
+- Writers to one adapter are serialized by a file lock; readers take no lock and, since nothing a
+  reader can see is ever modified in place, never see a torn version.
+- Loading re-hashes every file against ``meta.json``, checks the base fingerprint, and reads
+  safetensors only (a pickle-format file in a version makes loading refuse before opening anything).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from filelock import FileLock, Timeout
+
+from .base import EMBEDDED_BASE, PICKLE_SUFFIXES, base_info, load_config
+from .errors import (
+    AdapterExists,
+    AdapterNotFound,
+    BaseMismatch,
+    IntegrityError,
+    InvalidName,
+    InvalidReference,
+    LockTimeout,
+    PersonaError,
+    StoreExists,
+    StoreNotInitialized,
+    UnsafeWeightFile,
+    VersionNotFound,
+)
+from .fsutil import (
+    TMP_PREFIX,
+    atomic_write_json,
+    dumps_json,
+    fsync_dir,
+    fsync_tree,
+    remove_tree,
+    sha256_file,
+    stale_temp_paths,
+    temp_sibling,
+)
+from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraSettings, init_lora_tensors, lora_shapes, peft_adapter_config, resolve_targets
+from .refs import CANDIDATE, CURRENT, KINDS, RESERVED_NAMES, AdapterRef, format_version, parse_ref, validate_alias
+
+STORE_FORMAT = 1
+STORE_FILE = "persona.json"
+META = "meta.json"
+REFS = "refs.json"
+REPLAY = "replay.jsonl"
+PENDING = "pending.jsonl"
+_VERSION_DIR = re.compile(r"v([0-9]{4,9})")
+_EXTRA_FILE = re.compile(r"[a-z0-9_]{1,64}\.safetensors")
+
+
+def default_root() -> Path:
+    """``$PERSONA_HOME``, else ``./adapters``."""
+    return Path(os.environ.get("PERSONA_HOME") or "adapters")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """The contents of ``persona.json``: which base this store is bound to."""
+
+    format: int
+    base_id: str
+    base_fingerprint: str
+    created: str
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One published version, as recorded in its ``meta.json``."""
+
+    adapter: str
+    version: int
+    parent: int | None
+    created: str
+    base_fingerprint: str
+    files: Mapping[str, str]
+    lora: Mapping[str, Any]
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    training: Mapping[str, Any] | None = None
+    data_digest: str | None = None
+    lineage: tuple[Mapping[str, Any], ...] = ()
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def ref(self) -> AdapterRef:
+        kind, name = self.adapter.split(":", 1)
+        return AdapterRef(kind, name, version=self.version)
+
+    @property
+    def label(self) -> str:
+        return format_version(self.version)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "adapter": self.adapter,
+            "version": self.version,
+            "label": self.label,
+            "parent": self.parent,
+            "created": self.created,
+            "base_fingerprint": self.base_fingerprint,
+            "files": dict(self.files),
+            "lora": dict(self.lora),
+            "metrics": dict(self.metrics),
+            "training": self.training,
+            "data_digest": self.data_digest,
+            "lineage": list(self.lineage),
+            "aliases": list(self.aliases),
+        }
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """An adapter with all its versions and aliases."""
+
+    adapter: str
+    kind: str
+    name: str
+    versions: tuple[VersionInfo, ...]
+    aliases: Mapping[str, int]
+    pending: int
+    replay: int
+
+    @property
+    def current(self) -> int | None:
+        return self.aliases.get(CURRENT)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "adapter": self.adapter,
+            "kind": self.kind,
+            "name": self.name,
+            "current": self.current,
+            "aliases": dict(self.aliases),
+            "pending": self.pending,
+            "replay": self.replay,
+            "versions": [v.to_dict() for v in self.versions],
+        }
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """An adapter version read from the store, its hashes checked."""
+
+    info: VersionInfo
+    config: Mapping[str, Any]
+    tensors: Mapping[str, Any]
+
+    @property
+    def ref(self) -> AdapterRef:
+        return self.info.ref
+
+
+@dataclass(frozen=True)
+class Problem:
+    adapter: str
+    version: int | None
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        where = self.adapter + (f"@{format_version(self.version)}" if self.version else "")
+        return f"{where}: {self.path}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What ``verify`` checked and every mismatch it found."""
+
+    adapters: int
+    versions: int
+    files: int
+    problems: tuple[Problem, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "adapters": self.adapters,
+            "versions": self.versions,
+            "files": self.files,
+            "problems": [p.__dict__ for p in self.problems],
+        }
+
+
+class Store:
+    """A directory of versioned adapters bound to one base model.
+
+    >>> store = Store.init("adapters", base="smollm2-135m-instruct")   # doctest: +SKIP
+    >>> store.create("user:alice").label                               # doctest: +SKIP
+    'v0001'
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None, *, lock_timeout: float = 600.0):
+        self.root = Path(root if root is not None else default_root()).expanduser().resolve()
+        self.lock_timeout = lock_timeout
+        self._config: StoreConfig | None = None
+
+    # ----------------------------------------------------------------- binding to a base
+    @classmethod
+    def init(cls, root: str | os.PathLike | None = None, base: str = EMBEDDED_BASE) -> "Store":
+        """Bind a new store at ``root`` to ``base`` (id + fingerprint). Idempotent for the same base."""
+        store = cls(root)
+        info = base_info(base)
+        existing = store.root / STORE_FILE
+        if existing.exists():
+            config = store.config
+            if config.base_fingerprint != info.fingerprint:
+                raise StoreExists(
+                    f"{store.root} is already bound to base {config.base_id} ({config.base_fingerprint[:19]}); "
+                    "use another --store for another base"
+                )
+            return store
+        store.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(
+            existing,
+            {"format": STORE_FORMAT, "base": {"id": info.id, "fingerprint": info.fingerprint}, "created": _now()},
+        )
+        return store
+
+    @classmethod
+    def open(cls, root: str | os.PathLike | None = None) -> "Store":
+        """Open an initialised store; raise :class:`StoreNotInitialized` if there is none."""
+        store = cls(root)
+        store.config  # noqa: B018 - validates persona.json
+        return store
+
+    @property
+    def config(self) -> StoreConfig:
+        if self._config is None:
+            path = self.root / STORE_FILE
+            try:
+                data = json.loads(path.read_text())
+            except FileNotFoundError:
+                raise StoreNotInitialized(
+                    f"no adapter store at {self.root}: run `persona init --store {self.root}` first"
+                ) from None
+            except ValueError as exc:
+                raise PersonaError(f"{path} is not valid JSON ({exc}); the store is damaged") from None
+            if data.get("format") != STORE_FORMAT:
+                raise PersonaError(f"{path} has store format {data.get('format')!r}; this persona reads format {STORE_FORMAT}")
+            self._config = StoreConfig(
+                format=data["format"],
+                base_id=data["base"]["id"],
+                base_fingerprint=data["base"]["fingerprint"],
+                created=data.get("created", ""),
+            )
+        return self._config
+
+    # ----------------------------------------------------------------- paths and locks
+    def adapter_dir(self, ref: str | AdapterRef) -> Path:
+        """The folder of an adapter, after validating its name and checking it stays inside the root."""
+        ref = parse_ref(ref)
+        path = (self.root / ref.kind / ref.name).resolve()
+        if path.parent != (self.root / ref.kind).resolve() or not path.is_relative_to(self.root):
+            raise InvalidName(f"adapter path for {ref.id} resolves outside the store root {self.root}")
+        return path
+
+    def _version_dir(self, ref: AdapterRef, version: int) -> Path:
+        return self.adapter_dir(ref) / format_version(version)
+
+    @contextmanager
+    def lock(self, ref: str | AdapterRef) -> Iterator[None]:
+        """Hold the writer lock of one adapter."""
+        ref = parse_ref(ref)
+        locks = self.root / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256(ref.id.encode()).hexdigest()[:24]
+        try:
+            with FileLock(str(locks / f"{digest}.lock"), timeout=self.lock_timeout):
+                yield
+        except Timeout:
+            raise LockTimeout(
+                f"another writer has held the lock of {ref.id} for over {self.lock_timeout:.0f}s; try again later"
+            ) from None
+
+    # ----------------------------------------------------------------- reading
+    def exists(self, ref: str | AdapterRef) -> bool:
+        return (self.adapter_dir(ref) / REFS).is_file()
+
+    def _require(self, ref: AdapterRef) -> Path:
+        self.config  # noqa: B018
+        path = self.adapter_dir(ref)
+        if not (path / REFS).is_file():
+            raise AdapterNotFound(f"no adapter {ref.id} in {self.root}: create it with `persona create {ref.id}`")
+        return path
+
+    def _read_refs(self, path: Path) -> dict[str, int]:
+        try:
+            data = json.loads((path / REFS).read_text())
+        except FileNotFoundError:
+            return {}
+        return {k: int(v) for k, v in data.get("aliases", {}).items()}
+
+    def version_numbers(self, ref: str | AdapterRef) -> list[int]:
+        path = self._require(parse_ref(ref))
+        return sorted(int(m.group(1)) for p in path.iterdir() if (m := _VERSION_DIR.fullmatch(p.name)) and p.is_dir())
+
+    def aliases(self, ref: str | AdapterRef) -> dict[str, int]:
+        return self._read_refs(self._require(parse_ref(ref)))
+
+    def resolve(self, ref: str | AdapterRef) -> AdapterRef:
+        """Pin a reference to a version number (``user:alice`` -> ``user:alice@v3``)."""
+        ref = parse_ref(ref)
+        path = self._require(ref)
+        if ref.version is not None:
+            version = ref.version
+        else:
+            aliases = self._read_refs(path)
+            if ref.selector not in aliases:
+                known = ", ".join(sorted(aliases)) or "none"
+                raise VersionNotFound(f"{ref.id} has no alias {ref.selector!r} (aliases: {known})")
+            version = aliases[ref.selector]
+        if not (path / format_version(version) / META).is_file():
+            raise VersionNotFound(f"{ref.id} has no version {format_version(version)}; see `persona show {ref.id}`")
+        return ref.at(version)
+
+    def _read_meta(self, ref: AdapterRef, version: int, aliases: Mapping[str, int] | None = None) -> VersionInfo:
+        path = self._version_dir(ref, version) / META
+        try:
+            meta = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise VersionNotFound(f"{ref.id} has no version {format_version(version)}") from None
+        except ValueError as exc:
+            raise IntegrityError(f"{path} is not valid JSON: {exc}") from None
+        names = tuple(sorted(a for a, v in (aliases or {}).items() if v == version))
+        return VersionInfo(
+            adapter=meta["adapter"],
+            version=meta["version"],
+            parent=meta.get("parent"),
+            created=meta["created"],
+            base_fingerprint=meta["base_fingerprint"],
+            files=meta["files"],
+            lora=meta.get("lora", {}),
+            metrics=meta.get("metrics", {}),
+            training=meta.get("training"),
+            data_digest=meta.get("data_digest"),
+            lineage=tuple(meta.get("lineage", ())),
+            aliases=names,
+        )
+
+    def version_info(self, ref: str | AdapterRef) -> VersionInfo:
+        pinned = self.resolve(ref)
+        return self._read_meta(pinned, pinned.version, self._read_refs(self.adapter_dir(pinned)))
+
+    def versions(self, ref: str | AdapterRef) -> list[VersionInfo]:
+        ref = parse_ref(ref)
+        aliases = self.aliases(ref)
+        return [self._read_meta(ref, v, aliases) for v in self.version_numbers(ref)]
+
+    def _count_lines(self, path: Path) -> int:
+        try:
+            with open(path, "rb") as f:
+                return sum(1 for line in f if line.strip())
+        except FileNotFoundError:
+            return 0
+
+    def show(self, ref: str | AdapterRef) -> AdapterInfo:
+        ref = parse_ref(ref)
+        path = self._require(ref)
+        return AdapterInfo(
+            adapter=ref.id,
+            kind=ref.kind,
+            name=ref.name,
+            versions=tuple(self.versions(ref)),
+            aliases=self._read_refs(path),
+            pending=self._count_lines(path / PENDING),
+            replay=self._count_lines(path / REPLAY),
+        )
+
+    def list(self, kind: str | None = None) -> list[AdapterInfo]:
+        """Every adapter in the store (optionally of one kind), sorted by reference."""
+        self.config  # noqa: B018
+        found = []
+        for k in KINDS if kind is None else (kind,):
+            folder = self.root / k
+            if not folder.is_dir():
+                continue
+            for child in sorted(folder.iterdir()):
+                if child.name.startswith(TMP_PREFIX) or not (child / REFS).is_file():
+                    continue
+                try:
+                    found.append(self.show(AdapterRef(k, child.name)))
+                except InvalidName:
+                    continue  # a stray folder whose name is not an adapter name
+        return found
+
+    # ----------------------------------------------------------------- writing
+    def create(
+        self,
+        ref: str | AdapterRef,
+        settings: LoraSettings | None = None,
+        *,
+        tensors: Mapping[str, Any] | None = None,
+        adapter_config: Mapping[str, Any] | None = None,
+        lineage: tuple[Mapping[str, Any], ...] = (),
+    ) -> VersionInfo:
+        """Create an adapter and publish its version v0001.
+
+        By default the weights are a fresh LoRA for the store's base (B = 0, so the base's outputs
+        are unchanged); ``tensors`` + ``adapter_config`` start it from given weights instead.
+        """
+        ref = parse_ref(ref)
+        if ref.version is not None or ref.alias is not None:
+            raise InvalidReference(f"create takes an adapter without a version: {ref.id}, not {ref}")
+        if ref.name in RESERVED_NAMES:
+            raise InvalidName(f"{ref.name!r} is a reserved name ({ref.kind}:{ref.name} has a special meaning)")
+        settings = settings or LoraSettings()
+        path = self.adapter_dir(ref)
+        if tensors is None:
+            config = load_config(self.config.base_id)
+            targets = resolve_targets(settings, config.model_type)
+            settings = replace(settings, target_modules=targets)  # record what was resolved
+            tensors = init_lora_tensors(lora_shapes(config, targets), settings)
+            adapter_config = peft_adapter_config(settings, targets, self.config.base_id)
+        elif adapter_config is None:
+            raise InvalidReference("create(tensors=...) needs the matching adapter_config")
+        with self.lock(ref):
+            if (path / REFS).is_file():
+                raise AdapterExists(f"{ref.id} already exists; use `persona update` to train it, or delete it first")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists():  # leftovers of a crashed create: never published, safe to clear
+                remove_tree(path)
+            staging = temp_sibling(path)
+            staging.mkdir()
+            try:
+                info = self._write_version(
+                    staging / format_version(1), ref, 1, tensors, adapter_config, settings=settings, lineage=lineage
+                )
+                (staging / REFS).write_bytes(dumps_json({"aliases": {CURRENT: 1}}))
+                fsync_tree(staging)
+                os.replace(staging, path)
+                fsync_dir(path.parent)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        return replace(info, aliases=(CURRENT,))
+
+    def publish_version(
+        self,
+        ref: str | AdapterRef,
+        tensors: Mapping[str, Any],
+        adapter_config: Mapping[str, Any],
+        *,
+        parent: int | None,
+        set_alias: str | None = CURRENT,
+        metrics: Mapping[str, Any] | None = None,
+        training: Mapping[str, Any] | None = None,
+        data_digest: str | None = None,
+        lineage: tuple[Mapping[str, Any], ...] = (),
+        extra_files: Mapping[str, Mapping[str, Any]] | None = None,
+        settings: LoraSettings | None = None,
+    ) -> VersionInfo:
+        """Publish the next version of an existing adapter and (optionally) point an alias at it.
+
+        The version number is allocated under the adapter's lock, so concurrent publishers get
+        unique, increasing numbers. ``extra_files`` maps ``name.safetensors`` to tensors stored beside
+        the version (an EWC Fisher estimate, for example).
+        """
+        ref = parse_ref(ref).unpinned()
+        if set_alias is not None:
+            validate_alias(set_alias)
+        with self.lock(ref):
+            path = self._require(ref)
+            for stale in stale_temp_paths(path):  # left by a crashed writer; we hold the lock
+                shutil.rmtree(stale, ignore_errors=True)
+            numbers = self.version_numbers(ref)
+            if parent is not None and parent not in numbers:
+                raise VersionNotFound(f"parent version {format_version(parent)} of {ref.id} does not exist")
+            version = (numbers[-1] if numbers else 0) + 1
+            final = path / format_version(version)
+            staging = temp_sibling(final)
+            try:
+                info = self._write_version(
+                    staging, ref, version, tensors, adapter_config,
+                    parent=parent, metrics=metrics, training=training, data_digest=data_digest,
+                    lineage=lineage, extra_files=extra_files, settings=settings,
+                )
+                fsync_tree(staging)
+                os.replace(staging, final)
+                fsync_dir(path)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            if set_alias is not None:
+                self._set_alias_locked(ref, path, set_alias, version)
+        return self.version_info(ref.at(version))
+
+    def _write_version(
+        self,
+        folder: Path,
+        ref: AdapterRef,
+        version: int,
+        tensors: Mapping[str, Any],
+        adapter_config: Mapping[str, Any],
+        *,
+        parent: int | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        training: Mapping[str, Any] | None = None,
+        data_digest: str | None = None,
+        lineage: tuple[Mapping[str, Any], ...] = (),
+        extra_files: Mapping[str, Mapping[str, Any]] | None = None,
+        settings: LoraSettings | None = None,
+    ) -> VersionInfo:
+        from safetensors.torch import save_file
+
+        folder.mkdir()
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (folder / ADAPTER_CONFIG).write_bytes(dumps_json(dict(adapter_config)))
+        for name, extra in (extra_files or {}).items():
+            if not _EXTRA_FILE.fullmatch(name) or name == ADAPTER_WEIGHTS:
+                raise InvalidName(f"extra version file {name!r} must match {_EXTRA_FILE.pattern}")
+            save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, str(folder / name), metadata={"format": "pt"})
+        files = {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
+        lora = settings.to_dict() if settings else _settings_from_peft(adapter_config)
+        meta = {
+            "format": STORE_FORMAT,
+            "adapter": ref.id,
+            "version": version,
+            "parent": parent,
+            "created": _now(),
+            "base_id": self.config.base_id,
+            "base_fingerprint": self.config.base_fingerprint,
+            "files": files,
+            "lora": lora,
+            "metrics": dict(metrics or {}),
+            "training": dict(training) if training else None,
+            "data_digest": data_digest,
+            "lineage": list(lineage),
+        }
+        (folder / META).write_bytes(dumps_json(meta))
+        return VersionInfo(
+            adapter=ref.id, version=version, parent=parent, created=meta["created"],
+            base_fingerprint=meta["base_fingerprint"], files=files, lora=lora, metrics=meta["metrics"],
+            training=meta["training"], data_digest=data_digest, lineage=tuple(lineage),
+        )
+
+    def _set_alias_locked(self, ref: AdapterRef, path: Path, alias: str, version: int) -> None:
+        if not (path / format_version(version) / META).is_file():
+            raise VersionNotFound(f"{ref.id} has no version {format_version(version)}; see `persona show {ref.id}`")
+        aliases = self._read_refs(path)
+        aliases[alias] = version
+        atomic_write_json(path / REFS, {"aliases": aliases})
+
+    def set_alias(self, ref: str | AdapterRef, alias: str, version: int | str) -> None:
+        """Point ``alias`` of an adapter at an existing version (atomic)."""
+        from .refs import parse_version
+
+        ref = parse_ref(ref)
+        validate_alias(alias)
+        number = parse_version(version)
+        with self.lock(ref):
+            self._set_alias_locked(ref, self._require(ref), alias, number)
+
+    def remove_alias(self, ref: str | AdapterRef, alias: str) -> None:
+        ref = parse_ref(ref)
+        if alias == CURRENT:
+            raise InvalidName("the current alias cannot be removed; use rollback to move it")
+        with self.lock(ref):
+            path = self._require(ref)
+            aliases = self._read_refs(path)
+            if aliases.pop(alias, None) is None:
+                raise VersionNotFound(f"{ref.id} has no alias {alias!r}")
+            atomic_write_json(path / REFS, {"aliases": aliases})
+
+    def rollback(self, ref: str | AdapterRef, version: int | str) -> None:
+        """Move ``current`` to an earlier (or any existing) version."""
+        self.set_alias(ref, CURRENT, version)
+
+    def delete(self, ref: str | AdapterRef) -> None:
+        """Purge every file of an adapter: versions, refs, replay buffer, pending interactions."""
+        ref = parse_ref(ref)
+        if ref.version is not None or ref.alias is not None:
+            raise InvalidReference(f"delete removes a whole adapter: pass {ref.id}, not {ref}")
+        with self.lock(ref):
+            remove_tree(self._require(ref))
+
+    # ----------------------------------------------------------------- integrity
+    def _version_problems(self, ref: AdapterRef, version: int) -> tuple[list[Problem], int]:
+        folder = self._version_dir(ref, version)
+        problems: list[Problem] = []
+        try:
+            meta = json.loads((folder / META).read_text())
+            recorded: dict[str, str] = dict(meta["files"])
+            fp = meta["base_fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return [Problem(ref.id, version, META, f"unreadable metadata ({exc.__class__.__name__})")], 0
+        if fp != self.config.base_fingerprint:
+            problems.append(Problem(ref.id, version, META, f"bound to another base ({fp[:19]}), store base is {self.config.base_fingerprint[:19]}"))
+        present = {p.name for p in folder.iterdir()} - {META}
+        for name in sorted(present - set(recorded)):
+            kind = "pickle weight file (never loaded)" if name.endswith(PICKLE_SUFFIXES) else "unexpected file"
+            problems.append(Problem(ref.id, version, name, kind))
+        for name, digest in sorted(recorded.items()):
+            if name not in present:
+                problems.append(Problem(ref.id, version, name, "missing"))
+            elif sha256_file(folder / name) != digest:
+                problems.append(Problem(ref.id, version, name, "sha256 mismatch: the file changed after it was published"))
+        return problems, len(recorded)
+
+    def verify(self, ref: str | AdapterRef | None = None) -> VerifyReport:
+        """Re-hash every file of every version (of one adapter, or all) and report each mismatch."""
+        if ref is None:
+            adapters = [AdapterRef(a.kind, a.name) for a in self.list()]
+        else:
+            parsed = parse_ref(ref)
+            self._require(parsed)
+            adapters = [parsed.unpinned()]
+        problems: list[Problem] = []
+        n_versions = n_files = 0
+        for adapter in adapters:
+            numbers = self.version_numbers(adapter)
+            wanted = [self.resolve(ref).version] if ref is not None and (parse_ref(ref).version or parse_ref(ref).alias) else numbers
+            for version in wanted:
+                found, files = self._version_problems(adapter, version)
+                problems += found
+                n_versions += 1
+                n_files += files
+            for alias, version in self._read_refs(self.adapter_dir(adapter)).items():
+                if version not in numbers:
+                    problems.append(Problem(adapter.id, None, REFS, f"alias {alias!r} points at missing version {format_version(version)}"))
+        return VerifyReport(len(adapters), n_versions, n_files, tuple(problems))
+
+    def load(self, ref: str | AdapterRef, *, base_fingerprint: str | None = None) -> LoadedAdapter:
+        """Read one version's tensors, refusing tampered files, another base, and pickle files.
+
+        Each file is read once into memory, hashed, and parsed from those same bytes, so what is
+        checked is what is used.
+        """
+        from safetensors.torch import load as load_safetensors
+
+        pinned = self.resolve(ref)
+        folder = self._version_dir(pinned, pinned.version)
+        pickles = [p.name for p in folder.iterdir() if p.name.endswith(PICKLE_SUFFIXES)]
+        if pickles:
+            raise UnsafeWeightFile(
+                f"{pinned}: refusing to load: {', '.join(pickles)} is a pickle-format file; persona reads "
+                "safetensors only. Remove the file (`persona verify` lists such files)"
+            )
+        info = self._read_meta(pinned, pinned.version, self._read_refs(self.adapter_dir(pinned)))
+        expected = base_fingerprint or self.config.base_fingerprint
+        if info.base_fingerprint != expected:
+            raise BaseMismatch(
+                f"{pinned} was made on another base ({info.base_fingerprint[:19]}) than this one ({expected[:19]}); "
+                "an adapter only works on the base it was trained on"
+            )
+        blobs: dict[str, bytes] = {}
+        for name, digest in info.files.items():
+            if not name.endswith((".json", ".safetensors")):
+                raise UnsafeWeightFile(f"{pinned}: {name} is not a JSON or safetensors file")
+            data = (folder / name).read_bytes()
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise IntegrityError(
+                    f"{pinned}: {name} does not match the sha256 recorded at publish time; it was modified or "
+                    "corrupted. Run `persona verify` and roll back to a good version"
+                )
+            blobs[name] = data
+        config = json.loads(blobs[ADAPTER_CONFIG])
+        tensors = load_safetensors(blobs[ADAPTER_WEIGHTS])
+        return LoadedAdapter(info=info, config=config, tensors=tensors)
+
+    def load_extra(self, ref: str | AdapterRef, name: str) -> dict[str, Any] | None:
+        """Read an extra ``*.safetensors`` file stored beside a version (None when absent), hash-checked."""
+        from safetensors.torch import load as load_safetensors
+
+        info = self.version_info(ref)
+        if name not in info.files:
+            return None
+        data = (self._version_dir(info.ref, info.version) / name).read_bytes()
+        if hashlib.sha256(data).hexdigest() != info.files[name]:
+            raise IntegrityError(f"{info.ref}: {name} does not match its recorded sha256")
+        return load_safetensors(data)
+
+
+def _settings_from_peft(adapter_config: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "rank": adapter_config.get("r"),
+        "alpha": adapter_config.get("lora_alpha"),
+        "dropout": adapter_config.get("lora_dropout"),
+        "target_modules": sorted(adapter_config.get("target_modules") or []),
+    }

@@ -1,0 +1,70 @@
+"""Shared fixtures.
+
+- Every test gets its own store root (``$PERSONA_HOME``) under tmp_path; nothing touches a real home.
+- The cache (``$PERSONA_CACHE``, where the embedded base is converted once) is one temp dir per
+  session, or ``$PERSONA_TEST_CACHE`` when set, to skip the 20 s GGUF conversion between runs.
+- ``tiny_base`` is a small random Llama built from a config, saved with the real tokenizer, so
+  store, training and engine tests run in seconds. A handful of tests use the real embedded base.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+_SESSION_CACHE = os.environ.get("PERSONA_TEST_CACHE") or tempfile.mkdtemp(prefix="persona-test-cache-")
+os.environ["PERSONA_CACHE"] = _SESSION_CACHE
+
+EMBEDDED = "smollm2-135m-instruct"
+
+
+@pytest.fixture(autouse=True)
+def isolated_store(tmp_path, monkeypatch) -> Path:
+    """Point the default store at a fresh temp dir for every test."""
+    root = tmp_path / "adapters"
+    monkeypatch.setenv("PERSONA_HOME", str(root))
+    monkeypatch.setenv("PERSONA_CACHE", _SESSION_CACHE)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The real SmolLM2 tokenizer (from the embedded base)."""
+    from persona.base import load_tokenizer
+
+    return load_tokenizer(EMBEDDED)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tokenizer) -> str:
+    """Path of a tiny random Llama (2 layers, hidden 64) with the real tokenizer, seeded."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    path = Path(_SESSION_CACHE) / "tiny-llama"
+    if not (path / "config.json").is_file():
+        torch.manual_seed(0)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.save_pretrained(path, safe_serialization=True)
+        tokenizer.save_pretrained(path)
+    return str(path)
