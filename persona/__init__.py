@@ -4,6 +4,8 @@
 >>> store = persona.Store.init("adapters")            # binds the store to the embedded base
 >>> store.create("user:alice")                        # publishes user:alice@v1
 >>> store.load("user:alice").tensors                  # hash-checked safetensors
+>>> trainer = persona.Trainer(store)                  # loads the frozen base once
+>>> trainer.update("user:alice", persona.read_interactions("alice.jsonl"))
 """
 
 from .base import EMBEDDED_BASE, BaseInfo, BaseModel, base_info, load_base
@@ -24,14 +26,29 @@ from .errors import (
     UnsafeWeightFile,
     VersionNotFound,
 )
+from .data import Interaction, data_digest, parse_interactions, read_interactions
+from .layers import Activation, AdapterWeights, LoraRuntime
 from .lora import LoraSettings
 from .refs import AdapterRef, parse_ref, parse_stack
 from .store import AdapterInfo, LoadedAdapter, Problem, Store, StoreConfig, VerifyReport, VersionInfo
+from .train import EvalResult, Trainer, UpdateConfig, UpdateResult, log_interactions
 
 __version__ = "0.1.0"
 
 __all__ = [
     "EMBEDDED_BASE",
+    "Activation",
+    "AdapterWeights",
+    "EvalResult",
+    "Interaction",
+    "LoraRuntime",
+    "Trainer",
+    "UpdateConfig",
+    "UpdateResult",
+    "data_digest",
+    "log_interactions",
+    "parse_interactions",
+    "read_interactions",
     "AdapterExists",
     "AdapterInfo",
     "AdapterNotFound",

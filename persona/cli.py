@@ -222,6 +222,125 @@ def verify(ref, store_root, as_json) -> None:
         sys.exit(1)
 
 
+def _progress(as_json: bool) -> bool:
+    return not as_json and sys.stderr.isatty()
+
+
+def _install_sigterm() -> None:
+    """SIGTERM behaves like Ctrl-C: training stops, nothing is published, locks are released."""
+    import signal
+
+    def raise_interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, raise_interrupt)
+
+
+@main.command()
+@click.argument("ref", required=False)
+@click.option("--data", "data_file", type=click.Path(dir_okay=False), help="Interactions (JSON Lines). Default: the adapter's pending queue.")
+@click.option("--all", "all_", is_flag=True, help="Update every adapter that has pending interactions (base loaded once).")
+@click.option("--epochs", type=click.IntRange(1, 1000), default=3, show_default=True)
+@click.option("--max-steps", type=click.IntRange(1), default=None, help="Stop after this many optimizer steps.")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Learning rate.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=8, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True, help="Held-out share of the new data.")
+@click.option("--replay", type=click.FloatRange(0, 1, max_open=True), default=0.25, show_default=True, help="Share of each batch replayed from the adapter's past interactions.")
+@click.option("--reg", type=click.Choice(["none", "l2", "ewc"]), default="l2", show_default=True, help="Pull toward the parent version.")
+@click.option("--reg-strength", type=click.FloatRange(0), default=1.0, show_default=True)
+@click.option("--max-forgetting", type=click.FloatRange(0), default=0.05, show_default=True, help="Allowed relative rise of the replay loss for promotion.")
+@click.option("--max-length", type=click.IntRange(8), default=512, show_default=True, help="Tokens per example (longer ones are truncated and counted).")
+@click.option("--force", is_flag=True, help="Make the new version current whatever the gate says.")
+@store_option
+@json_option
+def update(ref, data_file, all_, epochs, max_steps, lr, batch_size, seed, holdout, replay, reg, reg_strength,
+           max_forgetting, max_length, force, store_root, as_json) -> None:
+    """Train REF's current version on new interactions and publish the next version.
+
+    \b
+    The new version becomes `current` only if its held-out loss beats the parent's and its loss on
+    the replay buffer rose by at most --max-forgetting; otherwise it is published as `candidate`
+    and the reason is recorded (see `persona show REF`). Ctrl-C or SIGTERM publishes nothing.
+    """
+    from .data import read_interactions
+    from .train import Trainer, UpdateConfig
+
+    if bool(ref) == bool(all_):
+        raise click.UsageError("give one adapter REF, or --all")
+    if all_ and data_file:
+        raise click.UsageError("--all trains each adapter on its own pending queue; --data does not apply")
+    config = UpdateConfig(
+        epochs=epochs, max_steps=max_steps, learning_rate=lr, batch_size=batch_size, seed=seed,
+        holdout_fraction=holdout, replay_fraction=replay, reg=reg, reg_strength=reg_strength,
+        max_forgetting=max_forgetting, max_length=max_length, force=force,
+    )
+    store = _open(store_root)
+    parsed = parse_ref(ref) if ref else None
+    if parsed is not None:
+        store.show(parsed)  # fail fast, before loading the base
+    interactions = read_interactions(data_file) if data_file else None  # validated before any training
+    _install_sigterm()
+    trainer = Trainer(store)
+    results = trainer.update_all(config, progress=_progress(as_json)) if all_ else [
+        trainer.update(parsed, interactions, config, progress=_progress(as_json))
+    ]
+    if as_json:
+        emit(True, [r.to_dict() for r in results] if all_ else results[0].to_dict())
+        return
+    if all_ and not results:
+        click.echo("no adapter has pending interactions")
+    for r in results:
+        alias_name = "current" if r.promoted else "candidate"
+        m = r.metrics
+        click.echo(f"{r.adapter}: published {r.version.label} (parent v{r.parent}) as {alias_name}: {r.reason}")
+        click.echo(f"  {m['steps']} steps on {m['train_examples']} examples (+{m['replay_examples']} in replay), "
+                   f"{m['seconds']:.1f}s" + (f"; {m['truncated']} truncated" if m["truncated"] else ""))
+
+
+@main.command()
+@click.argument("ref")
+@click.option("--data", "data_file", required=True, type=click.Path(dir_okay=False), help="Interactions (JSON Lines).")
+@store_option
+@json_option
+def log(ref, data_file, store_root, as_json) -> None:
+    """Append interactions to REF's pending queue, for the next `persona update REF`."""
+    from .data import read_interactions
+    from .train import log_interactions
+
+    interactions = read_interactions(data_file)
+    count = log_interactions(_open(store_root), parse_ref(ref), interactions)
+    pending = _open(store_root).show(parse_ref(ref)).pending
+    emit(as_json, {"adapter": parse_ref(ref).id, "logged": count, "pending": pending},
+         f"logged {count} interactions for {parse_ref(ref).id} ({pending} pending)")
+
+
+@main.command("eval")
+@click.argument("ref")
+@click.option("--data", "data_file", required=True, type=click.Path(dir_okay=False), help="Interactions (JSON Lines).")
+@click.option("--versions", default=None, help="Comma-separated versions or aliases to compare, e.g. v1,v3,base (base: no adapter).")
+@click.option("--max-length", type=click.IntRange(8), default=512, show_default=True)
+@store_option
+@json_option
+def eval_(ref, data_file, versions, max_length, store_root, as_json) -> None:
+    """Loss and perplexity of REF (or of several versions) on interactions."""
+    from .data import read_interactions
+    from .train import Trainer
+
+    interactions = read_interactions(data_file)
+    store = _open(store_root)
+    parsed = parse_ref(ref)
+    store.show(parsed)
+    selectors = [v.strip() for v in versions.split(",") if v.strip()] if versions else [parsed.selector]
+    results = Trainer(store).evaluate(parsed, interactions, selectors, max_length=max_length)
+    if as_json:
+        emit(True, [r.to_dict() for r in results])
+        return
+    click.echo(f"{'VERSION':10} {'LOSS':>8} {'PPL':>10} {'TOKENS':>8}")
+    for r in results:
+        click.echo(f"{r.version:10} {r.loss:8.4f} {r.perplexity:10.2f} {r.tokens:8d}")
+
+
 @main.command()
 @click.option("--base", "base_id", default=None, help="Describe this base instead of the store's.")
 @store_option

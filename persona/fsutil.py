@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
@@ -84,6 +85,20 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def stale_temp_paths(folder: Path) -> Iterable[Path]:
-    if folder.is_dir():
-        yield from (p for p in folder.iterdir() if p.name.startswith(TMP_PREFIX))
+def stale_temp_paths(folder: Path, name: str | None = None) -> Iterable[Path]:
+    """Temp paths in ``folder``: all of them, or only those made by :func:`temp_sibling` for ``name``."""
+    if not folder.is_dir():
+        return
+    exact = re.compile(re.escape(f"{TMP_PREFIX}{name}-") + r"[0-9a-f]{12}") if name is not None else None
+    for p in folder.iterdir():
+        if p.name.startswith(TMP_PREFIX) and (exact is None or exact.fullmatch(p.name)):
+            yield p
+
+
+def remove_stale(folder: Path, name: str | None = None) -> None:
+    """Remove temp files and dirs a crashed writer left in ``folder``. Call with the lock held."""
+    for stale in list(stale_temp_paths(folder, name)):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)

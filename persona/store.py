@@ -59,7 +59,7 @@ from .fsutil import (
     fsync_tree,
     remove_tree,
     sha256_file,
-    stale_temp_paths,
+    remove_stale,
     temp_sibling,
 )
 from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraSettings, init_lora_tensors, lora_shapes, peft_adapter_config, resolve_targets
@@ -292,14 +292,16 @@ class Store:
         return self.adapter_dir(ref) / format_version(version)
 
     @contextmanager
-    def lock(self, ref: str | AdapterRef) -> Iterator[None]:
-        """Hold the writer lock of one adapter."""
+    def lock(self, ref: str | AdapterRef, purpose: str = "write") -> Iterator[None]:
+        """Hold one lock of an adapter: ``write`` serializes short writes (publish, alias, log);
+        ``update`` serializes whole updates, so ``persona log`` never waits for a training run."""
         ref = parse_ref(ref)
         locks = self.root / ".locks"
         locks.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256(ref.id.encode()).hexdigest()[:24]
+        suffix = "" if purpose == "write" else f".{purpose}"
         try:
-            with FileLock(str(locks / f"{digest}.lock"), timeout=self.lock_timeout):
+            with FileLock(str(locks / f"{digest}{suffix}.lock"), timeout=self.lock_timeout):
                 yield
         except Timeout:
             raise LockTimeout(
@@ -451,6 +453,7 @@ class Store:
             if (path / REFS).is_file():
                 raise AdapterExists(f"{ref.id} already exists; use `persona update` to train it, or delete it first")
             path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale(path.parent, ref.name)  # a crashed create's or delete's staging
             if path.exists():  # leftovers of a crashed create: never published, safe to clear
                 remove_tree(path)
             staging = temp_sibling(path)
@@ -493,8 +496,7 @@ class Store:
             validate_alias(set_alias)
         with self.lock(ref):
             path = self._require(ref)
-            for stale in stale_temp_paths(path):  # left by a crashed writer; we hold the lock
-                shutil.rmtree(stale, ignore_errors=True)
+            remove_stale(path)  # left by a crashed writer; we hold the lock
             numbers = self.version_numbers(ref)
             if parent is not None and parent not in numbers:
                 raise VersionNotFound(f"parent version {format_version(parent)} of {ref.id} does not exist")

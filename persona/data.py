@@ -1,0 +1,735 @@
+"""Interactions: reading and validating training data, tokenizing it, batching it.
+
+An interactions file is JSON Lines, one interaction a line, in one of three formats::
+
+    {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}
+    {"prompt": "...", "completion": "..."}
+    {"text": "..."}
+
+This module is the boundary where that data comes in, so it is strict, and it either returns every
+interaction of a file or raises :class:`~persona.errors.InvalidInteractions`; nothing half-read
+ever reaches training.
+
+Decisions:
+
+- A bad line is reported as ``{file}:{line}: {reason}``. All bad lines are counted; the first
+  :data:`MAX_REPORTED_ERRORS` are listed in one message whose first line gives the count.
+- Refused: bytes that are not UTF-8; NUL bytes (a binary file: reading stops there); a line over
+  :data:`MAX_LINE_BYTES`; text that is not JSON; JSON that is not an object; duplicate keys;
+  unknown keys (named, with the allowed ones); keys of two formats in one object; ``prompt``
+  without ``completion`` (or the reverse); content that is not a string (``null``, a number, or
+  OpenAI's list of content parts); content that is empty or only whitespace; a role other than
+  ``system``, ``user``, ``assistant``; ``system`` anywhere but first; a chat without an assistant
+  turn; a message key other than ``role`` and ``content`` (so ``name``, ``weight``, tool calls are
+  refused rather than silently ignored); a file with no interactions.
+- Accepted: blank lines (skipped, but still counted for line numbers); a UTF-8 byte-order mark at
+  the start; chats whose turns do not alternate (``user, user, assistant``) or that end on a user
+  turn. Every role is valid, and alternation is the chat template's business: a template that
+  refuses such a chat is reported by :func:`tokenize_interactions` with the file and line.
+- Content is kept exactly as given (no stripping), so the digest is of what the user supplied.
+- Loss is on assistant content plus the end-of-turn marker that follows it (``<|im_end|>`` for
+  ChatML), found by rendering the conversation with the base tokenizer's chat template and mapping
+  character spans to tokens through the fast tokenizer's offsets. A token that overlaps a trained
+  span is trained. ``prompt``/``completion`` is rendered as a two-turn chat (user, assistant), so
+  training matches inference through the same template; without a chat template it is
+  ``prompt + completion + eos`` (no separator is added). ``text`` is trained on every token, with
+  eos appended.
+- Truncation keeps the start. ``TokenizedSet.truncated`` counts examples that were cut and kept;
+  ``TokenizedSet.dropped`` counts examples left with nothing to train on (no target after the
+  first position, which a causal LM never predicts). The two counts do not overlap.
+- Batches are right-padded to their own longest row. Rows are length-grouped inside "mega-batches"
+  of :data:`GROUP_BATCHES` batches (as ``transformers``' ``LengthGroupedSampler`` does), batch order
+  is shuffled by the seed, and the batch holding the longest row comes first so an out-of-memory
+  shows up on the first step, not the last.
+- :func:`data_digest` hashes canonical JSON Lines (sorted keys, no spaces, UTF-8), order-sensitive;
+  ``source`` and ``line`` are not part of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from .errors import InvalidConfig, InvalidInteractions
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "MAX_LINE_BYTES",
+    "MAX_REPORTED_ERRORS",
+    "Interaction",
+    "Example",
+    "TokenizedSet",
+    "Batch",
+    "read_interactions",
+    "parse_interactions",
+    "tokenize_interactions",
+    "iter_batches",
+    "data_digest",
+    "append_jsonl",
+]
+
+MAX_LINE_BYTES = 1_000_000
+MAX_REPORTED_ERRORS = 20
+GROUP_BATCHES = 50
+IGNORE_INDEX = -100
+
+ROLES = ("system", "user", "assistant")
+_FORMATS = 'one of {"messages": [...]}, {"prompt": ..., "completion": ...}, {"text": ...}'
+_ALLOWED_KEYS = ("completion", "messages", "prompt", "text")
+_MESSAGE_KEYS = ("content", "role")
+_FORMAT_OF_KEY = {
+    "messages": "messages",
+    "prompt": "prompt/completion",
+    "completion": "prompt/completion",
+    "text": "text",
+}
+
+
+class _LineError(Exception):
+    """A reason a line is bad; turned into ``file:line: reason`` by the caller."""
+
+
+class _BinaryLine(_LineError):
+    """A NUL byte: the file is binary, and reading stops at the first one."""
+
+
+_BINARY = "contains NUL bytes: this looks like a binary file, not JSON Lines"
+
+
+# --------------------------------------------------------------------------------------------------
+# Interaction
+
+
+@dataclass(frozen=True)
+class Interaction:
+    """One training example: a chat, a prompt/completion pair, or a plain text.
+
+    Exactly one format is set: ``messages`` (``(role, content)`` pairs), or ``prompt`` and
+    ``completion``, or ``text``. ``source`` and ``line`` say where it came from; they are not part
+    of equality, hashing or the digest.
+
+    >>> i = Interaction.from_json({"prompt": "2+2?", "completion": "4"})
+    >>> i.format, i.to_json()
+    ('completion', {'prompt': '2+2?', 'completion': '4'})
+    """
+
+    messages: tuple[tuple[str, str], ...] | None = None
+    prompt: str | None = None
+    completion: str | None = None
+    text: str | None = None
+    source: str = field(default="<input>", compare=False)
+    line: int = field(default=1, compare=False)
+
+    def __post_init__(self) -> None:
+        try:
+            if self.messages is not None:
+                object.__setattr__(self, "messages", _message_pairs(self.messages))
+            _check_interaction(self)
+        except _LineError as e:
+            raise InvalidInteractions(f"{self.source}:{self.line}: {e}") from None
+
+    @property
+    def format(self) -> str:
+        """``"chat"``, ``"completion"`` or ``"text"``."""
+        if self.messages is not None:
+            return "chat"
+        return "completion" if self.prompt is not None else "text"
+
+    def to_json(self) -> dict[str, Any]:
+        """The interaction in the JSON format it was given in."""
+        if self.messages is not None:
+            return {"messages": [{"role": r, "content": c} for r, c in self.messages]}
+        if self.prompt is not None:
+            return {"prompt": self.prompt, "completion": self.completion}
+        return {"text": self.text}
+
+    @classmethod
+    def from_json(cls, obj: Any, source: str = "<input>", line: int = 1) -> Interaction:
+        """Validate one decoded JSON value; raise :class:`InvalidInteractions` naming ``source:line``.
+
+        >>> Interaction.from_json({"messages": [{"role": "user", "content": "hi"},
+        ...                                     {"role": "assistant", "content": "hello"}]}).messages
+        (('user', 'hi'), ('assistant', 'hello'))
+        """
+        try:
+            fields = _fields_from_json(obj)
+        except _LineError as e:
+            raise InvalidInteractions(f"{source}:{line}: {e}") from None
+        return cls(**fields, source=source, line=line)
+
+
+def _message_pairs(messages: Any) -> tuple[tuple[str, str], ...]:
+    if isinstance(messages, (str, bytes, dict)):
+        raise _LineError(f"messages must be a sequence of (role, content) pairs, got {_type_name(messages)}")
+    pairs = []
+    for n, m in enumerate(messages):
+        if isinstance(m, dict):  # the JSON shape belongs in from_json, which names what is wrong in it
+            raise _LineError(f"messages[{n}] is a dict: build chats from JSON with Interaction.from_json")
+        if not isinstance(m, (tuple, list)) or len(m) != 2:
+            raise _LineError(f"messages[{n}] must be a (role, content) pair")
+        pairs.append((m[0], m[1]))
+    return tuple(pairs)
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _string(value: Any, where: str) -> str:
+    if isinstance(value, list) and where.endswith(".content"):
+        raise _LineError(f"{where} must be a string, got an array (lists of content parts are not supported)")
+    if not isinstance(value, str):
+        raise _LineError(f"{where} must be a string, got {_type_name(value)}")
+    return value
+
+
+def _fields_from_json(obj: Any) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise _LineError(f"expected a JSON object ({_FORMATS}), got {_type_name(obj)}")
+    if not obj:
+        raise _LineError(f"empty object: expected {_FORMATS}")
+    unknown = sorted(k for k in obj if k not in _ALLOWED_KEYS)
+    if unknown:
+        names = ", ".join(repr(k) for k in unknown)
+        raise _LineError(f"unknown key{'s' if len(unknown) > 1 else ''} {names} (allowed: {', '.join(_ALLOWED_KEYS)})")
+    formats = sorted({_FORMAT_OF_KEY[k] for k in obj})
+    if len(formats) > 1:
+        raise _LineError(f"mixes formats {' and '.join(formats)} in one object: use {_FORMATS}")
+    if "messages" in obj:
+        raw = obj["messages"]
+        if not isinstance(raw, list):
+            raise _LineError(f"'messages' must be an array of {{role, content}} objects, got {_type_name(raw)}")
+        messages = []
+        for n, m in enumerate(raw):
+            if not isinstance(m, dict):
+                raise _LineError(f"messages[{n}] must be an object with 'role' and 'content', got {_type_name(m)}")
+            extra = sorted(k for k in m if k not in _MESSAGE_KEYS)
+            if extra:
+                raise _LineError(
+                    f"messages[{n}] has unknown key{'s' if len(extra) > 1 else ''} "
+                    f"{', '.join(repr(k) for k in extra)} (allowed: role, content)"
+                )
+            for key in _MESSAGE_KEYS:
+                if key not in m:
+                    raise _LineError(f"messages[{n}] has no '{key}'")
+            messages.append(
+                (_string(m["role"], f"messages[{n}].role"), _string(m["content"], f"messages[{n}].content"))
+            )
+        return {"messages": tuple(messages)}
+    if "prompt" in obj or "completion" in obj:
+        for key, partner in (("prompt", "completion"), ("completion", "prompt")):
+            if key not in obj:
+                raise _LineError(f"'{partner}' needs '{key}' beside it")
+        return {"prompt": _string(obj["prompt"], "'prompt'"), "completion": _string(obj["completion"], "'completion'")}
+    return {"text": _string(obj["text"], "'text'")}
+
+
+def _check_interaction(i: Interaction) -> None:
+    """The invariants of an Interaction, whoever built it (a file, the server, a test)."""
+    given = [name for name in ("messages", "prompt", "completion", "text") if getattr(i, name) is not None]
+    if not given:
+        raise _LineError(f"no content: expected {_FORMATS}")
+    if (i.messages is not None or i.text is not None) and len(given) > 1:
+        raise _LineError(f"mixes formats ({', '.join(given)}): use {_FORMATS}")
+    if i.messages is not None:
+        if not i.messages:
+            raise _LineError("'messages' is empty: a chat needs at least one assistant turn")
+        for n, m in enumerate(i.messages):
+            if len(m) != 2 or not all(isinstance(x, str) for x in m):
+                raise _LineError(f"messages[{n}] must be a (role, content) pair of strings")
+            role, content = m
+            if role not in ROLES:
+                raise _LineError(f"messages[{n}].role is {role!r}: a role must be one of {', '.join(ROLES)}")
+            if role == "system" and n != 0:
+                raise _LineError(f"messages[{n}] is a system message: only the first message may be 'system'")
+            if not content.strip():
+                raise _LineError(f"messages[{n}].content is empty")
+        if not any(role == "assistant" for role, _ in i.messages):
+            raise _LineError("the chat has no assistant turn, so there is nothing to learn from it")
+        return
+    for name in given:
+        value = getattr(i, name)
+        if not isinstance(value, str):
+            raise _LineError(f"'{name}' must be a string, got {_type_name(value)}")
+        if not value.strip():
+            raise _LineError(f"'{name}' is empty")
+    if (i.prompt is None) != (i.completion is None):
+        raise _LineError("'prompt' and 'completion' go together")
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _LineError(f"duplicate key {key!r}")
+        obj[key] = value
+    return obj
+
+
+def _parse_line(text: str) -> dict[str, Any]:
+    if "\x00" in text:
+        raise _BinaryLine(_BINARY)
+    try:
+        obj = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
+    except json.JSONDecodeError as e:
+        raise _LineError(f"not valid JSON: {e.msg} (column {e.colno})") from None
+    return _fields_from_json(obj)
+
+
+def _too_long(size: int) -> str:
+    return f"line is {size:,} bytes, over the limit of {MAX_LINE_BYTES:,} bytes a line; shorten or split it"
+
+
+def _iter_file_lines(f: BinaryIO) -> Iterator[tuple[bytes | None, int]]:
+    """Yield ``(line, size)``, size without the newline; ``line`` is None when over the limit."""
+    while True:
+        chunk = f.readline(MAX_LINE_BYTES + 1)
+        if not chunk:
+            return
+        size = len(chunk.rstrip(b"\r\n"))
+        if size <= MAX_LINE_BYTES:
+            yield chunk, size
+            continue
+        while not chunk.endswith(b"\n"):  # skip the rest of the long line without holding it
+            chunk = f.readline(1 << 20)
+            size += len(chunk.rstrip(b"\r\n"))
+            if not chunk:
+                break
+        yield None, size
+
+
+def _collect(items: Iterable[tuple[int, bytes | str | None, int]], source: str) -> list[Interaction]:
+    """Validate numbered lines; return every interaction or raise one error listing the bad lines."""
+    interactions: list[Interaction] = []
+    errors: list[str] = []
+    bad = 0
+    for number, raw, size in items:
+        try:
+            if raw is None:
+                raise _LineError(_too_long(size))
+            if isinstance(raw, bytes):
+                if b"\x00" in raw:
+                    raise _BinaryLine(_BINARY)
+                try:
+                    raw = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise _LineError(f"not valid UTF-8 (byte {e.start + 1}): save the file as UTF-8") from None
+            if number == 1:
+                raw = raw.removeprefix("\ufeff")
+            if not raw.strip():
+                continue
+            fields = _parse_line(raw)
+            interactions.append(Interaction(**fields, source=source, line=number))
+        except (_LineError, InvalidInteractions) as e:
+            bad += 1
+            reason = str(e).removeprefix(f"{source}:{number}: ")
+            if len(errors) < MAX_REPORTED_ERRORS:
+                errors.append(f"{source}:{number}: {reason}")
+            if isinstance(e, _BinaryLine):  # the rest of a binary file is noise
+                break
+    if bad == 1:
+        raise InvalidInteractions(errors[0])
+    if bad:
+        shown = f" (the first {len(errors)} below)" if bad > len(errors) else ""
+        head = f"{bad} bad lines in {source}{shown}; nothing was read. Fix them and try again:"
+        raise InvalidInteractions("\n".join([head, *errors]))
+    if not interactions:
+        raise InvalidInteractions(
+            f"{source}: the file is empty (no interactions); give at least one line in {_FORMATS}"
+        )
+    return interactions
+
+
+def read_interactions(path: str | os.PathLike[str]) -> list[Interaction]:
+    """Read and validate a JSON Lines file; all its interactions, or :class:`InvalidInteractions`.
+
+    A missing file raises ``FileNotFoundError`` as usual.
+
+    >>> read_interactions("examples/interactions/alice.jsonl")[0].format   # doctest: +SKIP
+    'chat'
+    """
+    path = Path(path)
+    source = str(path)
+    with open(path, "rb") as f:
+        numbered = ((n, raw, size) for n, (raw, size) in enumerate(_iter_file_lines(f), start=1))
+        return _collect(numbered, source)
+
+
+def parse_interactions(lines: Iterable[str] | str, source: str = "<input>") -> list[Interaction]:
+    """Validate JSON Lines given as text (an iterable of lines, or one string holding them all).
+
+    >>> parse_interactions(['{"text": "hello"}', '', '{"prompt": "a", "completion": "b"}'])[1].line
+    3
+    """
+    if isinstance(lines, str):
+        lines = lines.splitlines()
+
+    def numbered() -> Iterator[tuple[int, str | None, int]]:
+        for n, line in enumerate(lines, start=1):
+            # characters <= UTF-8 bytes <= 4 * characters: encode only when it could matter
+            size = len(line.rstrip("\r\n"))
+            if 4 * size > MAX_LINE_BYTES:
+                size = len(line.rstrip("\r\n").encode("utf-8", "surrogatepass"))
+            yield n, (line if size <= MAX_LINE_BYTES else None), size
+
+    return _collect(numbered(), source)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenization
+
+
+@dataclass(frozen=True)
+class Example:
+    """A tokenized interaction: ``labels`` is ``input_ids`` with ``-100`` where no loss is taken."""
+
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+    source: str = field(default="<input>", compare=False)
+    line: int = field(default=1, compare=False)
+
+    def __post_init__(self) -> None:
+        if len(self.input_ids) != len(self.labels):
+            raise ValueError("input_ids and labels must have the same length")
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_target_tokens(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+@dataclass(frozen=True)
+class TokenizedSet:
+    """The examples of a set of interactions, with what truncation cost (never silent)."""
+
+    examples: tuple[Example, ...]
+    truncated: int
+    dropped: int
+    max_length: int
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __iter__(self) -> Iterator[Example]:
+        return iter(self.examples)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(e) for e in self.examples)
+
+    @property
+    def num_target_tokens(self) -> int:
+        return sum(e.num_target_tokens for e in self.examples)
+
+
+def _render(tokenizer: Any, messages: Sequence[tuple[str, str]], generation_prompt: bool = False) -> str:
+    text = tokenizer.apply_chat_template(
+        [{"role": r, "content": c} for r, c in messages], tokenize=False, add_generation_prompt=generation_prompt
+    )
+    if not isinstance(text, str):
+        raise InvalidConfig("the tokenizer's apply_chat_template(tokenize=False) did not return text")
+    return text
+
+
+def _find_content(text: str, content: str, start: int) -> tuple[int, int]:
+    pos = text.find(content, start)
+    if pos >= 0:
+        return pos, pos + len(content)
+    stripped = content.strip()  # some templates trim message content
+    pos = text.find(stripped, start)
+    if pos >= 0:
+        return pos, pos + len(stripped)
+    raise _LineError("the chat template does not reproduce a message's content verbatim; cannot place the loss")
+
+
+def _generation_prompt(tokenizer: Any) -> str:
+    """What the template writes to open an assistant turn (``<|im_start|>assistant\\n`` in ChatML)."""
+    probe = (("user", "x"),)
+    head, plain = _render(tokenizer, probe, generation_prompt=True), _render(tokenizer, probe)
+    return head[len(plain) :] if head.startswith(plain) else ""
+
+
+def _assistant_start(tokenizer: Any, full: str, before: Sequence[tuple[str, str]], cursor: int) -> int:
+    """Where the assistant turn after ``before`` begins in ``full``: the end of its generation prompt."""
+    if before:
+        try:
+            head = _render(tokenizer, before, generation_prompt=True)
+        except Exception:  # some templates refuse a partial conversation
+            head = ""
+        if head and full.startswith(head):
+            return len(head)
+    # Not incremental (an assistant turn first, after a default system prompt, say).
+    opener = _generation_prompt(tokenizer)
+    pos = full.find(opener, cursor) if opener else -1
+    return pos + len(opener) if pos >= 0 else cursor
+
+
+def _chat_spans(tokenizer: Any, messages: Sequence[tuple[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered chat and the character spans to train on: assistant content + end-of-turn.
+
+    Each assistant turn starts where the prefix conversation rendered with a generation prompt
+    ends; its end-of-turn marker is what the template writes after the content (whitespace aside).
+    A template that does not render incrementally falls back to finding the content in order.
+    """
+    full = _render(tokenizer, messages)
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    for n, (role, content) in enumerate(messages):
+        if role != "assistant":
+            try:
+                cursor = _find_content(full, content, cursor)[1]
+            except _LineError:  # a template may fold or drop a non-assistant message; no loss there
+                pass
+            continue
+        start, end = _find_content(full, content, _assistant_start(tokenizer, full, messages[:n], cursor))
+        turn = _render(tokenizer, messages[: n + 1])
+        marker = turn[end:].strip() if full.startswith(turn) and len(turn) >= end else ""
+        if not marker and tokenizer.eos_token and full.startswith(tokenizer.eos_token, end):
+            marker = tokenizer.eos_token
+        if marker and full.startswith(marker, end):
+            end += len(marker)
+        spans.append((start, end))
+        cursor = end
+    return full, spans
+
+
+def _encode(
+    tokenizer: Any, text: str, spans: list[tuple[int, int]], *, special: bool, eos: bool
+) -> tuple[list[int], list[int]]:
+    enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    labels = [IGNORE_INDEX] * len(ids)
+    s = 0
+    for j, (a, b) in enumerate(enc["offset_mapping"]):
+        if b <= a:
+            continue  # added special tokens (bos) have no characters
+        while s < len(spans) and spans[s][1] <= a:
+            s += 1
+        if s < len(spans) and spans[s][0] < b:
+            labels[j] = ids[j]
+    if eos and tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+        ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id if spans else IGNORE_INDEX)
+    return ids, labels
+
+
+def _tokenize_one(tokenizer: Any, i: Interaction) -> tuple[list[int], list[int]]:
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if i.messages is not None:
+        if not has_template:
+            raise InvalidConfig("the tokenizer has no chat template, so chat interactions cannot be rendered")
+        text, spans = _chat_spans(tokenizer, i.messages)
+        return _encode(tokenizer, text, spans, special=False, eos=False)
+    if i.prompt is not None and has_template:
+        text, spans = _chat_spans(tokenizer, (("user", i.prompt), ("assistant", i.completion or "")))
+        return _encode(tokenizer, text, spans, special=False, eos=False)
+    if i.prompt is not None:
+        text = i.prompt + (i.completion or "")
+        return _encode(tokenizer, text, [(len(i.prompt), len(text))], special=True, eos=True)
+    text = i.text or ""
+    return _encode(tokenizer, text, [(0, len(text))], special=True, eos=True)
+
+
+def tokenize_interactions(interactions: Iterable[Interaction], tokenizer: Any, max_length: int = 1024) -> TokenizedSet:
+    """Tokenize for causal-LM training, with loss only on what the model should learn to say.
+
+    Needs a fast (offset-mapping) tokenizer. Chats and prompt/completion pairs go through the
+    tokenizer's chat template; see the module docstring for exactly which tokens are trained.
+
+    >>> ts = tokenize_interactions(read_interactions("alice.jsonl"), tok, max_length=512)  # doctest: +SKIP
+    >>> ts.truncated, ts.dropped   # doctest: +SKIP
+    (0, 0)
+    """
+    if not isinstance(max_length, int) or max_length < 2:
+        raise InvalidConfig(f"max_length must be an integer >= 2, got {max_length!r}")
+    if not getattr(tokenizer, "is_fast", False):
+        raise InvalidConfig("tokenize_interactions needs a fast tokenizer (one that returns offset mappings)")
+    examples: list[Example] = []
+    truncated = dropped = 0
+    for i in interactions:
+        try:
+            ids, labels = _tokenize_one(tokenizer, i)
+        except _LineError as e:
+            raise InvalidInteractions(f"{i.source}:{i.line}: {e}") from None
+        except (InvalidConfig, InvalidInteractions):
+            raise
+        except Exception as e:  # the template raised (jinja's raise_exception, e.g. on alternation)
+            raise InvalidInteractions(f"{i.source}:{i.line}: the tokenizer's chat template refused it: {e}") from e
+        cut = len(ids) > max_length
+        ids, labels = ids[:max_length], labels[:max_length]
+        # position 0 is never predicted by a causal LM, so a target there alone trains nothing
+        if all(x == IGNORE_INDEX for x in labels[1:]):
+            dropped += 1
+            continue
+        truncated += cut
+        examples.append(Example(tuple(ids), tuple(labels), source=i.source, line=i.line))
+    return TokenizedSet(tuple(examples), truncated=truncated, dropped=dropped, max_length=max_length)
+
+
+# --------------------------------------------------------------------------------------------------
+# Batching
+
+
+@dataclass(frozen=True, eq=False)
+class Batch:
+    """Right-padded tensors of shape ``(rows, longest row)``; ``labels`` is -100 on padding.
+
+    ``num_tokens`` counts real (non-padding) tokens; ``num_target_tokens`` counts those with a loss.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    num_tokens: int
+    num_target_tokens: int
+
+    def to(self, device: Any) -> Batch:
+        return Batch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.labels.to(device),
+            self.num_tokens,
+            self.num_target_tokens,
+        )
+
+
+def _batch_order(
+    lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool, group_by_length: bool
+) -> list[list[int]]:
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    if shuffle:
+        rng.shuffle(order)
+    if group_by_length:
+        group = batch_size * GROUP_BATCHES
+        order = [
+            i for k in range(0, len(order), group) for i in sorted(order[k : k + group], key=lambda i: -lengths[i])
+        ]
+    batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+    if shuffle:
+        rng.shuffle(batches)
+        if group_by_length and batches:
+            longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
+            batches.insert(0, batches.pop(longest))
+    return batches
+
+
+def iter_batches(
+    examples: Sequence[Example] | TokenizedSet,
+    batch_size: int,
+    *,
+    seed: int = 0,
+    shuffle: bool = True,
+    pad_token_id: int,
+    group_by_length: bool = True,
+) -> Iterator[Batch]:
+    """Yield every example exactly once, in batches padded only to each batch's longest row.
+
+    The same examples, batch size and seed give the same batches. ``shuffle=False`` is
+    deterministic without randomness (length-grouped unless ``group_by_length=False``, which keeps
+    the given order).
+
+    >>> for batch in iter_batches(ts, 8, seed=0, pad_token_id=tok.pad_token_id):  # doctest: +SKIP
+    ...     loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+    ...                  labels=batch.labels).loss
+    """
+    import torch
+
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidConfig(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not isinstance(pad_token_id, int):
+        raise InvalidConfig(f"pad_token_id must be an integer token id, got {pad_token_id!r}")
+    rows = list(examples.examples if isinstance(examples, TokenizedSet) else examples)
+    lengths = [len(e) for e in rows]
+    for indices in _batch_order(lengths, batch_size, seed, shuffle, group_by_length):
+        width = max(lengths[i] for i in indices)
+        input_ids = torch.full((len(indices), width), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(indices), width), dtype=torch.long)
+        labels = torch.full((len(indices), width), IGNORE_INDEX, dtype=torch.long)
+        for r, i in enumerate(indices):
+            n = lengths[i]
+            input_ids[r, :n] = torch.tensor(rows[i].input_ids, dtype=torch.long)
+            attention_mask[r, :n] = 1
+            labels[r, :n] = torch.tensor(rows[i].labels, dtype=torch.long)
+        yield Batch(
+            input_ids,
+            attention_mask,
+            labels,
+            num_tokens=sum(lengths[i] for i in indices),
+            num_target_tokens=int((labels != IGNORE_INDEX).sum()),
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Digest and appending
+
+
+def _canonical_line(i: Interaction) -> bytes:
+    return (json.dumps(i.to_json(), sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def data_digest(interactions: Iterable[Interaction]) -> str:
+    """sha256 (hex) of the interactions as canonical JSON Lines; order matters, provenance does not.
+
+    >>> data_digest([Interaction(text="hi")]) == data_digest([Interaction(text="hi", line=7)])
+    True
+    """
+    h = hashlib.sha256()
+    for i in interactions:
+        h.update(_canonical_line(i))
+    return h.hexdigest()
+
+
+def append_jsonl(path: str | os.PathLike[str], interactions: Iterable[Interaction]) -> int:
+    """Append interactions to a JSON Lines file in one write, then fsync; return how many.
+
+    If a crash once left the file without a final newline, a newline is written first, so the
+    torn line stays a line of its own (and is reported by :func:`read_interactions`) instead of
+    corrupting the first appended one.
+
+    >>> append_jsonl("adapters/user/alice/pending.jsonl", [Interaction(text="hi")])  # doctest: +SKIP
+    1
+    """
+    items = list(interactions)
+    for i in items:
+        if not isinstance(i, Interaction):
+            raise TypeError(f"append_jsonl takes Interaction objects, got {type(i).__name__}")
+    if not items:
+        return 0
+    data = b"".join(_canonical_line(i) for i in items)
+    with open(path, "a+b", buffering=0) as f:
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                data = b"\n" + data
+        view = memoryview(data)
+        while view:  # one write(2) for a regular file; the loop only covers a short write
+            view = view[f.write(view) :]
+        os.fsync(f.fileno())
+    return len(items)

@@ -1,0 +1,181 @@
+"""LoRA applied at run time: the base's target ``nn.Linear`` modules are wrapped once, and each
+wrapper adds the low-rank updates of whichever adapters are active, for the rows they apply to.
+
+The base's own weights are never touched: with no adapter active a wrapper returns exactly
+``base(x)``, bit for bit. Training and serving use the same wrappers, so what is trained is what is
+served. An adapter is a set of ``(A, B)`` pairs keyed by module name plus one scale (alpha / r);
+several may be active on one forward, each on all rows or on a subset of rows (mixed batches and
+stacks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .errors import InvalidConfig
+from .lora import PEFT_PREFIX
+
+_UNSUPPORTED = ("use_dora", "use_rslora", "lora_bias", "use_qalora")
+
+
+@dataclass(frozen=True)
+class AdapterWeights:
+    """One adapter's LoRA factors by module name, ready to apply."""
+
+    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A [r, in], B [out, r])
+    scale: float
+    dropout: float = 0.0
+
+    @classmethod
+    def from_peft(cls, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], *, dtype=torch.float32) -> "AdapterWeights":
+        """Build from PEFT-format tensors and ``adapter_config.json``; refuse variants we do not compute."""
+        for key in _UNSUPPORTED:
+            if config.get(key):
+                raise InvalidConfig(f"adapter uses {key}, which persona does not support")
+        if config.get("rank_pattern") or config.get("alpha_pattern"):
+            raise InvalidConfig("adapter uses per-module rank or alpha patterns, which persona does not support")
+        factors: dict[str, list] = {}
+        for key, value in tensors.items():
+            if not key.startswith(PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+                raise InvalidConfig(f"unexpected tensor {key!r} in a LoRA adapter")
+            module, part = key[len(PEFT_PREFIX):].rsplit(".", 2)[0], key.rsplit(".", 2)[1]
+            slot = factors.setdefault(module, [None, None])
+            slot[0 if part == "lora_A" else 1] = value.to(dtype)
+        missing = [m for m, (a, b) in factors.items() if a is None or b is None]
+        if missing:
+            raise InvalidConfig(f"adapter has an A without a B (or the reverse) for {missing[0]}")
+        return cls(
+            factors={m: (a, b) for m, (a, b) in factors.items()},
+            scale=float(config["lora_alpha"]) / float(config["r"]),
+            dropout=float(config.get("lora_dropout") or 0.0),
+        )
+
+    def to_peft(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for module, (a, b) in self.factors.items():
+            out[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.detach().clone()
+            out[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.detach().clone()
+        return out
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An adapter active on a forward: on every row (``rows=None``) or on the given row indices."""
+
+    weights: AdapterWeights
+    rows: torch.Tensor | None = None
+    weight: float = 1.0
+
+
+class AdapterLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus the LoRA deltas of the active adapters."""
+
+    def __init__(self, base: nn.Linear, name: str):
+        super().__init__()
+        self.base = base
+        self.name = name
+        self.active: tuple[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, float, float], ...] = ()
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:  # some model code reads .weight (dtype checks)
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        for rows, a, b, scale, dropout in self.active:
+            if rows is None:
+                h = nn.functional.dropout(x, dropout, training=True) if dropout and self.training else x
+                y = y + (h @ a.t() @ b.t()) * scale
+            else:
+                delta = (x.index_select(0, rows) @ a.t() @ b.t()) * scale
+                y = y.index_add(0, rows, delta.to(y.dtype))
+        return y
+
+
+class LoraRuntime:
+    """The wrapped modules of one base model and the adapters active on it.
+
+    >>> runtime = LoraRuntime.attach(model, ["q_proj", "v_proj"])   # doctest: +SKIP
+    >>> with runtime.activate([Activation(weights)]):                # doctest: +SKIP
+    ...     logits = model(input_ids).logits
+    """
+
+    def __init__(self, model: nn.Module, modules: Mapping[str, AdapterLinear]):
+        self.model = model
+        self.modules = dict(modules)
+
+    @classmethod
+    def attach(cls, model: nn.Module, targets: Iterable[str] | None = None) -> "LoraRuntime":
+        """Wrap every ``nn.Linear`` whose last name part is in ``targets`` (None: all but lm_head).
+
+        Idempotent: a model already wrapped returns a runtime over its existing wrappers (and wraps
+        any newly requested targets).
+        """
+        wanted = set(targets) if targets is not None else None
+        wrapped: dict[str, AdapterLinear] = {}
+        for name, module in list(model.named_modules()):
+            if isinstance(module, AdapterLinear):
+                wrapped[module.name] = module
+        for name, module in list(model.named_modules()):
+            if not isinstance(module, nn.Linear) or name.endswith("lm_head") or name.endswith(".base"):
+                continue
+            if wanted is not None and name.rsplit(".", 1)[-1] not in wanted:
+                continue
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            wrapper = AdapterLinear(module, name)
+            wrapper.train(module.training)  # a new module starts in training mode; follow the base
+            setattr(parent, child, wrapper)
+            wrapped[name] = wrapper
+        return cls(model, wrapped)
+
+    def check(self, weights: AdapterWeights) -> None:
+        for module, (a, b) in weights.factors.items():
+            target = self.modules.get(module)
+            if target is None:
+                raise InvalidConfig(f"adapter targets {module}, which this base has not wrapped or does not have")
+            if a.shape[1] != target.in_features or b.shape[0] != target.out_features or a.shape[0] != b.shape[1]:
+                raise InvalidConfig(
+                    f"adapter shapes for {module} (A {tuple(a.shape)}, B {tuple(b.shape)}) do not fit the base "
+                    f"({target.in_features} -> {target.out_features})"
+                )
+
+    def set_active(self, activations: Sequence[Activation]) -> None:
+        plans: dict[str, list] = {name: [] for name in self.modules}
+        for act in activations:
+            self.check(act.weights)
+            for module, (a, b) in act.weights.factors.items():
+                plans[module].append((act.rows, a, b, act.weights.scale * act.weight, act.weights.dropout))
+        for name, module in self.modules.items():
+            module.active = tuple(plans[name])
+
+    def clear(self) -> None:
+        for module in self.modules.values():
+            module.active = ()
+
+    def activate(self, activations: Sequence[Activation]):
+        """Context manager: the given adapters are active inside, none after."""
+        runtime = self
+
+        class _Active:
+            def __enter__(self_inner):
+                runtime.set_active(activations)
+                return runtime
+
+            def __exit__(self_inner, *exc):
+                runtime.clear()
+                return False
+
+        return _Active()

@@ -1,0 +1,96 @@
+"""Per-adapter replay buffer (rehearsal against forgetting) and pending-interaction queue.
+
+The replay buffer is a reservoir sample (Vitter's algorithm R) of every interaction an adapter has
+been trained on: bounded in size, each past interaction equally likely to be kept. It lives beside
+the adapter's versions (``replay.jsonl`` plus ``replay.state.json`` holding how many interactions
+the reservoir has seen) and is only ever read for that adapter. Both files are rewritten atomically.
+
+The pending queue (``pending.jsonl``) holds interactions logged for the next update. ``persona log``
+appends; an update consumes the first N and removes exactly those once its version is published.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from .data import Interaction, append_jsonl, parse_interactions
+from .fsutil import atomic_write_bytes, atomic_write_json
+
+REPLAY = "replay.jsonl"
+REPLAY_STATE = "replay.state.json"
+PENDING = "pending.jsonl"
+
+
+def _to_line(i: Interaction) -> str:
+    return json.dumps(i.to_json(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class ReplayBuffer:
+    """The reservoir of one adapter: ``items`` kept, out of ``seen`` ever offered."""
+
+    items: tuple[Interaction, ...]
+    seen: int
+
+    @classmethod
+    def read(cls, folder: Path) -> "ReplayBuffer":
+        path = folder / REPLAY
+        if not path.is_file():
+            return cls((), 0)
+        items = tuple(parse_interactions(path.read_text(encoding="utf-8"), source=str(path))) if path.stat().st_size else ()
+        try:
+            seen = int(json.loads((folder / REPLAY_STATE).read_text())["seen"])
+        except (OSError, ValueError, KeyError):
+            seen = len(items)
+        return cls(items, max(seen, len(items)))
+
+    def offer(self, new: Sequence[Interaction], capacity: int, seed: int) -> "ReplayBuffer":
+        """Algorithm R: each of the ``seen + len(new)`` interactions ends up kept with equal probability."""
+        rng = random.Random(seed * 1_000_003 + self.seen)
+        items = list(self.items)
+        seen = self.seen
+        for interaction in new:
+            seen += 1
+            if len(items) < capacity:
+                items.append(interaction)
+            else:
+                j = rng.randrange(seen)
+                if j < capacity:
+                    items[j] = interaction
+        return ReplayBuffer(tuple(items[:capacity]), seen)
+
+    def write(self, folder: Path) -> None:
+        body = "".join(_to_line(i) + "\n" for i in self.items)
+        atomic_write_bytes(folder / REPLAY, body.encode("utf-8"))
+        atomic_write_json(folder / REPLAY_STATE, {"seen": self.seen, "size": len(self.items)})
+
+
+def read_pending(folder: Path) -> list[Interaction]:
+    path = folder / PENDING
+    if not path.is_file() or not path.stat().st_size:
+        return []
+    return parse_interactions(path.read_text(encoding="utf-8"), source=str(path))
+
+
+def append_pending(folder: Path, interactions: Sequence[Interaction]) -> int:
+    return append_jsonl(folder / PENDING, interactions)
+
+
+def consume_pending(folder: Path, count: int) -> None:
+    """Drop the first ``count`` interactions of the queue (those an update trained on), atomically."""
+    path = folder / PENDING
+    if count <= 0 or not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept, skipped = [], 0
+    for line in lines:
+        if skipped < count and line.strip():
+            skipped += 1
+            continue
+        if line.strip():
+            kept.append(line if line.endswith("\n") else line + "\n")
+    atomic_write_bytes(path, "".join(kept).encode("utf-8"))

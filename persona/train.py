@@ -1,0 +1,477 @@
+"""Incremental training: update one adapter from new interactions, keeping what it already knew.
+
+``Trainer.update(ref, interactions)``:
+
+1. validates and tokenizes the data first (a bad file trains and writes nothing);
+2. splits a held-out slice of the new data (seeded);
+3. starts from the adapter's ``current`` version, the base loaded once and frozen;
+4. trains only that adapter's LoRA factors, each batch mixing in a fraction of the adapter's replay
+   buffer (rehearsal) and, with ``reg="l2"`` or ``"ewc"``, a penalty pulling the factors toward the
+   parent version (regularization; EWC weighs it by a diagonal Fisher stored beside the parent);
+5. evaluates parent and new weights on the held-out slice and on the replay buffer;
+6. publishes a new version; the gate makes it ``current`` only if it is better on the new data and
+   its replay loss rose by at most ``max_forgetting`` (relative), else it stays ``candidate``, with
+   the reason recorded in ``meta.json``. ``force=True`` promotes anyway.
+
+Nothing is published until step 6, and publishing is atomic, so an interrupted update leaves the
+store as it was.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping, Sequence
+
+import torch
+
+from .base import BaseModel, load_base
+from .data import (
+    Example,
+    Interaction,
+    TokenizedSet,
+    data_digest,
+    iter_batches,
+    read_interactions,
+    tokenize_interactions,
+)
+from .errors import BaseMismatch, InvalidConfig, InvalidInteractions
+from .layers import Activation, AdapterWeights, LoraRuntime
+from .refs import CANDIDATE, CURRENT, AdapterRef, parse_ref
+from .replay import ReplayBuffer, append_pending, consume_pending, read_pending
+from .store import Store, VersionInfo
+
+FISHER_FILE = "fisher.safetensors"
+
+
+@dataclass(frozen=True)
+class UpdateConfig:
+    """How an update trains and when its result becomes ``current``."""
+
+    epochs: int = field(default=3, metadata={"help": "Passes over the new data."})
+    max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the LoRA factors."})
+    batch_size: int = field(default=8, metadata={"help": "Rows per step, replayed rows included."})
+    seed: int = field(default=0, metadata={"help": "Seed of the split, shuffling, dropout and replay sampling."})
+    holdout_fraction: float = field(default=0.1, metadata={"help": "Share of the new data kept for evaluation."})
+    max_length: int = field(default=512, metadata={"help": "Tokens per example; longer ones are truncated and counted."})
+    replay_fraction: float = field(default=0.25, metadata={"help": "Share of each batch drawn from the replay buffer."})
+    replay_capacity: int = field(default=256, metadata={"help": "Interactions kept in the adapter's replay buffer."})
+    reg: Literal["none", "l2", "ewc"] = field(default="l2", metadata={"help": "Pull toward the parent version."})
+    reg_strength: float = field(default=1.0, metadata={"help": "Weight of the pull (Fisher normalized to mean 1 for ewc)."})
+    max_forgetting: float = field(default=0.05, metadata={"help": "Allowed relative rise of the replay loss."})
+    force: bool = field(default=False, metadata={"help": "Promote to current whatever the gate says."})
+    grad_clip: float = field(default=1.0, metadata={"help": "Max gradient norm."})
+    fisher_samples: int = field(default=32, metadata={"help": "Examples used for the EWC Fisher estimate."})
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise InvalidConfig(what)
+
+        need(isinstance(self.epochs, int) and 1 <= self.epochs <= 1000, f"epochs must be in 1..1000, got {self.epochs!r}")
+        need(self.max_steps is None or (isinstance(self.max_steps, int) and self.max_steps >= 1), f"max_steps must be >= 1, got {self.max_steps!r}")
+        need(isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate <= 1, f"learning_rate must be in (0, 1], got {self.learning_rate!r}")
+        need(isinstance(self.batch_size, int) and 1 <= self.batch_size <= 4096, f"batch_size must be in 1..4096, got {self.batch_size!r}")
+        need(0 <= self.holdout_fraction < 1, f"holdout_fraction must be in [0, 1), got {self.holdout_fraction!r}")
+        need(isinstance(self.max_length, int) and self.max_length >= 8, f"max_length must be >= 8, got {self.max_length!r}")
+        need(0 <= self.replay_fraction < 1, f"replay_fraction must be in [0, 1), got {self.replay_fraction!r}")
+        need(isinstance(self.replay_capacity, int) and self.replay_capacity >= 0, "replay_capacity must be >= 0")
+        need(self.reg in ("none", "l2", "ewc"), f"reg must be none, l2 or ewc, got {self.reg!r}")
+        need(self.reg_strength >= 0, "reg_strength must be >= 0")
+        need(self.max_forgetting >= 0, "max_forgetting must be >= 0")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "UpdateConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidConfig(f"unknown update option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """What an update did: the version it published, whether it became current, and why."""
+
+    adapter: str
+    version: VersionInfo
+    parent: int
+    promoted: bool
+    reason: str
+    metrics: Mapping[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "adapter": self.adapter,
+            "version": self.version.version,
+            "label": self.version.label,
+            "parent": self.parent,
+            "promoted": self.promoted,
+            "alias": CURRENT if self.promoted else CANDIDATE,
+            "reason": self.reason,
+            "metrics": dict(self.metrics),
+        }
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    adapter: str
+    version: str  # "v0003" or "base"
+    loss: float
+    perplexity: float
+    tokens: int
+    examples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def split_holdout(items: Sequence[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
+    """Seeded split into (train, held-out). Held-out gets round(n * fraction), at least 1 when n >= 4."""
+    n = len(items)
+    k = 0 if fraction <= 0 or n < 4 else max(1, round(n * fraction))
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    held = set(order[:k])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+# Architectures whose logits are exactly lm_head(last hidden state): no softcapping or scaling.
+_PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2"}
+
+
+def _loss_sum(model, batch) -> tuple[torch.Tensor, int]:
+    """Summed next-token loss over labelled positions, and their count.
+
+    For plain-head architectures the vocabulary projection is applied only at labelled positions
+    (on chat data most positions are prompt), which saves a large share of each step.
+    """
+    labels = batch.labels[:, 1:]
+    mask = labels != -100
+    if getattr(model.config, "model_type", None) in _PLAIN_HEAD:
+        hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        logits = model.get_output_embeddings()(hidden[:, :-1][mask]).float()
+        loss = torch.nn.functional.cross_entropy(logits, labels[mask], reduction="sum")
+    else:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+    return loss, int(mask.sum())
+
+
+class Trainer:
+    """Holds one frozen base (loaded once) and updates adapters of one store on it.
+
+    >>> trainer = Trainer(Store.open())                                   # doctest: +SKIP
+    >>> result = trainer.update("user:alice", read_interactions("alice.jsonl"))   # doctest: +SKIP
+    >>> result.version.label, result.promoted                             # doctest: +SKIP
+    ('v0002', True)
+    """
+
+    def __init__(self, store: Store, base: BaseModel | None = None):
+        self.store = store
+        self.base = base or load_base(store.config.base_id)
+        if self.base.info.fingerprint != store.config.base_fingerprint:
+            raise BaseMismatch(
+                f"the store {store.root} is bound to base {store.config.base_fingerprint[:19]}, "
+                f"the loaded base is {self.base.info.fingerprint[:19]}"
+            )
+        self.model = self.base.model
+        self.tokenizer = self.base.tokenizer
+        self.runtime = LoraRuntime.attach(self.model)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+
+    # ------------------------------------------------------------------ evaluation
+    def tokenize(self, interactions: Sequence[Interaction], max_length: int = 512) -> TokenizedSet:
+        return tokenize_interactions(interactions, self.tokenizer, max_length=max_length)
+
+    @torch.no_grad()
+    def loss(self, examples: Sequence[Example], weights: AdapterWeights | None, batch_size: int = 8) -> tuple[float, int]:
+        """Mean loss per target token (and the token count) of ``weights`` (None: the base alone)."""
+        if not examples:
+            return float("nan"), 0
+        total, tokens = 0.0, 0
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.runtime.activate([Activation(weights)] if weights is not None else []):
+                for batch in iter_batches(list(examples), batch_size, shuffle=False, pad_token_id=self.pad_id):
+                    loss, n = _loss_sum(self.model, batch)
+                    total += float(loss)
+                    tokens += n
+        finally:
+            self.model.train(was_training)
+        return total / max(tokens, 1), tokens
+
+    def evaluate(self, ref: str | AdapterRef, interactions: Sequence[Interaction], versions: Sequence[str] | None = None,
+                 max_length: int = 512) -> list[EvalResult]:
+        """Held-out loss and perplexity of one or several versions (``"base"``: no adapter) on the data."""
+        ref = parse_ref(ref)
+        data = self.tokenize(interactions, max_length)
+        out = []
+        for selector in versions or [ref.selector]:
+            if selector == "base":
+                weights, label = None, "base"
+            else:
+                pinned = self.store.resolve(AdapterRef.parse(f"{ref.id}@{selector}"))
+                loaded = self.store.load(pinned)
+                weights, label = AdapterWeights.from_peft(loaded.tensors, loaded.config), loaded.info.label
+            loss, tokens = self.loss(data.examples, weights)
+            out.append(EvalResult(ref.id, label, loss, math.exp(min(loss, 50)), tokens, len(data)))
+        return out
+
+    # ------------------------------------------------------------------ training
+    def update(
+        self,
+        ref: str | AdapterRef,
+        interactions: Sequence[Interaction] | None = None,
+        config: UpdateConfig | None = None,
+        *,
+        progress: bool = False,
+    ) -> UpdateResult:
+        """Train ``ref``'s current version on ``interactions`` (None: its pending queue) and publish.
+
+        With ``interactions=None`` the pending queue is consumed: the interactions trained on are
+        removed from it only after the new version is published.
+        """
+        config = config or UpdateConfig()
+        ref = parse_ref(ref).unpinned()
+        folder = self.store.adapter_dir(ref)
+        with self.store.lock(ref, purpose="update"):
+            from_pending = interactions is None
+            if from_pending:
+                interactions = read_pending(self.store.adapter_dir(ref)) if self.store.exists(ref) else []
+                self.store.show(ref)  # AdapterNotFound before "nothing pending"
+                if not interactions:
+                    raise InvalidInteractions(
+                        f"{ref.id} has no pending interactions: pass --data FILE, or log some with `persona log {ref.id} --data FILE`"
+                    )
+            interactions = list(interactions)
+            if not interactions:
+                raise InvalidInteractions("no interactions to train on")
+            result = self._train_and_publish(ref, folder, interactions, config, progress)
+            if from_pending:
+                with self.store.lock(ref):
+                    consume_pending(folder, len(interactions))
+        return result
+
+    def _train_and_publish(self, ref: AdapterRef, folder: Path, interactions: list[Interaction], config: UpdateConfig,
+                           progress: bool) -> UpdateResult:
+        started = time.perf_counter()
+        parent_info = self.store.version_info(ref)
+        parent = self.store.load(parent_info.ref)
+        parent_weights = AdapterWeights.from_peft(parent.tensors, parent.config)
+        self.runtime.check(parent_weights)
+
+        train_items, held_items = split_holdout(interactions, config.holdout_fraction, config.seed)
+        train_set = self.tokenize(train_items, config.max_length)
+        held_set = self.tokenize(held_items, config.max_length)
+        if not train_set.examples:
+            raise InvalidInteractions("after truncation no example has a token to train on; raise max_length")
+        replay = ReplayBuffer.read(folder)
+        replay_set = self.tokenize(list(replay.items), config.max_length) if replay.items else None
+        replay_examples = list(replay_set.examples) if replay_set else []
+
+        # Evaluate the parent before training: the gate's baseline.
+        held_before, _ = self.loss(held_set.examples, parent_weights)
+        replay_before, _ = self.loss(replay_examples, parent_weights)
+
+        params = {m: (torch.nn.Parameter(a.clone()), torch.nn.Parameter(b.clone())) for m, (a, b) in parent_weights.factors.items()}
+        anchor = {m: (a.detach().clone(), b.detach().clone()) for m, (a, b) in parent_weights.factors.items()}
+        trained_parent = parent_info.training is not None  # a fresh v1 holds nothing worth anchoring to
+        reg = config.reg if trained_parent else "none"
+        fisher = self._fisher_for(parent_info, parent_weights, replay_examples, config) if reg == "ewc" else None
+        weights = AdapterWeights(factors=params, scale=parent_weights.scale, dropout=parent_weights.dropout)
+        losses, steps = self._optimize(weights, anchor, fisher, reg, train_set, replay_examples, config, progress)
+
+        new_weights = AdapterWeights({m: (a.detach(), b.detach()) for m, (a, b) in params.items()}, parent_weights.scale)
+        held_after, held_tokens = self.loss(held_set.examples, new_weights)
+        replay_after, replay_tokens = self.loss(replay_examples, new_weights)
+        promoted, reason = self._gate(held_before, held_after, replay_before, replay_after, config)
+
+        extra = {}
+        if config.reg == "ewc":
+            extra[FISHER_FILE] = self._fisher(new_weights, train_set.examples, replay_examples, config)
+        metrics = {
+            "heldout_loss_before": held_before,
+            "heldout_loss_after": held_after,
+            "heldout_tokens": held_tokens,
+            "replay_loss_before": replay_before,
+            "replay_loss_after": replay_after,
+            "replay_tokens": replay_tokens,
+            "forgetting": (replay_after - replay_before) if replay_examples else 0.0,
+            "train_loss_first": losses[0],
+            "train_loss_last": losses[-1],
+            "steps": steps,
+            "train_examples": len(train_set),
+            "heldout_examples": len(held_set),
+            "replay_examples": len(replay_examples),
+            "truncated": train_set.truncated + held_set.truncated,
+            "dropped": train_set.dropped + held_set.dropped,
+            "seconds": round(time.perf_counter() - started, 3),
+            "gate": {"promoted": promoted, "reason": reason, "forced": config.force},
+        }
+        metrics = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+        version = self.store.publish_version(
+            ref,
+            new_weights.to_peft(),
+            parent.config,
+            parent=parent_info.version,
+            set_alias=CURRENT if promoted else CANDIDATE,
+            metrics=metrics,
+            training=config.to_dict() | {"reg_applied": reg},
+            data_digest=data_digest(interactions),
+            extra_files=extra,
+            settings=None,
+        )
+        if promoted and config.replay_capacity:
+            # Only data a current version learned joins the reservoir; a rejected candidate's does not.
+            with self.store.lock(ref):
+                replay.offer(interactions, config.replay_capacity, config.seed).write(folder)
+        return UpdateResult(ref.id, version, parent_info.version, promoted, reason, metrics)
+
+    def _gate(self, held_before: float, held_after: float, replay_before: float, replay_after: float,
+              config: UpdateConfig) -> tuple[bool, str]:
+        if math.isnan(held_after):
+            verdict, reason = False, "no held-out data to show the new version is better (give more interactions)"
+        elif not held_after < held_before:
+            verdict, reason = False, f"held-out loss did not improve ({held_before:.4f} -> {held_after:.4f})"
+        elif not math.isnan(replay_before) and replay_after > replay_before * (1 + config.max_forgetting):
+            rise = replay_after / replay_before - 1
+            verdict, reason = False, (f"replay loss rose {rise:.1%} ({replay_before:.4f} -> {replay_after:.4f}), "
+                                      f"over the {config.max_forgetting:.1%} bound")
+        else:
+            forgot = "" if math.isnan(replay_before) else f", replay {replay_before:.4f} -> {replay_after:.4f}"
+            verdict, reason = True, f"held-out loss improved {held_before:.4f} -> {held_after:.4f}{forgot}"
+        if config.force and not verdict:
+            return True, f"forced: {reason}"
+        return verdict, reason
+
+    def _optimize(self, weights: AdapterWeights, anchor, fisher, reg: str, train_set: TokenizedSet,
+                  replay_examples: list[Example], config: UpdateConfig, progress: bool) -> tuple[list[float], int]:
+        from tqdm.auto import tqdm
+
+        torch.manual_seed(config.seed)
+        rng = random.Random(config.seed)
+        n_replay = round(config.batch_size * config.replay_fraction) if replay_examples else 0
+        n_new = max(1, config.batch_size - n_replay)
+        flat = [p for pair in weights.factors.values() for p in pair]
+        optimizer = torch.optim.AdamW(flat, lr=config.learning_rate, weight_decay=0.0)
+        per_epoch = math.ceil(len(train_set) / n_new)
+        total = min(config.max_steps or per_epoch * config.epochs, per_epoch * config.epochs)
+        losses: list[float] = []
+        self.model.train()
+        step = 0
+        bar = tqdm(total=total, desc="update", unit="step", disable=not progress, leave=False)
+        try:
+            with self.runtime.activate([Activation(weights)]):
+                for epoch in range(config.epochs):
+                    for new_batch in iter_batches(train_set, n_new, seed=config.seed + epoch, pad_token_id=self.pad_id):
+                        if step >= total:
+                            break
+                        batch = new_batch
+                        if n_replay:
+                            rows = _rows_of(new_batch, self.pad_id) + rng.sample(replay_examples, min(n_replay, len(replay_examples)))
+                            batch = next(iter_batches(rows, len(rows), shuffle=False, group_by_length=False, pad_token_id=self.pad_id))
+                        loss_sum, n = _loss_sum(self.model, batch)
+                        loss = loss_sum / max(n, 1)
+                        objective = loss + self._penalty(weights, anchor, fisher, reg, config.reg_strength)
+                        optimizer.zero_grad(set_to_none=True)
+                        objective.backward()
+                        torch.nn.utils.clip_grad_norm_(flat, config.grad_clip)
+                        optimizer.step()
+                        losses.append(loss.item())
+                        step += 1
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        finally:
+            bar.close()
+            self.model.eval()
+        return losses, step
+
+    @staticmethod
+    def _penalty(weights: AdapterWeights, anchor, fisher, reg: str, strength: float) -> torch.Tensor | float:
+        if reg == "none" or strength == 0:
+            return 0.0
+        total = 0.0
+        for module, (a, b) in weights.factors.items():
+            a0, b0 = anchor[module]
+            if fisher is None:
+                total = total + ((a - a0) ** 2).sum() + ((b - b0) ** 2).sum()
+            else:
+                fa, fb = fisher[module]
+                total = total + (fa * (a - a0) ** 2).sum() + (fb * (b - b0) ** 2).sum()
+        return strength * total
+
+    def _fisher_for(self, parent_info: VersionInfo, parent_weights: AdapterWeights, replay_examples, config):
+        """The parent's stored Fisher, else one estimated now on the replay buffer (the past data)."""
+        from .lora import PEFT_PREFIX
+
+        stored = self.store.load_extra(parent_info.ref, FISHER_FILE)
+        if stored is None:
+            if not replay_examples:
+                return None
+            stored = self._fisher(parent_weights, [], replay_examples, config)
+        fisher = {}
+        for module in parent_weights.factors:
+            fisher[module] = (stored[f"{PEFT_PREFIX}{module}.lora_A.weight"], stored[f"{PEFT_PREFIX}{module}.lora_B.weight"])
+        return fisher
+
+    def _fisher(self, weights: AdapterWeights, examples, replay_examples, config: UpdateConfig) -> dict[str, torch.Tensor]:
+        """Diagonal empirical Fisher of the LoRA factors, normalized to mean 1 (so reg_strength means
+        the same for l2 and ewc), over up to ``fisher_samples`` examples, one at a time."""
+        from .lora import PEFT_PREFIX
+
+        pool = list(examples) + list(replay_examples)
+        rng = random.Random(config.seed + 7)
+        sample = rng.sample(pool, min(config.fisher_samples, len(pool)))
+        params = {m: (a.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)) for m, (a, b) in weights.factors.items()}
+        acc = {m: (torch.zeros_like(a), torch.zeros_like(b)) for m, (a, b) in params.items()}
+        probe = AdapterWeights(params, weights.scale, 0.0)
+        self.model.eval()
+        with self.runtime.activate([Activation(probe)]):
+            for example in sample:
+                batch = next(iter_batches([example], 1, shuffle=False, pad_token_id=self.pad_id))
+                loss_sum, n = _loss_sum(self.model, batch)
+                grads = torch.autograd.grad(loss_sum / max(n, 1), [p for pair in params.values() for p in pair])
+                for i, m in enumerate(params):
+                    acc[m][0].add_(grads[2 * i] ** 2)
+                    acc[m][1].add_(grads[2 * i + 1] ** 2)
+        mean = torch.cat([t.flatten() for pair in acc.values() for t in pair]).mean().clamp_min(1e-30)
+        out = {}
+        for m, (fa, fb) in acc.items():
+            out[f"{PEFT_PREFIX}{m}.lora_A.weight"] = fa / mean
+            out[f"{PEFT_PREFIX}{m}.lora_B.weight"] = fb / mean
+        return out
+
+    def update_all(self, config: UpdateConfig | None = None, *, progress: bool = False) -> list[UpdateResult]:
+        """Update every adapter that has pending interactions, with the base loaded once."""
+        results = []
+        for adapter in self.store.list():
+            if adapter.pending:
+                results.append(self.update(AdapterRef(adapter.kind, adapter.name), None, config, progress=progress))
+        return results
+
+
+def _rows_of(batch, pad_id: int) -> list[Example]:
+    rows = []
+    for ids, mask, labels in zip(batch.input_ids.tolist(), batch.attention_mask.tolist(), batch.labels.tolist()):
+        n = sum(mask)
+        rows.append(Example(tuple(ids[:n]), tuple(labels[:n])))
+    return rows
+
+
+def log_interactions(store: Store, ref: str | AdapterRef, interactions: Sequence[Interaction]) -> int:
+    """Append validated interactions to an adapter's pending queue; returns how many."""
+    ref = parse_ref(ref).unpinned()
+    store.show(ref)  # AdapterNotFound when missing
+    with store.lock(ref):
+        return append_pending(store.adapter_dir(ref), list(interactions))

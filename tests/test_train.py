@@ -1,0 +1,282 @@
+"""Incremental updates on the tiny base: publish, gate, replay, regularization, isolation, interrupts."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from persona import AdapterNotFound, InvalidConfig, InvalidInteractions, LoraSettings, Store
+from persona.base import fingerprint
+from persona.data import parse_interactions, read_interactions
+from persona.layers import Activation, AdapterWeights
+from persona.replay import ReplayBuffer
+from persona.train import Trainer, UpdateConfig, log_interactions
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "interactions"
+FAST = dict(epochs=1, batch_size=8, max_length=96)
+
+
+@pytest.fixture
+def store(tiny_base, isolated_store) -> Store:
+    store = Store.init(isolated_store, base=tiny_base)
+    for name in ("alice", "bob"):
+        store.create(f"user:{name}", LoraSettings(rank=4, seed=1))
+    return store
+
+
+@pytest.fixture
+def trainer(store) -> Trainer:
+    return Trainer(store)
+
+
+def alice(n=None):
+    items = read_interactions(EXAMPLES / "alice.jsonl")
+    return items[:n] if n else items
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_update_publishes_child_version_with_metrics(store, trainer):
+    result = trainer.update("user:alice", alice(), UpdateConfig(**FAST))
+    assert (result.version.version, result.parent, result.promoted) == (2, 1, True)
+    assert store.resolve("user:alice").version == 2
+    info = store.version_info("user:alice@v2")
+    m = info.metrics
+    assert m["heldout_loss_after"] < m["heldout_loss_before"]
+    assert m["train_examples"] + m["heldout_examples"] == len(alice())
+    assert m["gate"]["promoted"] is True and "improved" in m["gate"]["reason"]
+    assert info.parent == 1 and info.data_digest and info.training["learning_rate"] == 1e-3
+    assert store.verify().ok
+    # what was trained is what is stored: the new tensors differ from the parent's
+    t1, t2 = store.load("user:alice@v1").tensors, store.load("user:alice@v2").tensors
+    assert any(not torch.equal(t1[k], t2[k]) for k in t1)
+
+
+def test_same_seed_and_data_give_the_same_weights(store, trainer):
+    store.create("user:carol", LoraSettings(rank=4, seed=1))
+    trainer.update("user:alice", alice(20), UpdateConfig(**FAST, seed=5))
+    trainer.update("user:carol", alice(20), UpdateConfig(**FAST, seed=5))
+    a, c = store.load("user:alice").tensors, store.load("user:carol").tensors
+    assert all(torch.equal(a[k], c[k]) for k in a), max(float((a[k] - c[k]).abs().max()) for k in a)
+    store.create("user:dave", LoraSettings(rank=4, seed=1))
+    trainer.update("user:dave", alice(20), UpdateConfig(**FAST, seed=6))
+    d = store.load("user:dave").tensors
+    assert any(not torch.equal(a[k], d[k]) for k in a)
+
+
+def test_base_stays_frozen_and_bit_identical(store, trainer, tiny_base):
+    fp_before = fingerprint(Path(tiny_base))
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+    with torch.no_grad():
+        logits_before = trainer.model(ids).logits.clone()
+    trainer.update("user:alice", alice(24), UpdateConfig(**FAST))
+    trainer.update("user:alice", alice(24), UpdateConfig(**FAST, reg="ewc", fisher_samples=4, force=True))
+    assert not any(p.requires_grad for n, p in trainer.model.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(trainer.model(ids).logits, logits_before)
+    from persona.base import _compute_fingerprint, weight_files
+
+    assert _compute_fingerprint(weight_files(Path(tiny_base))) == fp_before
+
+
+def test_updating_one_user_leaves_another_untouched(store, trainer):
+    bob_dir = store.adapter_dir("user:bob")
+    before = file_hashes(bob_dir)
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    bob = store.load("user:bob")
+    bob_weights = AdapterWeights.from_peft(bob.tensors, bob.config)
+    with torch.no_grad(), trainer.runtime.activate([Activation(bob_weights)]):
+        bob_out = trainer.model(ids).logits.clone()
+    trainer.update("user:alice", alice(), UpdateConfig(**FAST))
+    assert file_hashes(bob_dir) == before
+    with torch.no_grad(), trainer.runtime.activate([Activation(AdapterWeights.from_peft(store.load("user:bob").tensors, bob.config))]):
+        assert torch.equal(trainer.model(ids).logits, bob_out)
+
+
+def test_bad_data_trains_and_writes_nothing(store, trainer, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"prompt": 3}\n')
+    before = file_hashes(store.root)
+    with pytest.raises(InvalidInteractions, match="bad.jsonl:2"):
+        trainer.update("user:alice", read_interactions(bad), UpdateConfig(**FAST))
+    with pytest.raises(InvalidInteractions):
+        trainer.update("user:alice", [], UpdateConfig(**FAST))
+    with pytest.raises(AdapterNotFound):
+        trainer.update("user:nobody", alice(8), UpdateConfig(**FAST))
+    after = file_hashes(store.root)
+    assert {k: v for k, v in after.items() if not k.startswith(".locks")} == {k: v for k, v in before.items() if not k.startswith(".locks")}
+
+
+def test_config_rejects_unknown_keys_and_bad_values():
+    with pytest.raises(InvalidConfig, match="unknown update option"):
+        UpdateConfig.from_dict({"epochs": 1, "learning_rte": 0.1})
+    for bad in ({"epochs": 0}, {"learning_rate": -1}, {"reg": "l3"}, {"holdout_fraction": 1.0}, {"batch_size": 0}):
+        with pytest.raises(InvalidConfig):
+            UpdateConfig.from_dict(bad)
+
+
+def test_gate_keeps_a_forgetful_version_as_candidate_unless_forced(store, trainer):
+    strong = dict(FAST, learning_rate=1e-2, epochs=3)
+    trainer.update("user:alice", alice(), UpdateConfig(**strong))  # v2 current, replay filled
+    bob = read_interactions(EXAMPLES / "bob.jsonl")
+    # Other facts, no replay, no regularization, no tolerance: the replay loss rises, so it is refused.
+    forgetful = dict(strong, replay_fraction=0.0, reg="none", max_forgetting=0.0)
+    result = trainer.update("user:alice", bob, UpdateConfig(**forgetful))
+    m = result.metrics
+    assert m["replay_loss_after"] > m["replay_loss_before"]
+    assert not result.promoted and "replay loss rose" in result.reason
+    assert store.resolve("user:alice").version == 2
+    assert store.resolve("user:alice@candidate").version == 3
+    assert store.version_info("user:alice@v3").metrics["gate"] == {"promoted": False, "reason": result.reason, "forced": False}
+    forced = trainer.update("user:alice", bob, UpdateConfig(**forgetful, force=True))
+    assert forced.promoted and forced.reason.startswith("forced: replay loss rose")
+    assert store.resolve("user:alice").version == 4
+
+
+def test_gate_rules(trainer):
+    cfg = UpdateConfig(max_forgetting=0.1)
+    nan = float("nan")
+    assert trainer._gate(2.0, 1.5, 1.0, 1.05, cfg)[0] is True
+    assert trainer._gate(2.0, 1.5, nan, nan, cfg)[0] is True  # no replay yet: nothing to forget
+    promoted, reason = trainer._gate(2.0, 2.1, 1.0, 1.0, cfg)
+    assert not promoted and "did not improve" in reason
+    promoted, reason = trainer._gate(2.0, 1.5, 1.0, 1.2, cfg)
+    assert not promoted and "over the 10.0% bound" in reason
+    promoted, reason = trainer._gate(2.0, nan, 1.0, 1.0, cfg)
+    assert not promoted and "no held-out data" in reason
+
+
+def test_replay_buffer_fills_and_is_mixed_in(store, trainer):
+    folder = store.adapter_dir("user:alice")
+    trainer.update("user:alice", alice(), UpdateConfig(**FAST, replay_capacity=16))
+    buffer = ReplayBuffer.read(folder)
+    assert len(buffer.items) == 16 and buffer.seen == len(alice())
+    assert set(buffer.items) <= set(alice())
+    result = trainer.update("user:alice", alice(12), UpdateConfig(**FAST, replay_capacity=16))
+    assert result.metrics["replay_examples"] == 16 and result.metrics["replay_loss_before"] is not None
+    assert not (store.adapter_dir("user:bob") / "replay.jsonl").exists()
+
+
+def test_reservoir_is_bounded_and_uniform():
+    items = parse_interactions("\n".join(json.dumps({"text": f"item {i}"}) for i in range(100)))
+    counts = [0] * 100
+    for seed in range(300):
+        buf = ReplayBuffer((), 0)
+        for k in range(0, 100, 10):  # offered in several updates
+            buf = buf.offer(items[k:k + 10], capacity=20, seed=seed)
+        assert len(buf.items) == 20 and buf.seen == 100
+        for it in buf.items:
+            counts[int(it.text.split()[1])] += 1
+    # each item is kept with probability 0.2 -> about 60 of 300; early and late items alike
+    assert min(counts) > 25 and max(counts) < 100
+    assert abs(sum(counts[:50]) - sum(counts[50:])) < 0.2 * sum(counts)
+
+
+def test_l2_regularization_pulls_toward_parent(store, trainer):
+    trainer.update("user:alice", alice(), UpdateConfig(**FAST, replay_capacity=0))
+    parent = store.load("user:alice").tensors
+    store_path = store.adapter_dir("user:alice")
+
+    def distance(strength):
+        trainer.update("user:alice", read_interactions(EXAMPLES / "bob.jsonl")[:24],
+                       UpdateConfig(**FAST, reg="l2", reg_strength=strength, force=True, replay_capacity=0))
+        new = store.load("user:alice").tensors
+        store.rollback("user:alice", 2)
+        return sum(float(((new[k] - parent[k]) ** 2).sum()) for k in parent)
+
+    assert distance(1000.0) < 0.5 * distance(0.0)
+    assert (store_path / "v0003").is_dir() and (store_path / "v0004").is_dir()
+
+
+def test_ewc_stores_fisher_beside_the_version(store, trainer):
+    trainer.update("user:alice", alice(), UpdateConfig(**FAST, reg="ewc", fisher_samples=8))
+    fisher = store.load_extra("user:alice@v2", "fisher.safetensors")
+    assert fisher is not None and set(fisher) == set(store.load("user:alice@v2").tensors)
+    mean = torch.cat([t.flatten() for t in fisher.values()]).mean()
+    assert abs(float(mean) - 1.0) < 1e-3 and all(bool((t >= 0).all()) for t in fisher.values())
+    result = trainer.update("user:alice", alice(16), UpdateConfig(**FAST, reg="ewc", fisher_samples=8, force=True))
+    assert store.version_info(result.version.ref).training["reg_applied"] == "ewc"
+    assert store.verify().ok
+
+
+def test_pending_queue_is_consumed_only_after_publish(store, trainer, monkeypatch):
+    log_interactions(store, "user:alice", alice(10))
+    log_interactions(store, "user:alice", alice()[10:16])
+    assert store.show("user:alice").pending == 16
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(store, "publish_version", fail)
+    with pytest.raises(RuntimeError):
+        trainer.update("user:alice", None, UpdateConfig(**FAST))
+    assert store.show("user:alice").pending == 16  # nothing consumed when nothing was published
+    monkeypatch.undo()
+    result = trainer.update("user:alice", None, UpdateConfig(**FAST))
+    assert result.version.version == 2 and store.show("user:alice").pending == 0
+    with pytest.raises(InvalidInteractions, match="no pending interactions"):
+        trainer.update("user:alice", None, UpdateConfig(**FAST))
+
+
+def test_update_all_trains_every_adapter_with_pending(store, trainer):
+    log_interactions(store, "user:alice", alice(12))
+    log_interactions(store, "user:bob", read_interactions(EXAMPLES / "bob.jsonl")[:12])
+    results = trainer.update_all(UpdateConfig(**FAST))
+    assert sorted(r.adapter for r in results) == ["user:alice", "user:bob"]
+    assert all(store.show(a).pending == 0 for a in ("user:alice", "user:bob"))
+
+
+def test_interrupted_update_publishes_nothing_and_frees_the_lock(store, trainer, monkeypatch):
+    calls = {"n": 0}
+    real_step = torch.optim.AdamW.step
+
+    def interrupting_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", interrupting_step)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.update("user:alice", alice(), UpdateConfig(**FAST))
+    assert store.version_numbers("user:alice") == [1]
+    assert not [p for p in store.adapter_dir("user:alice").iterdir() if p.name.startswith(".tmp")]
+    quick = Store(store.root, lock_timeout=0.5)
+    with quick.lock("user:alice"), quick.lock("user:alice", purpose="update"):
+        pass
+
+
+def test_sigterm_during_cli_update_publishes_nothing(store, tmp_path):
+    data = tmp_path / "many.jsonl"
+    data.write_text("".join(json.dumps(i.to_json()) + "\n" for i in alice() * 4))
+    env = {**os.environ, "PERSONA_HOME": str(store.root)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "persona.cli", "update", "user:alice", "--data", str(data), "--epochs", "50", "--json"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    time.sleep(6)  # imports, base load, and into training
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0, out
+    assert "nothing was published" in err
+    assert store.version_numbers("user:alice") == [1] and store.verify().ok
+    with Store(store.root, lock_timeout=0.5).lock("user:alice", purpose="update"):
+        pass
+
+
+def test_evaluate_versions_and_base(store, trainer):
+    trainer.update("user:alice", alice(), UpdateConfig(**FAST))
+    results = trainer.evaluate("user:alice", alice(10), ["v1", "v2", "base"])
+    assert [r.version for r in results] == ["v0001", "v0002", "base"]
+    v1, v2, base = results
+    assert v1.loss == pytest.approx(base.loss, abs=1e-6)  # v1 is the identity (B = 0)
+    assert v2.loss < v1.loss and v2.perplexity < v1.perplexity and v2.tokens == v1.tokens > 0
