@@ -98,15 +98,27 @@ def init(base: str, store_root: str | None, as_json: bool) -> None:
 @click.option("--init", "init_", type=click.Choice(["default", "random"]), default="default", show_default=True,
               help="default: B=0, the new adapter leaves the base's output unchanged.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the initialisation.")
+@click.option("--over", default=None, metavar="REF",
+              help="Layer the new user adapter on this domain/merged adapter (pinned at its current version): "
+                   "updates train only the new adapter, inference applies both.")
+@click.option("--from", "source", default=None, metavar="REF",
+              help="Start from a copy of this adapter's weights (a warm start), recorded in the lineage.")
 @store_option
 @json_option
-def create(ref, rank, alpha, dropout, targets, init_, seed, store_root, as_json) -> None:
-    """Create adapter REF (e.g. user:alice) and publish its version v1."""
-    settings = LoraSettings(
+def create(ref, rank, alpha, dropout, targets, init_, seed, over, source, store_root, as_json) -> None:
+    """Create adapter REF (e.g. user:alice) and publish its version v1.
+
+    \b
+    Examples:
+      persona create user:alice
+      persona create user:alice --over domain:finance
+      persona create user:newbie --from merged:cohort-a
+    """
+    settings = None if source else LoraSettings(
         rank=rank, alpha=alpha, dropout=dropout, init=init_, seed=seed,
         target_modules=tuple(t.strip() for t in targets.split(",") if t.strip()) if targets else None,
     )
-    info = _open(store_root).create(parse_ref(ref), settings)
+    info = _open(store_root).create(parse_ref(ref), settings, over=over, source=source)
     emit(as_json, info.to_dict(), f"created {info.adapter}@{info.label} (rank {rank}; adapts {', '.join(info.lora.get('target_modules') or [])})")
 
 

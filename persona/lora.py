@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 from .errors import InvalidConfig
 
@@ -77,6 +77,19 @@ class LoraSettings:
         if data.get("target_modules") is not None:
             data["target_modules"] = tuple(data["target_modules"])
         return cls(**data)
+
+    @classmethod
+    def from_peft(cls, config: Mapping[str, Any]) -> "LoraSettings":
+        """The settings of an existing adapter, from its ``adapter_config.json``."""
+        targets = config.get("target_modules") or None
+        if isinstance(targets, str):  # PEFT also allows one name or a regex
+            targets = (targets,)
+        return cls(
+            rank=int(config["r"]),
+            alpha=float(config["lora_alpha"]),
+            dropout=float(config.get("lora_dropout") or 0.0),
+            target_modules=tuple(sorted(targets)) if targets else None,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -110,6 +110,14 @@ class VersionInfo:
     data_digest: str | None = None
     lineage: tuple[Mapping[str, Any], ...] = ()
     aliases: tuple[str, ...] = ()
+    over: Mapping[str, Any] | None = None  # the pinned adapter this one is layered on
+
+    @property
+    def over_ref(self) -> AdapterRef | None:
+        if not self.over:
+            return None
+        kind, name = self.over["adapter"].split(":", 1)
+        return AdapterRef(kind, name, version=int(self.over["version"]))
 
     @property
     def ref(self) -> AdapterRef:
@@ -135,6 +143,7 @@ class VersionInfo:
             "data_digest": self.data_digest,
             "lineage": list(self.lineage),
             "aliases": list(self.aliases),
+            "over": dict(self.over) if self.over else None,
         }
 
 
@@ -371,6 +380,7 @@ class Store:
             data_digest=meta.get("data_digest"),
             lineage=tuple(meta.get("lineage", ())),
             aliases=names,
+            over=meta.get("over"),
         )
 
     def version_info(self, ref: str | AdapterRef) -> VersionInfo:
@@ -428,17 +438,41 @@ class Store:
         tensors: Mapping[str, Any] | None = None,
         adapter_config: Mapping[str, Any] | None = None,
         lineage: tuple[Mapping[str, Any], ...] = (),
+        over: str | AdapterRef | None = None,
+        source: str | AdapterRef | None = None,
     ) -> VersionInfo:
         """Create an adapter and publish its version v0001.
 
         By default the weights are a fresh LoRA for the store's base (B = 0, so the base's outputs
-        are unchanged); ``tensors`` + ``adapter_config`` start it from given weights instead.
+        are unchanged); ``tensors`` + ``adapter_config`` start it from given weights instead, and
+        ``source`` (``--from``) from a copy of another adapter's version, recorded in the lineage.
+        ``over`` layers the new adapter on a domain (or merged) adapter pinned at its version now:
+        updates train only the new adapter, inference applies both.
+
+        >>> store.create("user:alice", over="domain:finance")    # doctest: +SKIP
         """
         ref = parse_ref(ref)
         if ref.version is not None or ref.alias is not None:
             raise InvalidReference(f"create takes an adapter without a version: {ref.id}, not {ref}")
         if ref.name in RESERVED_NAMES:
             raise InvalidName(f"{ref.name!r} is a reserved name ({ref.kind}:{ref.name} has a special meaning)")
+        over_meta = self._layer_target(ref, over) if over is not None else None
+        if source is not None:
+            if tensors is not None:
+                raise InvalidReference("give either source (--from) or tensors, not both")
+            src = parse_ref(source)
+            if src.kind == "user" and src.id != ref.id:
+                raise InvalidReference(
+                    f"cannot start {ref.id} from {src.id}: a user adapter holds that user's data; start from a domain "
+                    "or merged (cohort) adapter instead"
+                )
+            loaded = self.load(src)
+            tensors, adapter_config = loaded.tensors, loaded.config
+            lineage = tuple(lineage) + ({
+                "adapter": loaded.info.adapter, "version": loaded.info.version,
+                "sha256": loaded.info.files.get(ADAPTER_WEIGHTS), "relation": "from",
+            },)
+            settings = settings or LoraSettings.from_peft(adapter_config)
         settings = settings or LoraSettings()
         path = self.adapter_dir(ref)
         if tensors is None:
@@ -460,7 +494,8 @@ class Store:
             staging.mkdir()
             try:
                 info = self._write_version(
-                    staging / format_version(1), ref, 1, tensors, adapter_config, settings=settings, lineage=lineage
+                    staging / format_version(1), ref, 1, tensors, adapter_config, settings=settings, lineage=lineage,
+                    over=over_meta,
                 )
                 (staging / REFS).write_bytes(dumps_json({"aliases": {CURRENT: 1}}))
                 fsync_tree(staging)
@@ -484,6 +519,7 @@ class Store:
         lineage: tuple[Mapping[str, Any], ...] = (),
         extra_files: Mapping[str, Mapping[str, Any]] | None = None,
         settings: LoraSettings | None = None,
+        over: Mapping[str, Any] | None = None,
     ) -> VersionInfo:
         """Publish the next version of an existing adapter and (optionally) point an alias at it.
 
@@ -501,13 +537,15 @@ class Store:
             if parent is not None and parent not in numbers:
                 raise VersionNotFound(f"parent version {format_version(parent)} of {ref.id} does not exist")
             version = (numbers[-1] if numbers else 0) + 1
+            if over is None and parent is not None:  # a layered adapter stays on its layer
+                over = self._read_meta(ref, parent).over
             final = path / format_version(version)
             staging = temp_sibling(final)
             try:
                 info = self._write_version(
                     staging, ref, version, tensors, adapter_config,
                     parent=parent, metrics=metrics, training=training, data_digest=data_digest,
-                    lineage=lineage, extra_files=extra_files, settings=settings,
+                    lineage=lineage, extra_files=extra_files, settings=settings, over=over,
                 )
                 fsync_tree(staging)
                 os.replace(staging, final)
@@ -533,6 +571,7 @@ class Store:
         lineage: tuple[Mapping[str, Any], ...] = (),
         extra_files: Mapping[str, Mapping[str, Any]] | None = None,
         settings: LoraSettings | None = None,
+        over: Mapping[str, Any] | None = None,
     ) -> VersionInfo:
         from safetensors.torch import save_file
 
@@ -559,13 +598,24 @@ class Store:
             "training": dict(training) if training else None,
             "data_digest": data_digest,
             "lineage": list(lineage),
+            "over": dict(over) if over else None,
         }
         (folder / META).write_bytes(dumps_json(meta))
         return VersionInfo(
             adapter=ref.id, version=version, parent=parent, created=meta["created"],
             base_fingerprint=meta["base_fingerprint"], files=files, lora=lora, metrics=meta["metrics"],
-            training=meta["training"], data_digest=data_digest, lineage=tuple(lineage),
+            training=meta["training"], data_digest=data_digest, lineage=tuple(lineage), over=meta["over"],
         )
+
+    def _layer_target(self, ref: AdapterRef, over: str | AdapterRef) -> dict[str, Any]:
+        """Pin the adapter ``ref`` will be layered on, checking the layering rules."""
+        target = parse_ref(over)
+        if ref.kind != "user":
+            raise InvalidReference(f"only user adapters are layered (--over); {ref.id} is a {ref.kind} adapter")
+        if target.kind == "user":
+            raise InvalidReference(f"{ref.id} cannot be layered over another user's adapter ({target.id}); use a domain or merged adapter")
+        info = self.version_info(target)  # only user adapters are layered, so the target is never layered itself
+        return {"adapter": info.adapter, "version": info.version, "sha256": info.files.get(ADAPTER_WEIGHTS)}
 
     def _set_alias_locked(self, ref: AdapterRef, path: Path, alias: str, version: int) -> None:
         if not (path / format_version(version) / META).is_file():

@@ -194,15 +194,18 @@ class Trainer:
         return tokenize_interactions(interactions, self.tokenizer, max_length=max_length)
 
     @torch.no_grad()
-    def loss(self, examples: Sequence[Example], weights: AdapterWeights | None, batch_size: int = 8) -> tuple[float, int]:
-        """Mean loss per target token (and the token count) of ``weights`` (None: the base alone)."""
+    def loss(self, examples: Sequence[Example], weights: AdapterWeights | None, batch_size: int = 8,
+             below: Sequence[AdapterWeights] = ()) -> tuple[float, int]:
+        """Mean loss per target token (and the token count) of ``weights`` (None: the base alone),
+        on top of the frozen layers ``below`` (a layered adapter's domain adapter)."""
         if not examples:
             return float("nan"), 0
         total, tokens = 0.0, 0
         was_training = self.model.training
         self.model.eval()
+        stack = [Activation(w) for w in below] + ([Activation(weights)] if weights is not None else [])
         try:
-            with self.runtime.activate([Activation(weights)] if weights is not None else []):
+            with self.runtime.activate(stack):
                 for batch in iter_batches(list(examples), batch_size, shuffle=False, pad_token_id=self.pad_id):
                     loss, n = _loss_sum(self.model, batch)
                     total += float(loss)
@@ -218,13 +221,15 @@ class Trainer:
         data = self.tokenize(interactions, max_length)
         out = []
         for selector in versions or [ref.selector]:
+            below: list[AdapterWeights] = []
             if selector == "base":
                 weights, label = None, "base"
             else:
                 pinned = self.store.resolve(AdapterRef.parse(f"{ref.id}@{selector}"))
                 loaded = self.store.load(pinned)
                 weights, label = AdapterWeights.from_peft(loaded.tensors, loaded.config), loaded.info.label
-            loss, tokens = self.loss(data.examples, weights)
+                below = self._layers_below(loaded.info)
+            loss, tokens = self.loss(data.examples, weights, below=below)
             out.append(EvalResult(ref.id, label, loss, math.exp(min(loss, 50)), tokens, len(data)))
         return out
 
@@ -270,6 +275,7 @@ class Trainer:
         parent = self.store.load(parent_info.ref)
         parent_weights = AdapterWeights.from_peft(parent.tensors, parent.config)
         self.runtime.check(parent_weights)
+        below = self._layers_below(parent_info)  # frozen: only this adapter learns
 
         train_items, held_items = split_holdout(interactions, config.holdout_fraction, config.seed)
         train_set = self.tokenize(train_items, config.max_length)
@@ -281,25 +287,25 @@ class Trainer:
         replay_examples = list(replay_set.examples) if replay_set else []
 
         # Evaluate the parent before training: the gate's baseline.
-        held_before, _ = self.loss(held_set.examples, parent_weights)
-        replay_before, _ = self.loss(replay_examples, parent_weights)
+        held_before, _ = self.loss(held_set.examples, parent_weights, below=below)
+        replay_before, _ = self.loss(replay_examples, parent_weights, below=below)
 
         params = {m: (torch.nn.Parameter(a.clone()), torch.nn.Parameter(b.clone())) for m, (a, b) in parent_weights.factors.items()}
         anchor = {m: (a.detach().clone(), b.detach().clone()) for m, (a, b) in parent_weights.factors.items()}
         trained_parent = parent_info.training is not None  # a fresh v1 holds nothing worth anchoring to
         reg = config.reg if trained_parent else "none"
-        fisher = self._fisher_for(parent_info, parent_weights, replay_examples, config) if reg == "ewc" else None
+        fisher = self._fisher_for(parent_info, parent_weights, replay_examples, config, below) if reg == "ewc" else None
         weights = AdapterWeights(factors=params, scale=parent_weights.scale, dropout=parent_weights.dropout)
-        losses, steps = self._optimize(weights, anchor, fisher, reg, train_set, replay_examples, config, progress)
+        losses, steps = self._optimize(weights, below, anchor, fisher, reg, train_set, replay_examples, config, progress)
 
         new_weights = AdapterWeights({m: (a.detach(), b.detach()) for m, (a, b) in params.items()}, parent_weights.scale)
-        held_after, held_tokens = self.loss(held_set.examples, new_weights)
-        replay_after, replay_tokens = self.loss(replay_examples, new_weights)
+        held_after, held_tokens = self.loss(held_set.examples, new_weights, below=below)
+        replay_after, replay_tokens = self.loss(replay_examples, new_weights, below=below)
         promoted, reason = self._gate(held_before, held_after, replay_before, replay_after, config)
 
         extra = {}
         if config.reg == "ewc":
-            extra[FISHER_FILE] = self._fisher(new_weights, train_set.examples, replay_examples, config)
+            extra[FISHER_FILE] = self._fisher(new_weights, train_set.examples, replay_examples, config, below)
         metrics = {
             "heldout_loss_before": held_before,
             "heldout_loss_after": held_after,
@@ -355,7 +361,15 @@ class Trainer:
             return True, f"forced: {reason}"
         return verdict, reason
 
-    def _optimize(self, weights: AdapterWeights, anchor, fisher, reg: str, train_set: TokenizedSet,
+    def _layers_below(self, info: VersionInfo) -> list[AdapterWeights]:
+        """The pinned adapter a layered adapter sits on (empty for a plain one)."""
+        if info.over_ref is None:
+            return []
+        loaded = self.store.load(info.over_ref)
+        weights = AdapterWeights.from_peft(loaded.tensors, loaded.config)
+        return [AdapterWeights(weights.factors, weights.scale, 0.0)]  # frozen layers get no dropout
+
+    def _optimize(self, weights: AdapterWeights, below: Sequence[AdapterWeights], anchor, fisher, reg: str, train_set: TokenizedSet,
                   replay_examples: list[Example], config: UpdateConfig, progress: bool) -> tuple[list[float], int]:
         from tqdm.auto import tqdm
 
@@ -372,7 +386,7 @@ class Trainer:
         step = 0
         bar = tqdm(total=total, desc="update", unit="step", disable=not progress, leave=False)
         try:
-            with self.runtime.activate([Activation(weights)]):
+            with self.runtime.activate([Activation(w) for w in below] + [Activation(weights)]):
                 for epoch in range(config.epochs):
                     for new_batch in iter_batches(train_set, n_new, seed=config.seed + epoch, pad_token_id=self.pad_id):
                         if step >= total:
@@ -411,7 +425,7 @@ class Trainer:
                 total = total + (fa * (a - a0) ** 2).sum() + (fb * (b - b0) ** 2).sum()
         return strength * total
 
-    def _fisher_for(self, parent_info: VersionInfo, parent_weights: AdapterWeights, replay_examples, config):
+    def _fisher_for(self, parent_info: VersionInfo, parent_weights: AdapterWeights, replay_examples, config, below=()):
         """The parent's stored Fisher, else one estimated now on the replay buffer (the past data)."""
         from .lora import PEFT_PREFIX
 
@@ -419,13 +433,14 @@ class Trainer:
         if stored is None:
             if not replay_examples:
                 return None
-            stored = self._fisher(parent_weights, [], replay_examples, config)
+            stored = self._fisher(parent_weights, [], replay_examples, config, below)
         fisher = {}
         for module in parent_weights.factors:
             fisher[module] = (stored[f"{PEFT_PREFIX}{module}.lora_A.weight"], stored[f"{PEFT_PREFIX}{module}.lora_B.weight"])
         return fisher
 
-    def _fisher(self, weights: AdapterWeights, examples, replay_examples, config: UpdateConfig) -> dict[str, torch.Tensor]:
+    def _fisher(self, weights: AdapterWeights, examples, replay_examples, config: UpdateConfig,
+                below: Sequence[AdapterWeights] = ()) -> dict[str, torch.Tensor]:
         """Diagonal empirical Fisher of the LoRA factors, normalized to mean 1 (so reg_strength means
         the same for l2 and ewc), over up to ``fisher_samples`` examples, one at a time."""
         from .lora import PEFT_PREFIX
@@ -437,7 +452,7 @@ class Trainer:
         acc = {m: (torch.zeros_like(a), torch.zeros_like(b)) for m, (a, b) in params.items()}
         probe = AdapterWeights(params, weights.scale, 0.0)
         self.model.eval()
-        with self.runtime.activate([Activation(probe)]):
+        with self.runtime.activate([Activation(w) for w in below] + [Activation(probe)]):
             for example in sample:
                 batch = next(iter_batches([example], 1, shuffle=False, pad_token_id=self.pad_id))
                 loss_sum, n = _loss_sum(self.model, batch)

@@ -1,0 +1,238 @@
+"""Update benchmark: persona's incremental update vs the plain Trainer+PEFT approach.
+
+One run on the embedded base (SmolLM2-135M-Instruct), three sequential updates of one user
+(examples/interactions/alice.jsonl, alice-2.jsonl, alice-3.jsonl: different facts each time):
+
+- **persona**: `Trainer.update` with its defaults (replay + L2 toward the parent, length-grouped
+  batches, the base loaded once, loss on assistant tokens only).
+- **plain LoRA**: what people do today: for each update, load the model, attach PEFT LoRA (the
+  previous update's adapter, trainable), tokenize padding every example to a fixed max length,
+  run `transformers.Trainer`, save. No replay, no regularization.
+- **plain full FT**: the same, fine-tuning every weight of the model (forgetting only).
+
+Reported: wall time of the three updates (persona vs plain LoRA), held-out loss on each update's
+new data, forgetting (rise of the loss on update 1's held-out data from right after update 1 to
+after update 3), and base drift (max |logit difference| of the base with no adapter, before vs
+after, plus the fingerprint).
+
+    python benchmarks/update.py            # ~10-15 min on 2 CPU cores
+    python benchmarks/update.py --quick    # smoke run on a tiny random model (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import header, table  # noqa: E402
+
+import torch  # noqa: E402
+
+from persona import EMBEDDED_BASE, LoraSettings, Store, load_base  # noqa: E402
+from persona.base import fingerprint  # noqa: E402
+from persona.data import iter_batches, read_interactions  # noqa: E402
+from persona.layers import AdapterWeights  # noqa: E402
+from persona.train import Trainer, UpdateConfig, _loss_sum, split_holdout  # noqa: E402
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "interactions"
+FILES = ["alice.jsonl", "alice-2.jsonl", "alice-3.jsonl"]
+
+
+def plain_texts(tokenizer, interactions):
+    texts = []
+    for i in interactions:
+        if i.messages:
+            msgs = [{"role": r, "content": c} for r, c in i.messages]
+        elif i.prompt is not None:
+            msgs = [{"role": "user", "content": i.prompt}, {"role": "assistant", "content": i.completion}]
+        else:
+            texts.append(i.text)
+            continue
+        texts.append(tokenizer.apply_chat_template(msgs, tokenize=False))
+    return texts
+
+
+def plain_dataset(tokenizer, interactions, max_length):
+    enc = tokenizer(plain_texts(tokenizer, interactions), padding="max_length", truncation=True, max_length=max_length)
+    rows = []
+    for ids, mask in zip(enc["input_ids"], enc["attention_mask"]):
+        rows.append({"input_ids": ids, "attention_mask": mask, "labels": [t if m else -100 for t, m in zip(ids, mask)]})
+    return rows
+
+
+def plain_update(base_dir, previous, out_dir, train_items, cfg, *, full=False, model=None):
+    """One update the plain way. Returns the trained model (full FT) or the adapter dir (LoRA)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer as HFTrainer, TrainingArguments
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    if full:
+        model = model if model is not None else AutoModelForCausalLM.from_pretrained(base_dir)
+        model.requires_grad_(True)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base_dir)  # reloaded for every update
+        if previous is None:
+            model = get_peft_model(model, LoraConfig(r=cfg["rank"], lora_alpha=cfg["alpha"], lora_dropout=0.05,
+                                                     target_modules=cfg["targets"], task_type="CAUSAL_LM"))
+        else:
+            model = PeftModel.from_pretrained(model, str(previous), is_trainable=True)
+    args = TrainingArguments(
+        output_dir=str(out_dir) + "-trainer", num_train_epochs=cfg["epochs"], per_device_train_batch_size=cfg["batch_size"],
+        learning_rate=cfg["full_lr"] if full else cfg["lr"], lr_scheduler_type="constant", warmup_steps=0,
+        save_strategy="no", report_to=[], logging_strategy="no", use_cpu=True, seed=0, data_seed=0,
+        disable_tqdm=True, max_grad_norm=1.0, weight_decay=0.0,
+    )
+    with contextlib.redirect_stdout(sys.stderr):  # Trainer prints its final metrics dict
+        HFTrainer(model=model, args=args, train_dataset=plain_dataset(tokenizer, train_items, cfg["pad_to"])).train()
+    if full:
+        model.eval()
+        return model
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def loss_of(model, examples, pad_id):
+    model.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for batch in iter_batches(list(examples), 8, shuffle=False, pad_token_id=pad_id):
+            s, k = _loss_sum(model, batch)
+            total, n = total + float(s), n + k
+    return total / max(n, 1)
+
+
+def peft_weights(folder):
+    from safetensors.torch import load_file
+
+    config = json.loads((Path(folder) / "adapter_config.json").read_text())
+    return AdapterWeights.from_peft(load_file(str(Path(folder) / "adapter_model.safetensors")), config)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny random model, 1 epoch: checks the script runs")
+    parser.add_argument("--epochs", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    header("persona update benchmark" + (" (QUICK: tiny random model, numbers meaningless)" if args.quick else ""))
+
+    work = Path(tempfile.mkdtemp(prefix="persona-bench-update-"))
+    try:
+        base_id = EMBEDDED_BASE
+        if args.quick:
+            base_id = make_tiny(work)
+        run(work, base_id, 1 if args.quick else args.epochs, 48 if args.quick else 128)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def make_tiny(work: Path) -> str:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from persona.base import load_tokenizer
+
+    tok = load_tokenizer(EMBEDDED_BASE)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(work / "tiny")
+    tok.save_pretrained(work / "tiny")
+    return str(work / "tiny")
+
+
+def run(work: Path, base_id: str, epochs: int, pad_to: int) -> None:
+    seed = 0
+    update_cfg = UpdateConfig(epochs=epochs, holdout_fraction=0.15, seed=seed)
+    data = [read_interactions(EXAMPLES / f) for f in FILES]
+    splits = [split_holdout(d, update_cfg.holdout_fraction, seed) for d in data]
+
+    # ---- persona: base loaded once, three updates
+    t0 = time.perf_counter()
+    base = load_base(base_id)
+    store = Store.init(work / "store", base=base_id)
+    store.create("user:alice", LoraSettings(rank=8, alpha=16))
+    trainer = Trainer(store, base)
+    probe = base.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        base_logits_before = base.model(probe).logits.clone()
+    persona_versions, gates = [], []
+    for d in data:
+        result = trainer.update("user:alice", d, update_cfg)
+        persona_versions.append(result.version.version)
+        gates.append("current" if result.promoted else "candidate")
+    persona_seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        drift = float((base.model(probe).logits - base_logits_before).abs().max())
+    fp_same = fingerprint(Path(base.info.path)) == store.config.base_fingerprint
+
+    held = [trainer.tokenize(h, 512).examples for _, h in splits]
+    pad_id = trainer.pad_id
+
+    def persona_loss(version, k):
+        loaded = store.load(f"user:alice@v{version}")
+        return trainer.loss(held[k], AdapterWeights.from_peft(loaded.tensors, loaded.config))[0]
+
+    # ---- plain Trainer + PEFT LoRA, model reloaded for every update, fixed-length padding
+    settings = store.version_info("user:alice@v1").lora
+    cfg = {"rank": 8, "alpha": 16, "targets": list(settings["target_modules"]), "epochs": epochs, "batch_size": 8,
+           "lr": update_cfg.learning_rate, "full_lr": 5e-5, "pad_to": pad_to}
+    base_dir = base.info.path
+    t0 = time.perf_counter()
+    previous, plain_dirs = None, []
+    for k, (train_items, _) in enumerate(splits):
+        previous = plain_update(base_dir, previous, work / f"plain-{k}", train_items, cfg)
+        plain_dirs.append(previous)
+    plain_seconds = time.perf_counter() - t0
+
+    def plain_loss(k_version, k):
+        return trainer.loss(held[k], peft_weights(plain_dirs[k_version]))[0]
+
+    # ---- plain full fine-tuning, sequential (forgetting only)
+    full_model = None
+    full_losses = {}
+    for k, (train_items, _) in enumerate(splits):
+        full_model = plain_update(base_dir, None, work / f"full-{k}", train_items, cfg, full=True, model=full_model)
+        full_losses[k] = {j: loss_of(full_model, held[j], pad_id) for j in range(len(data))}
+    del full_model
+
+    # ---- results
+    before1 = trainer.loss(held[0], None)[0]
+    p_after1, p_after3 = persona_loss(persona_versions[0], 0), persona_loss(persona_versions[-1], 0)
+    c_after1, c_after3 = plain_loss(0, 0), plain_loss(2, 0)
+    f_after1, f_after3 = full_losses[0][0], full_losses[2][0]
+    p_rise, c_rise, f_rise = p_after3 - p_after1, c_after3 - c_after1, f_after3 - f_after1
+
+    print("## Speed and quality (three sequential updates)\n")
+    rows = []
+    for k in range(len(data)):
+        rows.append([f"update {k + 1} ({FILES[k]}) held-out loss", persona_loss(persona_versions[k], k), plain_loss(k, k),
+                     persona_loss(persona_versions[k], k) / plain_loss(k, k)])
+    print(table(["", "persona", "plain Trainer+PEFT", "ratio (lower is better)"], [
+        ["wall time of 3 updates (s)", persona_seconds, plain_seconds, persona_seconds / plain_seconds],
+        *rows,
+    ]))
+    print(f"\npersona speed-up: {plain_seconds / persona_seconds:.2f}x (goal >= 2x); gate decisions: {', '.join(gates)}")
+    print(f"plain pads every example to {pad_to} tokens and reloads the model per update; persona loads the base once.\n")
+
+    print("## Forgetting: loss on update 1's held-out data (base alone: %.4f)\n" % before1)
+    print(table(["method", "after update 1", "after update 3", "rise", "rise vs plain LoRA"], [
+        ["persona (replay + L2)", p_after1, p_after3, p_rise, p_rise / c_rise if c_rise > 0 else math.nan],
+        ["plain sequential LoRA", c_after1, c_after3, c_rise, 1.0],
+        ["plain sequential full FT", f_after1, f_after3, f_rise, f_rise / c_rise if c_rise > 0 else math.nan],
+    ]))
+    print(f"\ngoal: persona's rise <= 0.5 x plain LoRA's\n")
+    print("## Base drift\n")
+    print(table(["check", "value"], [["max |logit diff| of the base, before vs after 3 updates", drift],
+                                      ["fingerprint unchanged", fp_same]]))
+
+
+if __name__ == "__main__":
+    main()
