@@ -74,6 +74,12 @@ def main() -> None:
     References are KIND:NAME[@vN|@alias], KIND in {user, domain, merged},
     NAME matching [a-z0-9][a-z0-9._-]{0,63}.
     """
+    try:  # transformers' per-tensor loading bars are noise on a command line
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
 
 
 @main.command()
@@ -152,15 +158,29 @@ def show(ref, store_root, as_json) -> None:
     if as_json:
         emit(True, info.to_dict())
         return
-    click.echo(f"{info.adapter}  current=v{info.current}  pending={info.pending}  replay={info.replay}")
+    layer = ""
+    if info.versions and info.versions[-1].over:
+        layer = f"  over={info.versions[-1].over['adapter']}@v{info.versions[-1].over['version']}"
+    click.echo(f"{info.adapter}  current=v{info.current}  pending={info.pending}  replay={info.replay}{layer}")
     for v in info.versions:
         aliases = f" [{', '.join(v.aliases)}]" if v.aliases else ""
         parent = f" parent=v{v.parent}" if v.parent else ""
-        metrics = " ".join(f"{k}={_fmt(val)}" for k, val in sorted(v.metrics.items()) if not isinstance(val, (dict, list)))
-        click.echo(f"  {v.label}{aliases}{parent}  {v.created}  {metrics}".rstrip())
+        click.echo(f"  {v.label}{aliases}{parent}  {v.created}")
+        m = v.metrics
+        if "heldout_loss_after" in m:
+            click.echo(f"      held-out loss {_fmt(m.get('heldout_loss_before'))} -> {_fmt(m.get('heldout_loss_after'))}, "
+                       f"replay loss {_fmt(m.get('replay_loss_before'))} -> {_fmt(m.get('replay_loss_after'))}, "
+                       f"{m.get('steps')} steps, {_fmt(m.get('seconds'))}s")
+        if isinstance(m.get("gate"), dict):
+            verdict = "promoted" if m["gate"].get("promoted") else "kept as candidate"
+            click.echo(f"      gate: {verdict}: {m['gate'].get('reason')}")
+        for parent_entry in v.lineage:
+            click.echo(f"      lineage: {parent_entry.get('relation', 'parent')} {parent_entry.get('adapter')}@v{parent_entry.get('version')}")
 
 
 def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
