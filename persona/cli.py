@@ -388,5 +388,11 @@ def base(base_id, store_root, as_json) -> None:
     emit(as_json, info.to_dict(), "\n".join(f"{k:13} {v}" for k, v in info.to_dict().items()))
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
+def _register() -> None:
+    from .cli_serve import COMMANDS as serve_commands
+
+    for command in serve_commands:
+        main.add_command(command)
+
+
+_register()

@@ -6,6 +6,11 @@ The base's own weights are never touched: with no adapter active a wrapper retur
 served. An adapter is a set of ``(A, B)`` pairs keyed by module name plus one scale (alpha / r);
 several may be active on one forward, each on all rows or on a subset of rows (mixed batches and
 stacks).
+
+Serving adds a second path, *routes* (S-LoRA / Punica's idea): the engine keeps every resident
+adapter in preallocated per-module slot tensors, and a route says which slot each row of the batch
+reads. The wrapper then gathers the rows' factors and applies them with two batched matmuls, so a
+batch mixing eight adapters costs about what a batch of one adapter costs (no loop over adapters).
 """
 
 from __future__ import annotations
@@ -63,6 +68,24 @@ class AdapterWeights:
 
 
 @dataclass(frozen=True)
+class SlotRoute:
+    """One layer of adapters routed per row from slot tensors (inference only).
+
+    ``a_slots`` is ``[slots, r, in]`` and ``b_slots`` ``[slots, out, r]`` with the LoRA scale
+    already folded into B; slot 0 holds zeros (no adapter). ``rows`` is the slot of every row of the
+    batch (a LongTensor ``[batch]``, gathered at each forward), one int when every row reads the same
+    slot (no gather), or None when the tensors are already gathered, one entry per row.
+    ``row_scale``, when given, multiplies each row's update (``[batch, 1, 1]``, or a float with an
+    int ``rows``): per-part weights of a stack.
+    """
+
+    a_slots: torch.Tensor
+    b_slots: torch.Tensor
+    rows: torch.Tensor | int | None
+    row_scale: torch.Tensor | float | None = None
+
+
+@dataclass(frozen=True)
 class Activation:
     """An adapter active on a forward: on every row (``rows=None``) or on the given row indices."""
 
@@ -79,6 +102,7 @@ class AdapterLinear(nn.Module):
         self.base = base
         self.name = name
         self.active: tuple[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, float, float], ...] = ()
+        self.routes: tuple[SlotRoute, ...] = ()
 
     @property
     def in_features(self) -> int:
@@ -101,7 +125,36 @@ class AdapterLinear(nn.Module):
             else:
                 delta = (x.index_select(0, rows) @ a.t() @ b.t()) * scale
                 y = y.index_add(0, rows, delta.to(y.dtype))
+        for route in self.routes:
+            y = _apply_route(route, x, y)
         return y
+
+
+def _apply_route(route: SlotRoute, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if isinstance(route.rows, int):  # every row reads one slot: plain matmuls on views, no copy
+        h = x @ route.a_slots[route.rows].t()
+        if route.row_scale is not None:
+            h = h * route.row_scale
+        return y + h @ route.b_slots[route.rows].t()
+    batch = route.a_slots.shape[0] if route.rows is None else route.rows.shape[0]
+    squeeze = x.dim() == 2  # [batch, in]: a model that flattened nothing but the sequence
+    if squeeze:
+        x, y = x.unsqueeze(1), y.unsqueeze(1)
+    if x.dim() != 3 or x.shape[0] != batch:
+        raise RuntimeError(
+            f"routed LoRA expects inputs [batch={batch}, seq, features], got {tuple(x.shape)}: this model "
+            "reshapes activations before its linear layers, so per-row adapters cannot be applied"
+        )
+    if route.rows is None:
+        a, b = route.a_slots, route.b_slots
+    else:
+        a = route.a_slots.index_select(0, route.rows)  # [batch, r, in]
+        b = route.b_slots.index_select(0, route.rows)  # [batch, out, r]
+    h = torch.bmm(x, a.transpose(1, 2))
+    if route.row_scale is not None:
+        h = h * route.row_scale
+    y = torch.baddbmm(y, h, b.transpose(1, 2))
+    return y.squeeze(1) if squeeze else y
 
 
 class LoraRuntime:
@@ -164,6 +217,18 @@ class LoraRuntime:
     def clear(self) -> None:
         for module in self.modules.values():
             module.active = ()
+
+    def set_routes(self, routes: Mapping[str, Sequence[SlotRoute]]) -> None:
+        """Route rows to slots: ``{module name: routes}``; modules not named get none."""
+        unknown = set(routes) - set(self.modules)
+        if unknown:
+            raise InvalidConfig(f"no wrapped module named {sorted(unknown)[0]}")
+        for name, module in self.modules.items():
+            module.routes = tuple(routes.get(name, ()))
+
+    def clear_routes(self) -> None:
+        for module in self.modules.values():
+            module.routes = ()
 
     def activate(self, activations: Sequence[Activation]):
         """Context manager: the given adapters are active inside, none after."""

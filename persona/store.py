@@ -189,6 +189,29 @@ class LoadedAdapter:
         return self.info.ref
 
 
+class AdapterHasDependents(PersonaError):
+    """Deleting an adapter that merged, copied or layered adapters depend on, without cascade."""
+
+    def __init__(self, message: str, dependents: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.dependents = dependents
+
+
+_RELATIONS = {"merge": "merged from", "from": "started from", "over": "layered on"}
+
+
+@dataclass(frozen=True)
+class Dependent:
+    """``adapter`` depends on ``on``: merged from it, started from it (``from``) or layered on it (``over``)."""
+
+    adapter: str
+    on: str
+    relation: str
+
+    def describe(self) -> str:
+        return f"{_RELATIONS.get(self.relation, 'derived from')} {self.on}"
+
+
 @dataclass(frozen=True)
 class Problem:
     adapter: str
@@ -649,13 +672,76 @@ class Store:
         """Move ``current`` to an earlier (or any existing) version."""
         self.set_alias(ref, CURRENT, version)
 
-    def delete(self, ref: str | AdapterRef) -> None:
-        """Purge every file of an adapter: versions, refs, replay buffer, pending interactions."""
+    def delete(self, ref: str | AdapterRef, *, cascade: bool = False) -> tuple[str, ...]:
+        """Purge every file of an adapter: versions, refs, replay buffer, pending interactions.
+
+        An adapter others depend on (merged from it, started from it, layered on it; see
+        :meth:`dependents`) is refused with :class:`AdapterHasDependents` listing them, unless
+        ``cascade=True``, which deletes them too, most derived first. Returns the adapters deleted.
+        """
         ref = parse_ref(ref)
         if ref.version is not None or ref.alias is not None:
             raise InvalidReference(f"delete removes a whole adapter: pass {ref.id}, not {ref}")
-        with self.lock(ref):
-            remove_tree(self._require(ref))
+        with self.lineage_lock(), self.lock(ref):
+            path = self._require(ref)
+            dependents = self.dependents(ref)
+            if dependents and not cascade:
+                listing = ", ".join(f"{d.adapter} ({d.describe()})" for d in dependents)
+                raise AdapterHasDependents(
+                    f"{ref.id} has {len(dependents)} dependent adapter(s): {listing}. Delete them first, or "
+                    f"delete them too with `persona delete {ref.id} --cascade`",
+                    tuple(d.adapter for d in dependents),
+                )
+            # Most derived first: a crash part-way leaves the source, never a merge whose source is gone.
+            for dependent in dependents:
+                with self.lock(dependent.adapter):
+                    remove_tree(self.adapter_dir(dependent.adapter))
+            remove_tree(path)
+        return tuple(d.adapter for d in dependents) + (ref.id,)
+
+    # ----------------------------------------------------------------- lineage
+    @contextmanager
+    def lineage_lock(self) -> Iterator[None]:
+        """Serialize what reads an adapter into another (merge) with deletion, store-wide.
+
+        Taken before any adapter lock, never while holding one.
+        """
+        locks = self.root / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        try:
+            with FileLock(str(locks / "lineage.lock"), timeout=self.lock_timeout):
+                yield
+        except Timeout:
+            raise LockTimeout(f"a merge or delete has held the store's lineage lock for over {self.lock_timeout:.0f}s") from None
+
+    def dependents(self, ref: str | AdapterRef) -> list["Dependent"]:
+        """Adapters that depend on ``ref``, directly or through each other, most derived first.
+
+        A dependent names ``ref`` (any version) in the ``lineage`` of one of its versions (a merge,
+        a ``--from`` copy) or is layered on it (``over``).
+        """
+        root = parse_ref(ref).id
+        edges: dict[str, list[Dependent]] = {}  # adapter -> the adapters depending on it
+        for adapter in self.list():
+            for version in adapter.versions:
+                sources = [(e.get("adapter"), e.get("relation") or "lineage") for e in version.lineage]
+                if version.over:
+                    sources.append((version.over.get("adapter"), "over"))
+                for source, relation in sources:
+                    if source and source != adapter.adapter:
+                        edges.setdefault(source, []).append(Dependent(adapter.adapter, source, relation))
+        order: list[Dependent] = []
+        seen = {root}
+
+        def visit(node: str) -> None:  # post-order: every adapter after all that depend on it
+            for dep in edges.get(node, ()):
+                if dep.adapter not in seen:
+                    seen.add(dep.adapter)
+                    visit(dep.adapter)
+                    order.append(dep)
+
+        visit(root)
+        return order
 
     # ----------------------------------------------------------------- integrity
     def _version_problems(self, ref: AdapterRef, version: int) -> tuple[list[Problem], int]:

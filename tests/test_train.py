@@ -260,7 +260,7 @@ def test_sigterm_during_cli_update_publishes_nothing(store, tmp_path):
     data.write_text("".join(json.dumps(i.to_json()) + "\n" for i in alice() * 4))
     env = {**os.environ, "PERSONA_HOME": str(store.root)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "persona.cli", "update", "user:alice", "--data", str(data), "--epochs", "50", "--json"],
+        [sys.executable, "-m", "persona", "update", "user:alice", "--data", str(data), "--epochs", "50", "--json"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     time.sleep(6)  # imports, base load, and into training

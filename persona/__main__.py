@@ -1,0 +1,5 @@
+"""``python -m persona`` runs the CLI."""
+
+from .cli import main
+
+main()

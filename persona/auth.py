@@ -1,0 +1,137 @@
+"""Bearer tokens for the HTTP server, stored hashed in the store.
+
+A token is ``psn_<id>_<secret>``. Only ``sha256(secret)`` is kept, in ``ROOT/tokens.json`` next to
+the token's scope: ``user:NAME`` (that user's adapters plus the shared domain adapters) or
+``admin`` (everything). The id makes lookup O(1); the secret is compared in constant time.
+
+Access rule (``Scope.allows``): a user token reaches its own ``user:NAME`` adapter (any version or
+alias) and every ``domain:*`` adapter, alone or in stacks, and the base model. Merged adapters may
+hold several users' data, so they are admin-only. Anything not allowed is reported by the server
+exactly as an unknown adapter is (404), so a token cannot probe which users exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Sequence
+
+from filelock import FileLock
+
+from .errors import InvalidReference, PersonaError
+from .fsutil import atomic_write_json
+from .refs import AdapterRef, parse_ref
+
+TOKENS_FILE = "tokens.json"
+ADMIN = "admin"
+PREFIX = "psn_"
+
+
+class AuthError(PersonaError, PermissionError):
+    """A missing, malformed, unknown or revoked token."""
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What one token may reach."""
+
+    token_id: str
+    subject: str  # "admin" or "user:NAME"
+
+    @property
+    def is_admin(self) -> bool:
+        return self.subject == ADMIN
+
+    def allows(self, refs: Sequence[AdapterRef]) -> bool:
+        if self.is_admin:
+            return True
+        return all(r.kind == "domain" or (r.kind == "user" and r.id == self.subject) for r in refs)
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    token_id: str
+    subject: str
+    created: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class TokenStore:
+    """The tokens of one adapter store (``Store.root / tokens.json``)."""
+
+    def __init__(self, store):
+        self.store = store
+        self.path = store.root / TOKENS_FILE
+
+    def _lock(self) -> FileLock:
+        (self.store.root / ".locks").mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.store.root / ".locks" / "tokens.lock"), timeout=60)
+
+    def _read(self) -> dict[str, dict[str, str]]:
+        import json
+
+        try:
+            return json.loads(self.path.read_text())["tokens"]
+        except FileNotFoundError:
+            return {}
+
+    def _write(self, tokens: dict[str, dict[str, str]]) -> None:
+        atomic_write_json(self.path, {"tokens": tokens})
+        self.path.chmod(0o600)
+
+    def create(self, subject: str) -> tuple[str, TokenInfo]:
+        """Issue a token for ``admin`` or a ``user:NAME`` adapter; the secret is shown once, never stored."""
+        if subject != ADMIN:
+            ref = parse_ref(subject)
+            if ref.kind != "user" or ref.version is not None or ref.alias is not None:
+                raise InvalidReference(f"tokens are issued for a user adapter (user:NAME) or --admin, not {subject!r}")
+            self.store.show(ref)  # the user must exist
+            subject = ref.id
+        token_id = secrets.token_hex(6)
+        secret = secrets.token_urlsafe(24)
+        info = TokenInfo(token_id, subject, datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        with self._lock():
+            tokens = self._read()
+            tokens[token_id] = {"sha256": _hash(secret), "subject": subject, "created": info.created}
+            self._write(tokens)
+        return f"{PREFIX}{token_id}_{secret}", info
+
+    def list(self) -> list[TokenInfo]:
+        return [TokenInfo(tid, t["subject"], t["created"]) for tid, t in sorted(self._read().items())]
+
+    def revoke(self, token_id: str) -> None:
+        with self._lock():
+            tokens = self._read()
+            if tokens.pop(token_id, None) is None:
+                raise AuthError(f"no token with id {token_id!r} (see `persona token list`)")
+            self._write(tokens)
+
+    def revoke_subject(self, subject: str) -> int:
+        """Revoke every token of a subject (used when its adapter is deleted)."""
+        with self._lock():
+            tokens = self._read()
+            doomed = [tid for tid, t in tokens.items() if t["subject"] == subject]
+            for tid in doomed:
+                del tokens[tid]
+            if doomed:
+                self._write(tokens)
+        return len(doomed)
+
+    def authenticate(self, bearer: str | None) -> Scope:
+        """The scope of a ``psn_<id>_<secret>`` token; :class:`AuthError` if it is not valid."""
+        if not bearer or not bearer.startswith(PREFIX):
+            raise AuthError("missing or malformed bearer token")
+        token_id, sep, secret = bearer[len(PREFIX):].partition("_")
+        entry = self._read().get(token_id) if sep else None
+        if entry is None or not hmac.compare_digest(entry["sha256"], _hash(secret)):
+            raise AuthError("invalid or revoked token")
+        return Scope(token_id, entry["subject"])

@@ -1,0 +1,521 @@
+"""The serving engine: one frozen base, many LoRA adapters, mixed batches.
+
+>>> engine = Engine(Store.open())                                            # doctest: +SKIP
+>>> engine.generate([
+...     GenerationRequest("user:alice", prompt="Hello"),
+...     GenerationRequest("user:bob+domain:finance", messages=({"role": "user", "content": "Hi"},)),
+...     GenerationRequest(engine.base_name, prompt="Hello", params=SamplingParams(temperature=0.7, seed=1)),
+... ])                                                                       # doctest: +SKIP
+
+- Every row of a batch names its own model: an adapter reference, a stack ``A+B``, or the base's
+  name (no adapter). Each row computes what that adapter (or stack) alone would.
+- A request's references are pinned to versions when it is admitted (``Store.resolve``); the pinned
+  version is what runs, and what is cached (keys are ``kind:name@vN``), so a moved ``current`` is
+  picked up by the next request and an old version is never served under the new name. An unknown
+  adapter, version or malformed reference raises the store's error: there is no fallback to the base.
+- Adapters are loaded on first use into slot tensors (``persona.slots``) and applied per row by a
+  batched gather (``persona.layers.SlotRoute``); stacks loop over their depth.
+- Generation runs its own decode loop over a KV cache, with left padding, per-row sampling
+  (``persona.sampling``), incremental detokenization and stop strings (``persona.detokenize``).
+  Finished rows leave the batch.
+- ``generate`` runs in the caller's thread; ``submit``/``stream`` go through one worker thread
+  that gathers concurrent requests into mixed batches (``persona.batching``).
+
+Thread safety: every public method may be called from any thread; model execution is serialized by
+one lock. The engine owns its base model while it lives: do not run a ``Trainer`` on the same
+``BaseModel`` object at the same time.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Literal, Mapping, Sequence
+
+import torch
+
+from .base import BaseModel, load_base
+from .batching import BatchWorker, EngineClosed, Handle
+from .detokenize import TextStream
+from .errors import BaseMismatch, InvalidConfig, InvalidReference
+from .layers import LoraRuntime
+from .refs import RESERVED_NAMES, AdapterRef, parse_stack
+from .sampling import SamplingParams, choose_tokens, make_generator
+from .slots import AdapterCache, SlotBank, distinct_keys, group_rows
+
+__all__ = [
+    "Engine",
+    "EngineClosed",
+    "EngineStats",
+    "GenerationRequest",
+    "GenerationResult",
+    "Handle",
+    "SamplingParams",
+]
+
+ROLES = ("system", "user", "assistant", "tool")
+PREGATHER_BYTES = 512 << 20  # transient memory a decode batch may use for its rows' gathered factors
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One request: which model, a prompt or chat messages, and how to sample.
+
+    ``model`` is an adapter reference (``user:alice``, ``user:alice@v2``), a stack
+    (``user:alice+domain:finance``) or ``Engine.base_name``. Exactly one of ``prompt`` (raw text,
+    tokenized as is) and ``messages`` (OpenAI-style ``{"role", "content"}`` dicts, rendered with the
+    base tokenizer's chat template and a generation prompt) is given.
+    """
+
+    model: str
+    prompt: str | None = None
+    messages: tuple[Mapping[str, str], ...] | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise InvalidReference(f"model must be an adapter reference or the base's name, got {self.model!r}")
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidConfig("a request has exactly one of prompt and messages")
+        if self.prompt is not None and not isinstance(self.prompt, str):
+            raise InvalidConfig(f"prompt must be a string, got {type(self.prompt).__name__}")
+        if self.messages is not None:
+            if isinstance(self.messages, (str, bytes)) or not isinstance(self.messages, Sequence) or not self.messages:
+                raise InvalidConfig("messages must be a non-empty sequence of {'role': ..., 'content': ...} dicts")
+            checked = []
+            for i, m in enumerate(self.messages):
+                if not isinstance(m, Mapping) or set(m) != {"role", "content"}:
+                    raise InvalidConfig(f"message {i} must have exactly the keys 'role' and 'content'")
+                if m["role"] not in ROLES or not isinstance(m["content"], str):
+                    raise InvalidConfig(f"message {i}: role must be one of {', '.join(ROLES)} and content a string")
+                checked.append({"role": m["role"], "content": m["content"]})
+            object.__setattr__(self, "messages", tuple(checked))
+        if not isinstance(self.params, SamplingParams):
+            raise InvalidConfig(f"params must be SamplingParams, got {type(self.params).__name__}")
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What one request produced.
+
+    ``finish_reason`` is ``stop`` (end-of-sequence token or a stop string; the stop string is not in
+    ``text``) or ``length`` (``max_new_tokens`` or the context length). ``resolved`` lists the pinned
+    versions that ran (``("user:alice@v3",)``; empty for the base).
+    """
+
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    model: str
+    resolved: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Counters since the engine started, and what is resident now."""
+
+    resident: tuple[str, ...]  # pinned refs in slots, least recently used first
+    cpu_cached: tuple[str, ...]  # pinned refs in the CPU tier
+    max_resident: int
+    loads: int  # adapter versions read from the store (hash-checked)
+    cpu_hits: int  # loads served by the CPU tier instead
+    resident_hits: int  # uses of an adapter already in a slot
+    evictions: int  # slots given to another adapter
+    requests: int  # requests finished (generate, submit, stream)
+    failed: int  # requests that ended in an error
+    prompt_tokens: int
+    tokens_generated: int
+    batches: int  # forward batches run (generate chunks and worker batches)
+    largest_batch: int
+    slot_bytes: int  # memory of the slot tensors
+    cpu_cache_bytes: int  # memory of the CPU tier
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["resident"], d["cpu_cached"] = list(self.resident), list(self.cpu_cached)
+        return d
+
+
+@dataclass
+class _Job:
+    """An admitted request: pinned refs, prompt tokens, the effective token budget, and its sink."""
+
+    request: GenerationRequest
+    refs: tuple[AdapterRef, ...]
+    prompt_ids: list[int]
+    max_new_tokens: int
+    handle: Handle
+
+
+class _Row:
+    """One live row of a decode loop: its text, its budget, and where its output goes."""
+
+    def __init__(self, job: _Job, engine: "Engine"):
+        self.job = job
+        self.params = job.request.params
+        self.text = TextStream(engine.tokenizer, job.prompt_ids, job.request.params.stop)
+        self.generator = make_generator(self.params, engine.device)
+        self.eos = engine.eos_token_ids
+        self.tokens = 0
+        self.done = False
+        self._engine = engine
+
+    def push(self, token: int) -> None:
+        self.tokens += 1
+        if token in self.eos:
+            return self._finish("stop")
+        with self._engine._tokenizer_lock:
+            delta = self.text.add(token)
+        if delta:
+            self.job.handle.emit(delta)
+        if self.text.stopped:
+            self._finish("stop")
+        elif self.tokens >= self.job.max_new_tokens:
+            self._finish("length")
+
+    def _finish(self, reason: FinishReason) -> None:
+        with self._engine._tokenizer_lock:
+            rest = self.text.finish()
+        if rest:
+            self.job.handle.emit(rest)
+        self.done = True
+        self.job.handle.finish(
+            GenerationResult(
+                text=self.text.text,
+                finish_reason=reason,
+                prompt_tokens=len(self.job.prompt_ids),
+                completion_tokens=self.tokens,
+                model=self.job.request.model,
+                resolved=tuple(str(r) for r in self.job.refs),
+            )
+        )
+
+
+class Engine:
+    """A multi-LoRA inference engine around one frozen base model.
+
+    ``max_resident`` bounds the adapters held in slots (least recently used are evicted);
+    ``cpu_cache`` bounds the decoded adapters kept in CPU memory; ``max_batch`` bounds the rows of
+    one batch; ``batch_wait_s`` is how long the worker waits for more requests to batch together.
+    """
+
+    def __init__(
+        self,
+        store,
+        *,
+        base: BaseModel | None = None,
+        max_resident: int = 16,
+        cpu_cache: int = 64,
+        max_batch: int = 8,
+        device: str | torch.device = "cpu",
+        batch_wait_s: float = 0.005,
+    ):
+        for name, value, low, high in (("max_resident", max_resident, 1, 4096), ("cpu_cache", cpu_cache, 0, 1 << 20), ("max_batch", max_batch, 1, 4096)):
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise InvalidConfig(f"{name} must be an integer in {low}..{high}, got {value!r}")
+        if not isinstance(batch_wait_s, (int, float)) or not 0 <= batch_wait_s <= 10:
+            raise InvalidConfig(f"batch_wait_s must be in [0, 10] seconds, got {batch_wait_s!r}")
+        self.store = store
+        self.device = torch.device(device)
+        self.base = base if base is not None else load_base(store.config.base_id, device=str(self.device))
+        if self.base.info.fingerprint != store.config.base_fingerprint:
+            raise BaseMismatch(
+                f"the engine's base {self.base.info.id} ({self.base.info.fingerprint[:19]}) is not the store's base "
+                f"{store.config.base_id} ({store.config.base_fingerprint[:19]})"
+            )
+        self.model = self.base.model.to(self.device).eval()
+        self.model.requires_grad_(False)
+        self.tokenizer = self.base.tokenizer
+        self.max_batch = max_batch
+        self.runtime = LoraRuntime.attach(self.model)
+        dtype = next(self.model.parameters()).dtype
+        self._cache = AdapterCache(store, SlotBank(self.runtime, device=self.device, dtype=dtype), max_resident=max_resident, cpu_cache=cpu_cache)
+        self.context_length = _context_length(self.model.config)
+        self.eos_token_ids = _eos_ids(self.model, self.tokenizer)
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else min(self.eos_token_ids, default=0)
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
+        self._logits_to_keep = "logits_to_keep" in params
+        self._lock = threading.RLock()  # the model, the slots, the counters
+        self._tokenizer_lock = threading.Lock()  # fast tokenizers are not safe to share across threads
+        self._counts = dict(requests=0, failed=0, prompt_tokens=0, tokens_generated=0, batches=0, largest_batch=0)
+        self._worker = BatchWorker(self._run_jobs, max_batch=max_batch, wait_s=batch_wait_s)
+
+    # ------------------------------------------------------------------ names and versions
+    @property
+    def base_name(self) -> str:
+        """The model name that selects no adapter (the base's id, e.g. ``smollm2-135m-instruct``)."""
+        return self.base.info.id
+
+    def resolve(self, model: str) -> tuple[AdapterRef, ...]:
+        """Pin ``model`` to versions: ``user:a+domain:b`` -> ``(user:a@v3, domain:b@v1)``; the base -> ``()``.
+
+        Raises ``InvalidReference``, ``AdapterNotFound`` or ``VersionNotFound``; never falls back.
+        """
+        if model == self.base_name:
+            return ()
+        refs = parse_stack(model)
+        for ref in refs:
+            if ref.name in RESERVED_NAMES:
+                raise InvalidReference(f"{ref.id} is reserved for the router, which this engine does not run yet")
+        if len(refs) > self._cache.max_resident:
+            raise InvalidConfig(f"{model!r} stacks {len(refs)} adapters but max_resident is {self._cache.max_resident}")
+        return tuple(self.store.resolve(ref) for ref in refs)
+
+    def preload(self, model: str) -> tuple[AdapterRef, ...]:
+        """Make ``model``'s adapters resident now (e.g. at startup); return the pinned refs."""
+        refs = self.resolve(model)
+        with self._lock:
+            for ref in refs:
+                self._cache.acquire(ref, protected={str(r) for r in refs})
+        return refs
+
+    # ------------------------------------------------------------------ forward passes
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, models: Sequence[str] = ()) -> torch.Tensor:
+        """Full-sequence logits ``[batch, seq, vocab]``, row i computed with ``models[i]``.
+
+        Padding must be on the left; position ids follow the attention mask.
+        """
+        if input_ids.dim() != 2 or len(models) != input_ids.shape[0]:
+            raise InvalidConfig(f"logits needs input_ids [batch, seq] and one model per row; got {tuple(input_ids.shape)} and {len(models)} models")
+        refs = [self.resolve(m) for m in models]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        out: list[torch.Tensor | None] = [None] * len(refs)
+        with self._lock, torch.no_grad():
+            for group in group_rows(refs, self._cache.max_resident):
+                rows = torch.tensor(group)
+                ids, mask = input_ids[rows].to(self.device), attention_mask[rows].to(self.device)
+                try:
+                    self._route([refs[i] for i in group])
+                    logits = self._forward(ids, mask, _positions(mask), cache=None, last_only=False)
+                finally:
+                    self.runtime.clear_routes()
+                for j, i in enumerate(group):
+                    out[i] = logits[j]
+                self._counts["batches"] += 1
+        return torch.stack(out)  # type: ignore[arg-type]
+
+    def _route(self, refs_per_row: Sequence[Sequence[AdapterRef]], *, decoding: bool = False) -> None:
+        """Make every adapter of these rows resident and route each row to its slots.
+
+        A decode loop pre-gathers each row's factors once (when that fits ``PREGATHER_BYTES``)
+        rather than gathering them again at every step.
+        """
+        keys = distinct_keys(refs_per_row)
+        protected = {str(r) for r in keys}
+        for ref in keys:
+            self._cache.acquire(ref, protected)
+        bank = self._cache.bank
+        depth = max((len(r) for r in refs_per_row), default=0)
+        pregather = decoding and len(refs_per_row) * depth * bank.slot_nbytes <= PREGATHER_BYTES
+        self.runtime.set_routes(bank.routes(self._cache.slots_for(refs_per_row), pregather=pregather))
+
+    def _forward(self, input_ids, attention_mask, position_ids, *, cache, last_only: bool) -> torch.Tensor:
+        kwargs: dict[str, Any] = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        if cache is not None:
+            kwargs[self._cache_kwarg] = cache
+            kwargs["use_cache"] = True
+        else:
+            kwargs["use_cache"] = False
+        if last_only and self._logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        logits = self.model(**kwargs).logits
+        return logits[:, -1] if last_only else logits
+
+    # ------------------------------------------------------------------ admission
+    def _admit(self, request: GenerationRequest, handle_cls=Handle) -> _Job:
+        if not isinstance(request, GenerationRequest):
+            raise InvalidConfig(f"expected a GenerationRequest, got {type(request).__name__}")
+        refs = self.resolve(request.model)
+        with self._tokenizer_lock:
+            if request.messages is not None:
+                text = self.tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=False)
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            else:
+                ids = self.tokenizer(request.prompt)["input_ids"]
+        if not ids:
+            raise InvalidConfig("the prompt is empty: it has no tokens to continue from")
+        room = self.context_length - len(ids)
+        if room < 1:
+            raise InvalidConfig(f"the prompt has {len(ids)} tokens; the base's context holds {self.context_length}")
+        handle = handle_cls(request, tuple(str(r) for r in refs))
+        return _Job(request, refs, list(ids), min(request.params.max_new_tokens, room), handle)
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Run requests as mixed batches (chunks of ``max_batch``) in this thread; results in order.
+
+        Every request is admitted first, so a bad model raises before anything runs.
+        """
+        if isinstance(requests, GenerationRequest):
+            raise InvalidConfig("generate takes a sequence of requests; wrap a single one in a list")
+        jobs = [self._admit(r) for r in requests]
+        for start in range(0, len(jobs), self.max_batch):
+            self._run_jobs(jobs[start : start + self.max_batch])
+        results = []
+        for job in jobs:
+            results.append(job.handle.result(timeout=0))
+        return results
+
+    def submit(self, request: GenerationRequest) -> Handle:
+        """Queue a request for the batching worker; bad requests raise here, in the caller's thread."""
+        job = self._admit(request)
+        self._worker.put(job)
+        return job.handle
+
+    def stream(self, request: GenerationRequest) -> Iterator[str]:
+        """Text deltas of one request as tokens are produced (batched with concurrent requests).
+
+        The request is admitted when ``stream`` is called, so a bad model raises at once.
+        """
+        return self.submit(request).stream()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop the worker: queued requests fail with ``EngineClosed``, a running batch finishes."""
+        self._worker.close(timeout)
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _run_jobs(self, jobs: Sequence[_Job]) -> None:
+        """Run admitted jobs to completion; every job's handle ends finished or failed."""
+        with self._lock:
+            try:
+                for group in group_rows([j.refs for j in jobs], self._cache.max_resident):
+                    self._run_group([jobs[i] for i in group])
+            except BaseException as exc:
+                for job in jobs:  # a failed forward fails the requests it left unfinished
+                    job.handle.fail(exc)
+                raise
+            finally:
+                for job in jobs:
+                    if job.handle.done():
+                        self._counts["requests" if job.handle._error is None else "failed"] += 1
+                        if job.handle._result is not None:
+                            self._counts["prompt_tokens"] += job.handle._result.prompt_tokens
+                            self._counts["tokens_generated"] += job.handle._result.completion_tokens
+
+    def _run_group(self, jobs: list[_Job]) -> None:
+        # Load each adapter on its own, so one that fails (a damaged file) fails only its requests.
+        protected = {str(r) for j in jobs for r in j.refs}
+        broken: dict[str, BaseException] = {}
+        for ref in distinct_keys([j.refs for j in jobs]):
+            try:
+                self._cache.acquire(ref, protected)
+            except Exception as exc:  # noqa: BLE001 - handed to the requests that need this adapter
+                broken[str(ref)] = exc
+        live = []
+        for job in jobs:
+            error = next((broken[str(r)] for r in job.refs if str(r) in broken), None)
+            if error is not None:
+                job.handle.fail(error)
+            elif job.handle.cancelled:
+                job.handle.fail(_cancelled())
+            else:
+                live.append(job)
+        if live:
+            with torch.no_grad():
+                try:
+                    self._decode([_Row(j, self) for j in live])
+                finally:
+                    self.runtime.clear_routes()
+
+    def _decode(self, rows: list[_Row]) -> None:
+        self._counts["batches"] += 1
+        self._counts["largest_batch"] = max(self._counts["largest_batch"], len(rows))
+        width = max(len(r.job.prompt_ids) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):  # left padding: every row's last prompt token is in the last column
+            n = len(row.job.prompt_ids)
+            ids[i, width - n :] = torch.tensor(row.job.prompt_ids)
+            mask[i, width - n :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = _positions(mask)
+        self._route([r.job.refs for r in rows], decoding=True)
+        cache = _new_cache(self.model)
+        logits = self._forward(ids, mask, positions, cache=cache, last_only=True)
+        next_pos = positions[:, -1:] + 1
+        while True:
+            tokens = choose_tokens(logits, [r.params for r in rows], [r.generator for r in rows])
+            for row, token in zip(rows, tokens.tolist()):
+                if row.job.handle.cancelled:
+                    row.done = True
+                    row.job.handle.fail(_cancelled())
+                else:
+                    row.push(token)
+            keep = [i for i, row in enumerate(rows) if not row.done]
+            if not keep:
+                return
+            if len(keep) < len(rows):  # finished rows leave the batch: cache, mask, positions and routes
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                mask, next_pos, tokens = mask[index], next_pos[index], tokens[index]
+                rows = [rows[i] for i in keep]
+                self._route([r.job.refs for r in rows], decoding=True)
+            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+            logits = self._forward(tokens.view(-1, 1), mask, next_pos, cache=cache, last_only=True)
+            next_pos = next_pos + 1
+
+    # ------------------------------------------------------------------ observability
+    def stats(self) -> EngineStats:
+        with self._lock:
+            c = self._cache.counters()
+            return EngineStats(
+                resident=tuple(self._cache.resident),
+                cpu_cached=tuple(self._cache.cpu),
+                max_resident=self._cache.max_resident,
+                loads=c.loads,
+                cpu_hits=c.cpu_hits,
+                resident_hits=c.resident_hits,
+                evictions=c.evictions,
+                slot_bytes=self._cache.bank.nbytes,
+                cpu_cache_bytes=self._cache.cpu_nbytes,
+                **self._counts,
+            )
+
+
+def _cancelled() -> BaseException:
+    from concurrent.futures import CancelledError
+
+    return CancelledError("the request was cancelled")
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids under left padding: 0.. over real tokens; padding gets 0 (it is masked anyway)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _new_cache(model):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def _context_length(config) -> int:
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def _eos_ids(model, tokenizer) -> frozenset[int]:
+    ids: set[int] = set()
+    config = getattr(model, "generation_config", None)
+    value = getattr(config, "eos_token_id", None) if config is not None else None
+    if isinstance(value, int):
+        ids.add(value)
+    elif isinstance(value, (list, tuple)):
+        ids.update(int(v) for v in value)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)

@@ -1,0 +1,216 @@
+"""The router: domain adapters only, right domain for held-out prompts, refresh on a new version.
+
+The tiny base is random, so the test domains are made clearly separable by their words: each
+domain's prompts draw from its own small vocabulary. (Accuracy on real topics with the real base is
+measured in benchmarks/compose.py.)
+"""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from persona import AdapterNotFound, InvalidConfig, LoraSettings, Store
+from persona.base import load_base
+from persona.cli import PersonaGroup
+from persona.cli_compose import COMMANDS
+from persona.data import Interaction
+from persona.layers import Activation, AdapterWeights, LoraRuntime
+from persona.route import CACHE_DIR, Router, prompt_text, select, top_right_singular_vector
+from persona.train import Trainer, UpdateConfig
+
+VOCAB = {
+    "finance": ["stock", "bond", "dividend", "mortgage"],
+    "medicine": ["fever", "vaccine", "symptom", "allergy"],
+    "cooking": ["pasta", "garlic", "oven", "butter"],
+    "travel": ["flight", "hotel", "passport", "luggage"],
+}
+FAST = UpdateConfig(epochs=1, batch_size=8, max_length=96, holdout_fraction=0.2, force=True)
+
+
+def prompts(domain: str, n: int, seed: int) -> list[str]:
+    rng = random.Random(f"{domain}-{seed}")
+    return [" ".join(rng.choice(VOCAB[domain]) for _ in range(12)) for _ in range(n)]
+
+
+def chats(domain: str, n: int, seed: int) -> list[Interaction]:
+    return [Interaction(messages=(("user", p), ("assistant", f"about {domain}"))) for p in prompts(domain, n, seed)]
+
+
+def train(trainer: Trainer, ref: str, domain: str, seed: int = 1) -> None:
+    if not trainer.store.exists(ref):
+        trainer.store.create(ref, LoraSettings(rank=4, seed=seed))
+    trainer.update(ref, chats(domain, 16, seed), FAST)
+
+
+@pytest.fixture(scope="module")
+def world(tiny_base, tmp_path_factory):
+    """Three trained domains, plus a user and a merged adapter trained on a fourth topic."""
+    store = Store.init(tmp_path_factory.mktemp("route") / "adapters", base=tiny_base)
+    trainer = Trainer(store)
+    for domain in ("finance", "medicine", "cooking"):
+        train(trainer, f"domain:{domain}", domain)
+    train(trainer, "user:alice", "travel")
+    train(trainer, "merged:travel", "travel")
+    return store, trainer
+
+
+@pytest.fixture(scope="module")
+def router(world):
+    store, trainer = world
+    return Router(store, trainer.model, trainer.tokenizer)
+
+
+def test_picks_the_right_domain_for_held_out_prompts(router):
+    for domain in ("finance", "medicine", "cooking"):
+        for text in prompts(domain, 8, seed=99):  # never trained on
+            choice = router.route(text)
+            assert len(choice) == 1 and choice[0].adapter == f"domain:{domain}@v2", (text, router.scores(text))
+            assert choice[0].weight == 1.0
+
+
+def test_top_k_weights_and_all_scores(router):
+    text = prompts("medicine", 1, seed=5)[0]
+    scores = router.scores(text)
+    assert [s.adapter for s in scores][0] == "domain:medicine@v2"
+    assert sorted(s.adapter for s in scores) == ["domain:cooking@v2", "domain:finance@v2", "domain:medicine@v2"]
+    assert [s.score for s in scores] == sorted((s.score for s in scores), reverse=True)
+    two = router.route(text, top_k=2)
+    assert [c.adapter for c in two] == [s.adapter for s in scores[:2]]
+    assert sum(c.weight for c in two) == pytest.approx(1.0) and two[0].weight > two[1].weight
+    assert len(router.route(text, top_k=10)) == 3  # no more than there are domains
+    with pytest.raises(InvalidConfig, match="top_k"):
+        router.route(text, top_k=0)
+
+
+def test_never_picks_user_or_merged_adapters(router):
+    # alice and merged:travel were trained on exactly this kind of prompt; the router ignores them
+    for text in prompts("travel", 5, seed=3):
+        scores = router.scores(text)
+        assert scores and all(s.adapter.startswith("domain:") for s in scores)
+        assert router.route(text, top_k=3)[0].adapter.startswith("domain:")
+
+
+def test_prompt_forms():
+    assert prompt_text("hi") == "hi"
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    assert prompt_text(messages) == "a\nc"
+    assert prompt_text(Interaction(prompt="p", completion="c")) == "p"
+    with pytest.raises(InvalidConfig, match="no user text"):
+        prompt_text([{"role": "system", "content": "only a system prompt"}])
+    with pytest.raises(InvalidConfig, match="no user text"):
+        prompt_text("   ")
+
+
+def test_refreshes_when_a_domain_gets_a_new_version(tiny_base, isolated_store):
+    store = Store.init(isolated_store, base=tiny_base)
+    trainer = Trainer(store)
+    train(trainer, "domain:finance", "finance")
+    train(trainer, "domain:medicine", "medicine")
+    router = Router(store, trainer.model, trainer.tokenizer)
+    text = prompts("cooking", 1, seed=7)[0]
+    before = {s.adapter: s.score for s in router.scores(text)}
+    assert set(before) == {"domain:finance@v2", "domain:medicine@v2"}
+    cache = store.root / CACHE_DIR / "centroid" / "medicine.safetensors"
+    assert cache.is_file()
+
+    train(trainer, "domain:medicine", "cooking", seed=2)  # medicine@v3 now also knows cooking prompts
+    after = {s.adapter: s.score for s in router.scores(text)}
+    assert set(after) == {"domain:finance@v2", "domain:medicine@v3"}
+    assert after["domain:medicine@v3"] > before["domain:medicine@v2"]
+    assert router.route(text)[0].adapter == "domain:medicine@v3"
+    from safetensors import safe_open
+
+    with safe_open(str(cache), framework="pt") as f:
+        assert f.metadata()["version"] == "3"
+
+    train(trainer, "domain:cooking", "cooking")  # a new domain appears
+    assert router.route(text)[0].adapter == "domain:cooking@v2"
+    store.delete("domain:cooking")  # and disappears, its cache with it
+    assert "domain:cooking@v2" not in {s.adapter for s in router.scores(text)}
+    assert not (store.root / CACHE_DIR / "centroid" / "cooking.safetensors").exists()
+
+
+def test_cache_is_reused_by_a_new_router_and_recomputed_if_stale(world, monkeypatch):
+    store, trainer = world
+    calls = []
+    original = Router._embed
+
+    def counting(self, texts, *a, **k):
+        calls.append(len(texts))
+        return original(self, texts, *a, **k)
+
+    monkeypatch.setattr(Router, "_embed", counting)
+    router = Router(store, trainer.model, trainer.tokenizer)
+    router.scores("stock bond")
+    assert calls == [1]  # centroids came from ROOT/.cache/router, only the prompt was embedded
+    cache = store.root / CACHE_DIR / "centroid" / "finance.safetensors"
+    cache.write_bytes(b"garbage")  # damaged: recomputed, never trusted
+    Router(store, trainer.model, trainer.tokenizer).scores("stock bond")
+    assert calls[1:] == [16, 1]
+    assert cache.read_bytes() != b"garbage"
+
+
+def test_domains_without_training_prompts_are_skipped(tiny_base, isolated_store):
+    store = Store.init(isolated_store, base=tiny_base)
+    base = load_base(tiny_base)
+    store.create("domain:empty")
+    router = Router(store, base.model, base.tokenizer)
+    with pytest.raises(AdapterNotFound, match="no domain adapter to route to.*empty: no training prompts"):
+        router.route("anything")
+    assert "no training prompts" in router.skipped["empty"]
+    arrow = Router(store, base.model, base.tokenizer, method="arrow")
+    with pytest.raises(AdapterNotFound, match="identity"):
+        arrow.route("anything")
+
+
+def test_arrow_prototypes_and_scores(world):
+    store, trainer = world
+    a, b = torch.randn(4, 64, dtype=torch.float64), torch.randn(128, 4, dtype=torch.float64)
+    expected = torch.linalg.svd(b @ a).Vh[0]
+    assert abs(float(top_right_singular_vector(a, b) @ expected)) == pytest.approx(1.0, abs=1e-9)
+    assert top_right_singular_vector(a, torch.zeros_like(b)) is None
+    router = Router(store, trainer.model, trainer.tokenizer, method="arrow")
+    scores = router.scores("fever vaccine symptom")
+    assert sorted(s.adapter for s in scores) == ["domain:cooking@v2", "domain:finance@v2", "domain:medicine@v2"]
+    assert all(0 <= s.score <= 1 for s in scores)
+
+
+def test_route_refuses_while_adapters_are_active(router, world):
+    store, trainer = world
+    loaded = store.load("domain:finance")
+    runtime = LoraRuntime.attach(trainer.model)
+    with runtime.activate([Activation(AdapterWeights.from_peft(loaded.tensors, loaded.config))]):
+        with pytest.raises(Exception, match="adapters are active"):
+            router.route("stock")
+    assert router.route("stock bond dividend")[0].adapter == "domain:finance@v2"
+
+
+def test_select_softmax():
+    from persona.route import RouteScore
+
+    scores = [RouteScore("domain:a@v1", 0.5), RouteScore("domain:b@v1", 0.4), RouteScore("domain:c@v1", -1.0)]
+    (only,) = select(scores, 1)
+    assert (only.adapter, only.weight) == ("domain:a@v1", 1.0)
+    a, b = select(scores, 2, temperature=0.1)
+    assert a.weight / b.weight == pytest.approx(math.e, rel=1e-6)  # exp((0.5 - 0.4) / 0.1)
+
+
+def test_cli_route(world, monkeypatch):
+    store, trainer = world
+    import persona.route as route_module
+
+    monkeypatch.setattr(route_module.Router, "load", classmethod(lambda cls, s, **kw: cls(s, trainer.model, trainer.tokenizer, **kw)))
+    runner = CliRunner()
+    group = PersonaGroup(name="persona", commands={c.name: c for c in COMMANDS})
+    out = runner.invoke(group, ["route", "garlic oven pasta butter", "--top-k", "2", "--json", "--store", str(store.root)])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.output)
+    assert data["choices"][0]["adapter"] == "domain:cooking@v2" and len(data["choices"]) == 2
+    assert len(data["scores"]) == 3 and data["method"] == "centroid"
+    text = runner.invoke(group, ["route", "garlic oven pasta butter", "--store", str(store.root)]).output
+    assert text.startswith("route: domain:cooking@v2 (weight 1.000)") and "domain:finance@v2" in text
