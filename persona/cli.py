@@ -220,20 +220,27 @@ def rollback(ref, version, store_root, as_json) -> None:
 @main.command()
 @click.argument("ref")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--cascade", is_flag=True, help="Also delete the adapters derived from REF (merged from it, started from it, layered on it).")
 @store_option
 @json_option
-def delete(ref, yes, store_root, as_json) -> None:
-    """Delete adapter REF: every version, its replay buffer and pending interactions."""
+def delete(ref, yes, cascade, store_root, as_json) -> None:
+    """Delete adapter REF: every version, its replay buffer, pending interactions and server tokens.
+
+    An adapter others were derived from is refused (the error lists them) unless --cascade,
+    so deleting a person's adapter cannot leave their data inside a merge.
+    """
     parsed = parse_ref(ref)
     store = _open(store_root)
     info = store.show(parsed)
+    dependents = [d.adapter for d in store.dependents(parsed)] if cascade else []
     if not yes:
         if not sys.stdin.isatty():
             raise click.ClickException(f"refusing to delete {parsed.id} without confirmation: pass --yes")
-        click.confirm(f"delete {parsed.id} and all {len(info.versions)} versions?", abort=True)
-    store.delete(parsed)
-    emit(as_json, {"adapter": parsed.id, "deleted": True, "versions": len(info.versions)},
-         f"deleted {parsed.id} ({len(info.versions)} versions)")
+        also = f" and {', '.join(dependents)}" if dependents else ""
+        click.confirm(f"delete {parsed.id} ({len(info.versions)} versions){also}?", abort=True)
+    deleted = store.delete(parsed, cascade=cascade)
+    emit(as_json, {"adapter": parsed.id, "deleted": list(deleted), "versions": len(info.versions)},
+         f"deleted {', '.join(deleted)}")
 
 
 @main.command()
@@ -389,9 +396,10 @@ def base(base_id, store_root, as_json) -> None:
 
 
 def _register() -> None:
+    from .cli_compose import COMMANDS as compose_commands
     from .cli_serve import COMMANDS as serve_commands
 
-    for command in serve_commands:
+    for command in serve_commands + compose_commands:
         main.add_command(command)
 
 

@@ -697,7 +697,13 @@ class Store:
                 with self.lock(dependent.adapter):
                     remove_tree(self.adapter_dir(dependent.adapter))
             remove_tree(path)
-        return tuple(d.adapter for d in dependents) + (ref.id,)
+        deleted = tuple(d.adapter for d in dependents) + (ref.id,)
+        from .auth import TokenStore  # a deleted user's server tokens go too: they name the user
+
+        tokens = TokenStore(self)
+        for adapter in deleted:
+            tokens.revoke_subject(adapter)
+        return deleted
 
     # ----------------------------------------------------------------- lineage
     @contextmanager

@@ -1,0 +1,70 @@
+"""CLI: tokens, generate, merge + cascading delete (tiny base)."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from persona import Store
+from persona.auth import AuthError, TokenStore
+from persona.cli import main
+
+
+@pytest.fixture
+def cli(tiny_base, isolated_store):
+    runner = CliRunner()
+
+    def run(*args, ok=True):
+        result = runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+        if ok:
+            assert result.exit_code == 0, result.output
+        return result
+
+    run("init", "--base", tiny_base)
+    for ref in ("user:alice", "user:bob", "domain:finance"):
+        run("create", ref, "--init", "random", "--rank", 4)
+    return run
+
+
+def test_tokens_issue_list_revoke(cli, isolated_store):
+    issued = json.loads(cli("token", "create", "user:alice", "--json").stdout)
+    assert issued["token"].startswith("psn_") and issued["subject"] == "user:alice"
+    tokens = TokenStore(Store.open(isolated_store))
+    assert tokens.authenticate(issued["token"]).subject == "user:alice"
+    assert issued["token"].split("_")[-1] not in (isolated_store / "tokens.json").read_text()  # stored hashed
+    listed = json.loads(cli("token", "list", "--json").stdout)
+    assert [t["token_id"] for t in listed] == [issued["token_id"]]
+    cli("token", "revoke", issued["token_id"])
+    with pytest.raises(AuthError):
+        tokens.authenticate(issued["token"])
+    assert cli("token", "create", "domain:finance", ok=False).exit_code == 1
+    assert cli("token", "create", "user:nobody", ok=False).exit_code == 1
+    assert cli("token", "create", ok=False).exit_code == 2
+
+
+def test_deleting_a_user_revokes_their_tokens(cli, isolated_store):
+    alice = json.loads(cli("token", "create", "user:alice", "--json").stdout)["token"]
+    bob = json.loads(cli("token", "create", "user:bob", "--json").stdout)["token"]
+    cli("delete", "user:alice", "--yes")
+    tokens = TokenStore(Store.open(isolated_store))
+    with pytest.raises(AuthError):
+        tokens.authenticate(alice)
+    assert tokens.authenticate(bob).subject == "user:bob"
+    assert "alice" not in (isolated_store / "tokens.json").read_text()
+
+
+def test_generate_json(cli, tiny_base):
+    out = json.loads(cli("generate", "user:alice", "Hello", "--max-new-tokens", 5, "--json").stdout)
+    assert out["resolved"] == ["user:alice@v1"] and out["completion_tokens"] <= 5
+    missing = cli("generate", "user:nobody", "Hello", ok=False)
+    assert missing.exit_code == 1 and "user:nobody" in missing.output
+
+
+def test_merge_then_delete_refuses_without_cascade(cli, isolated_store):
+    cli("merge", "user:alice", "domain:finance", "--into", "merged:team", "--method", "cat")
+    refused = cli("delete", "user:alice", "--yes", ok=False)
+    assert refused.exit_code == 1 and "merged:team" in refused.output and "--cascade" in refused.output
+    assert (isolated_store / "user" / "alice").is_dir()
+    out = json.loads(cli("delete", "user:alice", "--yes", "--cascade", "--json").stdout)
+    assert sorted(out["deleted"]) == ["merged:team", "user:alice"]
+    assert not (isolated_store / "merged" / "team").exists() and (isolated_store / "domain" / "finance").is_dir()
