@@ -31,9 +31,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import peft  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-import peft  # noqa: E402
 from peft import PeftModel  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
@@ -41,7 +41,13 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from persona import LoraSettings, Store  # noqa: E402
 from persona.base import EMBEDDED_BASE, load_base, load_config  # noqa: E402
 from persona.engine import Engine, GenerationRequest, SamplingParams  # noqa: E402
-from persona.lora import ADAPTER_WEIGHTS, init_lora_tensors, lora_shapes, peft_adapter_config, resolve_targets  # noqa: E402
+from persona.lora import (  # noqa: E402
+    ADAPTER_WEIGHTS,
+    init_lora_tensors,
+    lora_shapes,
+    peft_adapter_config,
+    resolve_targets,
+)
 
 PROMPTS = [
     "Write a short note to a colleague about the meeting tomorrow.",
@@ -78,6 +84,10 @@ def version_folder(store: Store, ref: str) -> Path:
 
 
 Row = tuple[str, str, str, str]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f}"
 
 
 def cold_load(store: Store, base, refs: list[str], repeats: int) -> list[Row]:
@@ -122,9 +132,12 @@ def cold_load(store: Store, base, refs: list[str], repeats: int) -> list[Row]:
         times["peft"].append(peft_load())
     assert full.stats().loads - loads_before == len(times["full"])  # each was a real load from the store
     t_empty, t_full, t_peft = (statistics.median(times[k]) for k in ("empty", "full", "peft"))
+    peft_ms = f"PEFT load_adapter {ms(t_peft)}"
     return [
-        ("cold load, running engine: evict LRU + store load + slot copy (ms)", f"{t_full * 1e3:.1f}", f"PEFT load_adapter {t_peft * 1e3:.1f}", f"{t_peft / t_full:.1f}x faster (goal >= 10x)"),
-        ("cold load, new empty engine (+ first slot memory) (ms)", f"{t_empty * 1e3:.1f}", f"PEFT load_adapter {t_peft * 1e3:.1f}", f"{t_peft / t_empty:.1f}x faster"),
+        ("cold load, running engine: evict LRU + store load + slot copy (ms)", ms(t_full), peft_ms,
+         f"{t_peft / t_full:.1f}x faster (goal >= 10x)"),
+        ("cold load, new empty engine (+ its first slot memory) (ms)", ms(t_empty), peft_ms,
+         f"{t_peft / t_empty:.1f}x faster"),
     ]
 
 
@@ -141,7 +154,7 @@ def throughput(store: Store, base, refs: list[str], tokens: int, repeats: int) -
     engine = Engine(store, base=base, max_resident=16)
     engine.eos_token_ids = frozenset()  # every row makes exactly `tokens` tokens, as min_new_tokens does below
     greedy = SamplingParams(max_new_tokens=tokens)
-    mixed = [GenerationRequest(ref, prompt=p, params=greedy) for ref, p in zip(refs, PROMPTS)]
+    mixed = [GenerationRequest(ref, prompt=p, params=greedy) for ref, p in zip(refs, PROMPTS, strict=False)]
     base_rows = [GenerationRequest(engine.base_name, prompt=p, params=greedy) for p in PROMPTS]
     tok.padding_side = "left"
     batch = tok(PROMPTS, return_tensors="pt", padding=True)
@@ -187,15 +200,16 @@ def throughput(store: Store, base, refs: list[str], tokens: int, repeats: int) -
     tps = {k: n * tokens / statistics.median(v) for k, v in times.items()}
     ours = tps["persona mixed"]
     goals = {
-        "base alone, transformers generate": "(goal >= 0.85)",
+        "base alone, transformers generate": " (goal >= 0.85)",
         "base alone, persona loop": "",
-        "PEFT generate(adapter_names)": "x (goal >= 1.7x)",
-        "persona, one adapter at a time": "x (goal >= 4x)",
+        "PEFT generate(adapter_names)": "x faster (goal >= 1.7x)",
+        "persona, one adapter at a time": "x faster (goal >= 4x)",
     }
     rows: list[Row] = []
     for name, goal in goals.items():
-        first = not rows
-        rows.append((f"mixed batch, {n} adapters x {tokens} tokens: tokens/s" if first else "", f"{ours:.1f}" if first else "", f"{name} {tps[name]:.1f}", f"{ours / tps[name]:.2f}{goal}"))
+        label = f"mixed batch, {n} adapters x {tokens} tokens: tokens/s" if not rows else ""
+        value = f"{ours:.1f}" if not rows else ""
+        rows.append((label, value, f"{name} {tps[name]:.1f}", f"{ours / tps[name]:.2f}{goal}"))
     engine.close()
     return rows
 
@@ -212,9 +226,18 @@ def memory(store: Store, base, refs: list[str]) -> list[Row]:
     file_size = (version_folder(store, refs[0]) / ADAPTER_WEIGHTS).stat().st_size
     held = stats.slot_bytes + stats.cpu_cache_bytes
     return [
-        (f"memory for N={n} resident adapters (MB)", f"{held / 1e6:.1f}", f"N x safetensors file {n * file_size / 1e6:.1f}", f"{held / (n * file_size):.3f}x (goal <= 1.2x)"),
+        (f"memory for N={n} resident adapters (MB)", f"{held / 1e6:.1f}",
+         f"N x safetensors file {n * file_size / 1e6:.1f}", f"{held / (n * file_size):.3f}x (goal <= 1.2x)"),
         ("base parameters held (MB)", f"{sum(base_params.values()) / 1e6:.1f}", "once, whatever N", "1 copy"),
     ]
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
@@ -223,18 +246,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--parts", default="abc", help="which measurements: any of a (cold load), b (throughput), c (memory)")
+    parser.add_argument("--parts", default="abc", help="any of a (cold load), b (throughput), c (memory)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     n = 8
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    print(f"machine: {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; python {platform.python_version()}")
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}; base {EMBEDDED_BASE} float32")
-    print(f"adapters: {n} x rank {args.rank}, all linear layers of every block; median of {args.repeats} after a warm-up")
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
+          f"python {platform.python_version()}")
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}; "
+          f"base {EMBEDDED_BASE} float32")
+    print(f"adapters: {n} x rank {args.rank}, all linear layers of every block; "
+          f"median of {args.repeats} after a warm-up")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
 
     root = Path(tempfile.mkdtemp(prefix="persona-bench-"))
@@ -253,7 +278,8 @@ def main() -> None:
     print("| --- | ---: | --- | --- |")
     for row in rows:
         print("| " + " | ".join(row) + " |")
-    print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (another busy process skews every timing)")
+    print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
+          "(another busy process on the machine skews every timing)")
 
 
 if __name__ == "__main__":

@@ -30,13 +30,32 @@ from .data import Interaction, data_digest, parse_interactions, read_interaction
 from .layers import Activation, AdapterWeights, LoraRuntime
 from .lora import LoraSettings
 from .refs import AdapterRef, parse_ref, parse_stack
-from .store import AdapterInfo, LoadedAdapter, Problem, Store, StoreConfig, VerifyReport, VersionInfo
+from .compose import METHODS as MERGE_METHODS, merge
+from .route import RouteChoice, RouteScore, Router
+from .store import (
+    AdapterHasDependents,
+    AdapterInfo,
+    Dependent,
+    LoadedAdapter,
+    Problem,
+    Store,
+    StoreConfig,
+    VerifyReport,
+    VersionInfo,
+)
 from .train import EvalResult, Trainer, UpdateConfig, UpdateResult, log_interactions
 
 __version__ = "0.1.0"
 
 __all__ = [
     "EMBEDDED_BASE",
+    "MERGE_METHODS",
+    "AdapterHasDependents",
+    "Dependent",
+    "RouteChoice",
+    "RouteScore",
+    "Router",
+    "merge",
     "Activation",
     "AdapterWeights",
     "EvalResult",

@@ -40,9 +40,10 @@ class Handle:
     ``stream()`` loop early cancels the request (its row stops at the next token).
     """
 
-    def __init__(self, request: "GenerationRequest", resolved: tuple[str, ...]):
+    def __init__(self, request: "GenerationRequest", resolved: tuple[str, ...], *, streaming: bool = True):
         self.request = request
         self.resolved = resolved
+        self._streaming = streaming  # False: only the result is wanted, deltas are dropped
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._done = threading.Event()
         self._cancel = threading.Event()
@@ -97,7 +98,8 @@ class Handle:
 
     # ------------------------------------------------------------------ the worker's side
     def emit(self, text: str) -> None:
-        self._events.put(text)
+        if self._streaming:
+            self._events.put(text)
 
     def finish(self, result: "GenerationResult") -> None:
         if self._done.is_set():
@@ -121,7 +123,9 @@ class BatchWorker:
     (whatever it leaves open is failed with the exception it raised, or an error saying so).
     """
 
-    def __init__(self, run: Callable[[Sequence[Any]], None], *, max_batch: int, wait_s: float, name: str = "persona-engine"):
+    def __init__(
+        self, run: Callable[[Sequence[Any]], None], *, max_batch: int, wait_s: float, name: str = "persona-engine"
+    ):
         self._run = run
         self.max_batch = max_batch
         self.wait_s = wait_s

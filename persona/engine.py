@@ -197,9 +197,10 @@ class _Row:
 class Engine:
     """A multi-LoRA inference engine around one frozen base model.
 
-    ``max_resident`` bounds the adapters held in slots (least recently used are evicted);
-    ``cpu_cache`` bounds the decoded adapters kept in CPU memory; ``max_batch`` bounds the rows of
-    one batch; ``batch_wait_s`` is how long the worker waits for more requests to batch together.
+    ``base`` defaults to the store's base, loaded frozen; ``device`` defaults to where ``base`` is
+    (else the CPU). ``max_resident`` bounds the adapters held in slots (least recently used are
+    evicted); ``cpu_cache`` bounds the decoded adapters kept in CPU memory; ``max_batch`` bounds the
+    rows of one batch; ``batch_wait_s`` is how long the worker waits for more requests to batch.
     """
 
     def __init__(
@@ -210,15 +211,22 @@ class Engine:
         max_resident: int = 16,
         cpu_cache: int = 64,
         max_batch: int = 8,
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = None,
         batch_wait_s: float = 0.005,
     ):
-        for name, value, low, high in (("max_resident", max_resident, 1, 4096), ("cpu_cache", cpu_cache, 0, 1 << 20), ("max_batch", max_batch, 1, 4096)):
+        limits = (
+            ("max_resident", max_resident, 1, 4096),
+            ("cpu_cache", cpu_cache, 0, 1 << 20),
+            ("max_batch", max_batch, 1, 4096),
+        )
+        for name, value, low, high in limits:
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise InvalidConfig(f"{name} must be an integer in {low}..{high}, got {value!r}")
         if not isinstance(batch_wait_s, (int, float)) or not 0 <= batch_wait_s <= 10:
             raise InvalidConfig(f"batch_wait_s must be in [0, 10] seconds, got {batch_wait_s!r}")
         self.store = store
+        if device is None:  # where the given base already is, else the CPU
+            device = next(base.model.parameters()).device if base is not None else "cpu"
         self.device = torch.device(device)
         self.base = base if base is not None else load_base(store.config.base_id, device=str(self.device))
         if self.base.info.fingerprint != store.config.base_fingerprint:
@@ -232,7 +240,8 @@ class Engine:
         self.max_batch = max_batch
         self.runtime = LoraRuntime.attach(self.model)
         dtype = next(self.model.parameters()).dtype
-        self._cache = AdapterCache(store, SlotBank(self.runtime, device=self.device, dtype=dtype), max_resident=max_resident, cpu_cache=cpu_cache)
+        bank = SlotBank(self.runtime, device=self.device, dtype=dtype)
+        self._cache = AdapterCache(store, bank, max_resident=max_resident, cpu_cache=cpu_cache)
         self.context_length = _context_length(self.model.config)
         self.eos_token_ids = _eos_ids(self.model, self.tokenizer)
         pad = self.tokenizer.pad_token_id
@@ -240,9 +249,12 @@ class Engine:
         params = inspect.signature(self.model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
         self._logits_to_keep = "logits_to_keep" in params
-        self._lock = threading.RLock()  # the model, the slots, the counters
+        self._lock = threading.RLock()  # the model and the slots
         self._tokenizer_lock = threading.Lock()  # fast tokenizers are not safe to share across threads
+        self._stats_lock = threading.Lock()  # counters and a snapshot of residency: stats() never waits on a batch
         self._counts = dict(requests=0, failed=0, prompt_tokens=0, tokens_generated=0, batches=0, largest_batch=0)
+        self._residency: dict[str, Any] = {}
+        self._snapshot_residency()
         self._worker = BatchWorker(self._run_jobs, max_batch=max_batch, wait_s=batch_wait_s)
 
     # ------------------------------------------------------------------ names and versions
@@ -270,18 +282,26 @@ class Engine:
         """Make ``model``'s adapters resident now (e.g. at startup); return the pinned refs."""
         refs = self.resolve(model)
         with self._lock:
-            for ref in refs:
-                self._cache.acquire(ref, protected={str(r) for r in refs})
+            try:
+                for ref in refs:
+                    self._cache.acquire(ref, protected={str(r) for r in refs})
+            finally:
+                self._snapshot_residency()
         return refs
 
     # ------------------------------------------------------------------ forward passes
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, models: Sequence[str] = ()) -> torch.Tensor:
+    def logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, models: Sequence[str] = ()
+    ) -> torch.Tensor:
         """Full-sequence logits ``[batch, seq, vocab]``, row i computed with ``models[i]``.
 
         Padding must be on the left; position ids follow the attention mask.
         """
         if input_ids.dim() != 2 or len(models) != input_ids.shape[0]:
-            raise InvalidConfig(f"logits needs input_ids [batch, seq] and one model per row; got {tuple(input_ids.shape)} and {len(models)} models")
+            raise InvalidConfig(
+                f"logits needs input_ids [batch, seq] and one model per row; "
+                f"got {tuple(input_ids.shape)} and {len(models)} models"
+            )
         refs = [self.resolve(m) for m in models]
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -297,7 +317,7 @@ class Engine:
                     self.runtime.clear_routes()
                 for j, i in enumerate(group):
                     out[i] = logits[j]
-                self._counts["batches"] += 1
+                self._count(batches=1)
         return torch.stack(out)  # type: ignore[arg-type]
 
     def _route(self, refs_per_row: Sequence[Sequence[AdapterRef]], *, decoding: bool = False) -> None:
@@ -310,6 +330,7 @@ class Engine:
         protected = {str(r) for r in keys}
         for ref in keys:
             self._cache.acquire(ref, protected)
+        self._snapshot_residency()
         bank = self._cache.bank
         depth = max((len(r) for r in refs_per_row), default=0)
         pregather = decoding and len(refs_per_row) * depth * bank.slot_nbytes <= PREGATHER_BYTES
@@ -328,13 +349,18 @@ class Engine:
         return logits[:, -1] if last_only else logits
 
     # ------------------------------------------------------------------ admission
-    def _admit(self, request: GenerationRequest, handle_cls=Handle) -> _Job:
+    def _admit(self, request: GenerationRequest, *, streaming: bool = True) -> _Job:
         if not isinstance(request, GenerationRequest):
             raise InvalidConfig(f"expected a GenerationRequest, got {type(request).__name__}")
         refs = self.resolve(request.model)
         with self._tokenizer_lock:
             if request.messages is not None:
-                text = self.tokenizer.apply_chat_template(list(request.messages), add_generation_prompt=True, tokenize=False)
+                try:
+                    text = self.tokenizer.apply_chat_template(
+                        list(request.messages), add_generation_prompt=True, tokenize=False
+                    )
+                except Exception as exc:  # jinja errors: a template may demand alternating roles, no system role, ...
+                    raise InvalidConfig(f"the base's chat template refused these messages: {exc}") from None
                 ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             else:
                 ids = self.tokenizer(request.prompt)["input_ids"]
@@ -343,7 +369,7 @@ class Engine:
         room = self.context_length - len(ids)
         if room < 1:
             raise InvalidConfig(f"the prompt has {len(ids)} tokens; the base's context holds {self.context_length}")
-        handle = handle_cls(request, tuple(str(r) for r in refs))
+        handle = Handle(request, tuple(str(r) for r in refs), streaming=streaming)
         return _Job(request, refs, list(ids), min(request.params.max_new_tokens, room), handle)
 
     # ------------------------------------------------------------------ generation
@@ -354,7 +380,7 @@ class Engine:
         """
         if isinstance(requests, GenerationRequest):
             raise InvalidConfig("generate takes a sequence of requests; wrap a single one in a list")
-        jobs = [self._admit(r) for r in requests]
+        jobs = [self._admit(r, streaming=False) for r in requests]
         for start in range(0, len(jobs), self.max_batch):
             self._run_jobs(jobs[start : start + self.max_batch])
         results = []
@@ -396,12 +422,15 @@ class Engine:
                     job.handle.fail(exc)
                 raise
             finally:
+                self._snapshot_residency()
                 for job in jobs:
-                    if job.handle.done():
-                        self._counts["requests" if job.handle._error is None else "failed"] += 1
-                        if job.handle._result is not None:
-                            self._counts["prompt_tokens"] += job.handle._result.prompt_tokens
-                            self._counts["tokens_generated"] += job.handle._result.completion_tokens
+                    result = job.handle._result
+                    if result is not None:
+                        self._count(
+                            requests=1, prompt_tokens=result.prompt_tokens, tokens_generated=result.completion_tokens
+                        )
+                    elif job.handle.done():
+                        self._count(failed=1)
 
     def _run_group(self, jobs: list[_Job]) -> None:
         # Load each adapter on its own, so one that fails (a damaged file) fails only its requests.
@@ -429,8 +458,9 @@ class Engine:
                     self.runtime.clear_routes()
 
     def _decode(self, rows: list[_Row]) -> None:
-        self._counts["batches"] += 1
-        self._counts["largest_batch"] = max(self._counts["largest_batch"], len(rows))
+        with self._stats_lock:
+            self._counts["batches"] += 1
+            self._counts["largest_batch"] = max(self._counts["largest_batch"], len(rows))
         width = max(len(r.job.prompt_ids) for r in rows)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -446,7 +476,7 @@ class Engine:
         next_pos = positions[:, -1:] + 1
         while True:
             tokens = choose_tokens(logits, [r.params for r in rows], [r.generator for r in rows])
-            for row, token in zip(rows, tokens.tolist()):
+            for row, token in zip(rows, tokens.tolist(), strict=False):
                 if row.job.handle.cancelled:
                     row.done = True
                     row.job.handle.fail(_cancelled())
@@ -467,20 +497,26 @@ class Engine:
 
     # ------------------------------------------------------------------ observability
     def stats(self) -> EngineStats:
-        with self._lock:
-            c = self._cache.counters()
-            return EngineStats(
-                resident=tuple(self._cache.resident),
-                cpu_cached=tuple(self._cache.cpu),
-                max_resident=self._cache.max_resident,
-                loads=c.loads,
-                cpu_hits=c.cpu_hits,
-                resident_hits=c.resident_hits,
-                evictions=c.evictions,
-                slot_bytes=self._cache.bank.nbytes,
-                cpu_cache_bytes=self._cache.cpu_nbytes,
-                **self._counts,
-            )
+        """Counters and residency; answers at once, even while a batch runs (state as of its start)."""
+        with self._stats_lock:
+            return EngineStats(max_resident=self._cache.max_resident, **self._residency, **self._counts)
+
+    def _snapshot_residency(self) -> None:
+        """Copy the cache's state for ``stats()``; called (under the model lock) after it changes."""
+        cache = self._cache
+        c = cache.counters()
+        snapshot = dict(
+            resident=tuple(cache.resident), cpu_cached=tuple(cache.cpu), loads=c.loads, cpu_hits=c.cpu_hits,
+            resident_hits=c.resident_hits, evictions=c.evictions, slot_bytes=cache.bank.nbytes,
+            cpu_cache_bytes=cache.cpu_nbytes,
+        )
+        with self._stats_lock:
+            self._residency = snapshot
+
+    def _count(self, **increments: int) -> None:
+        with self._stats_lock:
+            for key, value in increments.items():
+                self._counts[key] += value
 
 
 def _cancelled() -> BaseException:
@@ -497,7 +533,10 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 def _new_cache(model):
     from transformers import DynamicCache
 
-    return DynamicCache(config=model.config)
+    try:
+        return DynamicCache(config=model.config)  # sliding-window and hybrid layers follow the config
+    except TypeError:  # older transformers: a plain dynamic cache
+        return DynamicCache()
 
 
 def _context_length(config) -> int:

@@ -372,7 +372,7 @@ class Router:
     # ------------------------------------------------------------------ guards
     def _require_base_alone(self) -> None:
         for module in self.model.modules():
-            if isinstance(module, AdapterLinear) and module.active:
+            if isinstance(module, AdapterLinear) and (module.active or getattr(module, "routes", ())):
                 raise PersonaError("route() scores on the base alone, but adapters are active on this model; "
                                    "route before activating the chosen adapters")
 

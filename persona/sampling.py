@@ -58,7 +58,9 @@ class SamplingParams:
             raise InvalidConfig(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
         for s in stop:
             if not isinstance(s, str) or not 1 <= len(s) <= MAX_STOP_LENGTH:
-                raise InvalidConfig(f"a stop string is a non-empty string of at most {MAX_STOP_LENGTH} characters, got {s!r}")
+                raise InvalidConfig(
+                    f"a stop string is a non-empty string of at most {MAX_STOP_LENGTH} characters, got {s!r}"
+                )
         seed = self.seed
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
             raise InvalidConfig(f"seed must be an integer in [0, 2**63) or None, got {seed!r}")
@@ -96,7 +98,7 @@ def choose_tokens(
     ``logits`` is ``[batch, vocab]``; returns a LongTensor ``[batch]``.
     """
     tokens = logits.argmax(dim=-1)
-    for i, (p, gen) in enumerate(zip(params, generators)):
+    for i, (p, gen) in enumerate(zip(params, generators, strict=False)):
         if not p.greedy:
             tokens[i] = _sample_row(logits[i].float(), p, gen)
     return tokens

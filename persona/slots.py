@@ -74,7 +74,8 @@ class SlotBank:
         return torch.zeros(capacity, rank, self.runtime.modules[name].in_features, device=self.device, dtype=self.dtype)
 
     def _zeros_b(self, name: str, capacity: int, rank: int) -> torch.Tensor:
-        return torch.zeros(capacity, self.runtime.modules[name].out_features, rank, device=self.device, dtype=self.dtype)
+        out = self.runtime.modules[name].out_features
+        return torch.zeros(capacity, out, rank, device=self.device, dtype=self.dtype)
 
     def write(self, slot: int, weights: AdapterWeights) -> None:
         """Copy an adapter into ``slot``, folding its scale into B; its untargeted modules there become zero."""
@@ -152,7 +153,8 @@ class SlotBank:
             targeted = set().union(*(self._targets[s][0] for s in used))
             for name in targeted:
                 if pregather and not isinstance(rows, int):
-                    route = SlotRoute(self.a[name].index_select(0, rows), self.b[name].index_select(0, rows), None, scale_arg)
+                    a, b = self.a[name].index_select(0, rows), self.b[name].index_select(0, rows)
+                    route = SlotRoute(a, b, None, scale_arg)
                 else:
                     route = SlotRoute(self.a[name], self.b[name], rows, scale_arg)
                 routes[name].append(route)
@@ -247,7 +249,7 @@ class AdapterCache:
         if len(self.resident) < self.max_resident:
             self.bank.grow(self.bank.capacity + 1)
             return self.bank.capacity - 1
-        for key, slot in self.resident.items():  # least recently used first
+        for key in self.resident:  # least recently used first
             if key not in protected:
                 self.evict(key)
                 return self._free.pop()

@@ -28,7 +28,7 @@ import json
 import os
 import re
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -506,7 +506,13 @@ class Store:
             adapter_config = peft_adapter_config(settings, targets, self.config.base_id)
         elif adapter_config is None:
             raise InvalidReference("create(tensors=...) needs the matching adapter_config")
-        with self.lock(ref):
+        # A child of another adapter (--from, --over) is published under the lineage lock, after
+        # checking its parent still exists, so a concurrent delete cannot miss it.
+        derived = [parse_ref(r) for r in (source, over) if r is not None]
+        with self.lineage_lock() if derived else nullcontext(), self.lock(ref):
+            for parent in derived:
+                if not self.exists(parent):
+                    raise AdapterNotFound(f"{parent.id} was deleted while {ref.id} was being created from it")
             if (path / REFS).is_file():
                 raise AdapterExists(f"{ref.id} already exists; use `persona update` to train it, or delete it first")
             path.parent.mkdir(parents=True, exist_ok=True)

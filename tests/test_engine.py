@@ -9,7 +9,15 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from persona import AdapterNotFound, IntegrityError, InvalidConfig, InvalidReference, LoraSettings, Store, VersionNotFound
+from persona import (
+    AdapterNotFound,
+    IntegrityError,
+    InvalidConfig,
+    InvalidReference,
+    LoraSettings,
+    Store,
+    VersionNotFound,
+)
 from persona.base import load_base
 from persona.detokenize import TextStream
 from persona.engine import Engine, EngineClosed, GenerationRequest, SamplingParams
@@ -59,7 +67,8 @@ def peft_model(tiny_base, store, refs):
         folder = str(store.adapter_dir(ref) / f"v{ref.version:04d}")
         name = str(ref).replace(":", "_").replace("@", "_")
         if model is None:
-            model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base).eval(), folder, adapter_name=name)
+            base = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+            model = PeftModel.from_pretrained(base, folder, adapter_name=name)
         else:
             model.load_adapter(folder, adapter_name=name)
     return model.eval()
@@ -177,9 +186,9 @@ def test_unknown_adapter_version_or_reference_raises_never_falls_back(engine):
 # ---------------------------------------------------------------------------- generation
 def test_greedy_row_in_mixed_batch_equals_generating_it_alone(engine):
     models = ["user:a", "user:b", engine.base_name, "user:a+domain:c"]
-    requests = [greedy(m, prompt=p, n=12) for m, p in zip(models, PROMPTS)]
+    requests = [greedy(m, prompt=p, n=12) for m, p in zip(models, PROMPTS, strict=False)]
     together = engine.generate(requests)
-    for request, result in zip(requests, together):
+    for request, result in zip(requests, together, strict=False):
         alone = engine.generate([request])[0]
         assert alone == result
         assert result.completion_tokens == 12 and result.finish_reason == "length"
@@ -226,7 +235,7 @@ def test_stop_string_ends_a_row_and_is_never_streamed(engine):
 
 
 def test_eos_ends_a_row_with_stop(engine, store, base):
-    """Force EOS: bias the row's logits by routing through an engine whose EOS set is every token."""
+    """Every token counts as end-of-sequence here, so the first one ends the row, with no text."""
     with Engine(store, base=base) as eos_engine:
         eos_engine.eos_token_ids = frozenset(range(len(base.tokenizer)))
         result = eos_engine.generate([greedy("user:a", n=10)])[0]
@@ -253,14 +262,19 @@ def test_text_stream_never_splits_multibyte_characters(tokenizer):
 
 def test_chat_messages_use_the_chat_template(engine, base):
     messages = ({"role": "user", "content": "What is 2+2?"},)
-    result = engine.generate([GenerationRequest("user:a", messages=messages, params=SamplingParams(max_new_tokens=4))])[0]
+    request = GenerationRequest("user:a", messages=messages, params=SamplingParams(max_new_tokens=4))
+    result = engine.generate([request])[0]
     template = base.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
     assert result.prompt_tokens == len(base.tokenizer(template, add_special_tokens=False)["input_ids"])
     assert template.endswith("<|im_start|>assistant\n")
 
 
 def test_requests_and_params_are_validated(engine):
-    for bad in (dict(max_new_tokens=0), dict(max_new_tokens=5000), dict(temperature=-1), dict(top_p=0), dict(stop=("",)), dict(seed=-1), dict(max_new_tokens=True)):
+    bad_params = (
+        {"max_new_tokens": 0}, {"max_new_tokens": 5000}, {"max_new_tokens": True}, {"temperature": -1},
+        {"top_p": 0}, {"stop": ("",)}, {"seed": -1},
+    )
+    for bad in bad_params:
         with pytest.raises(InvalidConfig):
             SamplingParams(**bad)
     with pytest.raises(InvalidConfig, match="unknown sampling"):
@@ -278,7 +292,7 @@ def test_requests_and_params_are_validated(engine):
 # ---------------------------------------------------------------------------- the batching worker
 def test_submit_from_threads_runs_one_mixed_batch_with_correct_answers(store, base):
     models = ["user:a", "user:b", "domain:c", "user:a+user:d"]
-    requests = [greedy(m, prompt=p, n=10) for m, p in zip(models, PROMPTS)]
+    requests = [greedy(m, prompt=p, n=10) for m, p in zip(models, PROMPTS, strict=False)]
     with Engine(store, base=base, batch_wait_s=0.5) as engine:
         expected = [engine.generate([r])[0] for r in requests]
         handles: list = [None] * 4
@@ -317,8 +331,10 @@ def test_a_failing_request_fails_alone_and_the_worker_lives_on(store, engine):
 def test_leaving_a_stream_early_cancels_it_and_close_refuses_more(engine):
     stream = engine.stream(greedy("user:a", n=200))
     next(stream)
-    stream.close()  # the consumer went away
+    stream.close()  # the consumer went away: the row stops at its next token
     assert engine.submit(greedy("user:d", n=2)).result(timeout=60).completion_tokens == 2
+    stats = engine.stats()
+    assert (stats.failed, stats.requests, stats.tokens_generated) == (1, 1, 2)
     started = time.monotonic()
     engine.close()
     assert time.monotonic() - started < 30
