@@ -31,6 +31,8 @@ from .layers import Activation, AdapterWeights, LoraRuntime
 from .lora import LoraSettings
 from .refs import AdapterRef, parse_ref, parse_stack
 from .compose import METHODS as MERGE_METHODS, merge
+from .engine import Engine, EngineClosed, EngineStats, GenerationRequest, GenerationResult, Handle
+from .sampling import SamplingParams
 from .route import RouteChoice, RouteScore, Router
 from .store import (
     AdapterHasDependents,
@@ -49,6 +51,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EMBEDDED_BASE",
+    "Engine",
+    "EngineClosed",
+    "EngineStats",
+    "GenerationRequest",
+    "GenerationResult",
+    "Handle",
+    "SamplingParams",
     "MERGE_METHODS",
     "AdapterHasDependents",
     "Dependent",

@@ -66,11 +66,13 @@ def test_same_seed_and_data_give_the_same_weights(store, trainer):
     trainer.update("user:alice", alice(20), UpdateConfig(**FAST, seed=5))
     trainer.update("user:carol", alice(20), UpdateConfig(**FAST, seed=5))
     a, c = store.load("user:alice").tensors, store.load("user:carol").tensors
-    assert all(torch.equal(a[k], c[k]) for k in a), max(float((a[k] - c[k]).abs().max()) for k in a)
+    # Equal up to BLAS rounding: MKL may pick kernels by memory alignment, which moves the last bits
+    # (differences of ~1e-8 seen); a different seed moves the weights by orders of magnitude more.
+    assert max(float((a[k] - c[k]).abs().max()) for k in a) < 1e-6
     store.create("user:dave", LoraSettings(rank=4, seed=1))
     trainer.update("user:dave", alice(20), UpdateConfig(**FAST, seed=6))
     d = store.load("user:dave").tensors
-    assert any(not torch.equal(a[k], d[k]) for k in a)
+    assert max(float((a[k] - d[k]).abs().max()) for k in a) > 1e-4
 
 
 def test_base_stays_frozen_and_bit_identical(store, trainer, tiny_base):
