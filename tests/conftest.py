@@ -68,3 +68,22 @@ def tiny_base(tokenizer) -> str:
         model.save_pretrained(path, safe_serialization=True)
         tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture
+def run_cli(tiny_base, isolated_store):
+    """``run_cli(*args, ok=True)``: invoke the persona CLI in-process on a store bound to the tiny base."""
+    from click.testing import CliRunner
+
+    from persona.cli import main
+
+    runner = CliRunner()
+
+    def run(*args, ok=True):
+        result = runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+        if ok:
+            assert result.exit_code == 0, result.output
+        return result
+
+    run("init", "--base", tiny_base)
+    return run

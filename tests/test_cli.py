@@ -10,17 +10,8 @@ from test_refs import HOSTILE_NAMES
 
 
 @pytest.fixture
-def cli(tiny_base, isolated_store):
-    runner = CliRunner()
-
-    def run(*args, ok=True):
-        result = runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
-        if ok:
-            assert result.exit_code == 0, result.output
-        return result
-
-    run("init", "--base", tiny_base)
-    return run
+def cli(run_cli):
+    return run_cli
 
 
 def test_init_create_show_list_json(cli, isolated_store):

@@ -3,24 +3,14 @@
 import json
 
 import pytest
-from click.testing import CliRunner
 
 from persona import Store
 from persona.auth import AuthError, TokenStore
-from persona.cli import main
 
 
 @pytest.fixture
-def cli(tiny_base, isolated_store):
-    runner = CliRunner()
-
-    def run(*args, ok=True):
-        result = runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
-        if ok:
-            assert result.exit_code == 0, result.output
-        return result
-
-    run("init", "--base", tiny_base)
+def cli(run_cli):
+    run = run_cli
     for ref in ("user:alice", "user:bob", "domain:finance"):
         run("create", ref, "--init", "random", "--rank", 4)
     return run

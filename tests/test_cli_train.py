@@ -4,25 +4,15 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from persona.cli import main
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "interactions"
 FAST = ["--epochs", "1", "--max-length", "96"]
 
 
 @pytest.fixture
-def cli(tiny_base, isolated_store):
-    runner = CliRunner()
-
-    def run(*args, ok=True):
-        result = runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
-        if ok:
-            assert result.exit_code == 0, result.output
-        return result
-
-    run("init", "--base", tiny_base)
+def cli(run_cli):
+    run = run_cli
     run("create", "user:alice", "--rank", 4)
     run("create", "user:bob", "--rank", 4)
     return run
