@@ -228,7 +228,7 @@ def run(work: Path, base_id: str, epochs: int, pad_to: int) -> None:
         ["plain sequential LoRA", c_after1, c_after3, c_rise, 1.0],
         ["plain sequential full FT", f_after1, f_after3, f_rise, f_rise / c_rise if c_rise > 0 else math.nan],
     ]))
-    print(f"\ngoal: persona's rise <= 0.5 x plain LoRA's\n")
+    print("\ngoal: persona's rise <= 0.5 x plain LoRA's\n")
     print("## Base drift\n")
     print(table(["check", "value"], [["max |logit diff| of the base, before vs after 3 updates", drift],
                                       ["fingerprint unchanged", fp_same]]))

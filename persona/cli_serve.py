@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 
 import click
 
 from .cli import _open, emit, json_option, store_option
-from .refs import parse_stack
 
 
 def _engine(store_root, max_resident: int = 16, max_batch: int = 8):

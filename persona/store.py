@@ -63,7 +63,7 @@ from .fsutil import (
     temp_sibling,
 )
 from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraSettings, init_lora_tensors, lora_shapes, peft_adapter_config, resolve_targets
-from .refs import CANDIDATE, CURRENT, KINDS, RESERVED_NAMES, AdapterRef, format_version, parse_ref, validate_alias
+from .refs import CURRENT, KINDS, RESERVED_NAMES, AdapterRef, format_version, parse_ref, validate_alias
 
 STORE_FORMAT = 1
 STORE_FILE = "persona.json"
@@ -571,7 +571,7 @@ class Store:
             final = path / format_version(version)
             staging = temp_sibling(final)
             try:
-                info = self._write_version(
+                self._write_version(
                     staging, ref, version, tensors, adapter_config,
                     parent=parent, metrics=metrics, training=training, data_digest=data_digest,
                     lineage=lineage, extra_files=extra_files, settings=settings, over=over,

@@ -24,7 +24,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
@@ -35,7 +35,6 @@ from .data import (
     TokenizedSet,
     data_digest,
     iter_batches,
-    read_interactions,
     tokenize_interactions,
 )
 from .errors import BaseMismatch, InvalidConfig, InvalidInteractions
