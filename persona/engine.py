@@ -255,6 +255,7 @@ class Engine:
         self._counts = dict(requests=0, failed=0, prompt_tokens=0, tokens_generated=0, batches=0, largest_batch=0)
         self._residency: dict[str, Any] = {}
         self._snapshot_residency()
+        self._router = None  # built on the first domain:auto request
         self._worker = BatchWorker(self._run_jobs, max_batch=max_batch, wait_s=batch_wait_s)
 
     # ------------------------------------------------------------------ names and versions
@@ -273,7 +274,10 @@ class Engine:
         refs = parse_stack(model)
         for ref in refs:
             if ref.name in RESERVED_NAMES:
-                raise InvalidReference(f"{ref.id} is reserved for the router, which this engine does not run yet")
+                raise InvalidReference(
+                    f"{ref.id} is chosen per prompt by the router: send it in a request (generate, submit, HTTP), "
+                    "or see the choice with `persona route PROMPT`"
+                )
         if len(refs) > self._cache.max_resident:
             raise InvalidConfig(f"{model!r} stacks {len(refs)} adapters but max_resident is {self._cache.max_resident}")
         return tuple(self.store.resolve(ref) for ref in refs)
@@ -349,10 +353,27 @@ class Engine:
         return logits[:, -1] if last_only else logits
 
     # ------------------------------------------------------------------ admission
+    def _resolve_request(self, request: GenerationRequest) -> tuple[AdapterRef, ...]:
+        """Pin the request's model; a ``domain:auto`` part becomes the router's top-1 domain for
+        this prompt (weight 1, so the row computes exactly what that domain adapter computes)."""
+        parts = parse_stack(request.model) if request.model != self.base_name else ()
+        if not any(p.kind == "domain" and p.name in RESERVED_NAMES for p in parts):
+            return self.resolve(request.model)
+        # The router runs the base model: never while a batch has adapters routed on it.
+        with self._lock, self._tokenizer_lock:
+            if self._router is None:
+                from .route import Router
+
+                self._router = Router(self.store, self.model, self.tokenizer)
+            prompt = request.messages if request.messages is not None else request.prompt
+            choice = self._router.route(prompt, top_k=1)[0]
+        chosen = [choice.adapter if (p.kind == "domain" and p.name in RESERVED_NAMES) else str(p) for p in parts]
+        return self.resolve("+".join(chosen))
+
     def _admit(self, request: GenerationRequest, *, streaming: bool = True) -> _Job:
         if not isinstance(request, GenerationRequest):
             raise InvalidConfig(f"expected a GenerationRequest, got {type(request).__name__}")
-        refs = self.resolve(request.model)
+        refs = self._resolve_request(request)
         with self._tokenizer_lock:
             if request.messages is not None:
                 try:

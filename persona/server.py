@@ -156,8 +156,9 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
             raise ApiError(400, f"invalid model {model!r}: {exc}", "invalid_request_error", "invalid_model", "model") from None
         if scope is not None and not scope.allows(refs):
             raise _not_found(model)
+        fixed = [str(r) for r in refs if not (r.kind == "domain" and r.name == "auto")]  # auto: chosen per prompt
         try:
-            return engine.resolve(model)
+            return engine.resolve("+".join(fixed)) if fixed else ()
         except (AdapterNotFound, VersionNotFound):
             raise _not_found(model) from None
 

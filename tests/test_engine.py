@@ -172,7 +172,6 @@ def test_unknown_adapter_version_or_reference_raises_never_falls_back(engine):
         ("user:a@stable", VersionNotFound),
         ("nonsense", InvalidReference),
         ("user:a+user:a", InvalidReference),
-        ("domain:auto", InvalidReference),
     ):
         with pytest.raises(error):
             engine.generate([greedy("user:a"), greedy(model)])
@@ -180,6 +179,11 @@ def test_unknown_adapter_version_or_reference_raises_never_falls_back(engine):
             engine.submit(greedy(model))
         with pytest.raises(error):
             engine.logits(IDS[:1], None, [model])
+    # domain:auto with no trained domain to route to: an error, not the base
+    with pytest.raises(AdapterNotFound, match="no domain adapter to route to"):
+        engine.generate([greedy("domain:auto")])
+    with pytest.raises(InvalidReference, match="chosen per prompt"):
+        engine.logits(IDS[:1], None, ["domain:auto"])  # logits have no prompt text to route on
     assert engine.stats().requests == 0 and engine.stats().batches == 0  # nothing ran
 
 

@@ -214,3 +214,27 @@ def test_cli_route(world, monkeypatch):
     assert len(data["scores"]) == 3 and data["method"] == "centroid"
     text = runner.invoke(group, ["route", "garlic oven pasta butter", "--store", str(store.root)]).output
     assert text.startswith("route: domain:cooking@v2 (weight 1.000)") and "domain:finance@v2" in text
+
+
+def test_engine_serves_domain_auto_with_the_routers_choice(world):
+    from persona import InvalidReference
+    from persona.engine import Engine, GenerationRequest, SamplingParams
+
+    store, trainer = world
+    engine = Engine(store, base=trainer.base, max_resident=4)
+    try:
+        two = SamplingParams(max_new_tokens=2)
+        medicine = prompts("medicine", 1, seed=7)[0]
+        cooking = prompts("cooking", 1, seed=8)[0]
+        results = engine.generate([
+            GenerationRequest("domain:auto", prompt=medicine, params=two),
+            GenerationRequest("user:alice+domain:auto", messages=({"role": "user", "content": cooking},), params=two),
+        ])
+        assert results[0].resolved == ("domain:medicine@v2",)
+        assert results[1].resolved == ("user:alice@v2", "domain:cooking@v2")
+        alone = engine.generate([GenerationRequest("domain:medicine", prompt=medicine, params=two)])[0]
+        assert alone.text == results[0].text  # the routed row computes what that domain computes
+        with pytest.raises(InvalidReference, match="chosen per prompt"):
+            engine.resolve("domain:auto")
+    finally:
+        engine.close()
