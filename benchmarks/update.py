@@ -121,7 +121,6 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny random model, 1 epoch: checks the script runs")
     parser.add_argument("--epochs", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     header("persona update benchmark" + (" (QUICK: tiny random model, numbers meaningless)" if args.quick else ""))
 
     work = Path(tempfile.mkdtemp(prefix="persona-bench-update-"))

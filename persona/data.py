@@ -72,6 +72,8 @@ __all__ = [
     "parse_interactions",
     "tokenize_interactions",
     "iter_batches",
+    "batch_indices",
+    "collate",
     "data_digest",
     "append_jsonl",
 ]
@@ -659,31 +661,40 @@ def iter_batches(
     ...     loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
     ...                  labels=batch.labels).loss
     """
-    import torch
-
     if not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidConfig(f"batch_size must be a positive integer, got {batch_size!r}")
     if not isinstance(pad_token_id, int):
         raise InvalidConfig(f"pad_token_id must be an integer token id, got {pad_token_id!r}")
     rows = list(examples.examples if isinstance(examples, TokenizedSet) else examples)
+    for indices in batch_indices(rows, batch_size, seed=seed, shuffle=shuffle, group_by_length=group_by_length):
+        yield collate([rows[i] for i in indices], pad_token_id)
+
+
+def batch_indices(
+    examples: Sequence[Example], batch_size: int, *, seed: int = 0, shuffle: bool = True, group_by_length: bool = True
+) -> list[list[int]]:
+    """The row indices of each batch :func:`iter_batches` would yield, for callers that add rows
+    of their own (the trainer mixes replayed examples into each batch) before :func:`collate`."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidConfig(f"batch_size must be a positive integer, got {batch_size!r}")
+    return _batch_order([len(e) for e in examples], batch_size, seed, shuffle, group_by_length)
+
+
+def collate(rows: Sequence[Example], pad_token_id: int) -> Batch:
+    """Right-pad ``rows`` to the longest of them into one :class:`Batch`."""
+    import torch
+
     lengths = [len(e) for e in rows]
-    for indices in _batch_order(lengths, batch_size, seed, shuffle, group_by_length):
-        width = max(lengths[i] for i in indices)
-        input_ids = torch.full((len(indices), width), pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(indices), width), dtype=torch.long)
-        labels = torch.full((len(indices), width), IGNORE_INDEX, dtype=torch.long)
-        for r, i in enumerate(indices):
-            n = lengths[i]
-            input_ids[r, :n] = torch.tensor(rows[i].input_ids, dtype=torch.long)
-            attention_mask[r, :n] = 1
-            labels[r, :n] = torch.tensor(rows[i].labels, dtype=torch.long)
-        yield Batch(
-            input_ids,
-            attention_mask,
-            labels,
-            num_tokens=sum(lengths[i] for i in indices),
-            num_target_tokens=int((labels != IGNORE_INDEX).sum()),
-        )
+    width = max(lengths)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for r, (row, n) in enumerate(zip(rows, lengths)):
+        input_ids[r, :n] = torch.tensor(row.input_ids, dtype=torch.long)
+        attention_mask[r, :n] = 1
+        labels[r, :n] = torch.tensor(row.labels, dtype=torch.long)
+    return Batch(input_ids, attention_mask, labels, num_tokens=sum(lengths),
+                 num_target_tokens=int((labels != IGNORE_INDEX).sum()))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -33,6 +33,8 @@ from .data import (
     Example,
     Interaction,
     TokenizedSet,
+    batch_indices,
+    collate,
     data_digest,
     iter_batches,
     tokenize_interactions,
@@ -387,13 +389,13 @@ class Trainer:
         try:
             with self.runtime.activate([Activation(w) for w in below] + [Activation(weights)]):
                 for epoch in range(config.epochs):
-                    for new_batch in iter_batches(train_set, n_new, seed=config.seed + epoch, pad_token_id=self.pad_id):
+                    for indices in batch_indices(train_set.examples, n_new, seed=config.seed + epoch):
                         if step >= total:
                             break
-                        batch = new_batch
+                        rows = [train_set.examples[i] for i in indices]
                         if n_replay:
-                            rows = _rows_of(new_batch, self.pad_id) + rng.sample(replay_examples, min(n_replay, len(replay_examples)))
-                            batch = next(iter_batches(rows, len(rows), shuffle=False, group_by_length=False, pad_token_id=self.pad_id))
+                            rows += rng.sample(replay_examples, min(n_replay, len(replay_examples)))
+                        batch = collate(rows, self.pad_id)
                         loss_sum, n = _loss_sum(self.model, batch)
                         loss = loss_sum / max(n, 1)
                         objective = loss + self._penalty(weights, anchor, fisher, reg, config.reg_strength)
@@ -453,7 +455,7 @@ class Trainer:
         self.model.eval()
         with self.runtime.activate([Activation(w) for w in below] + [Activation(probe)]):
             for example in sample:
-                batch = next(iter_batches([example], 1, shuffle=False, pad_token_id=self.pad_id))
+                batch = collate([example], self.pad_id)
                 loss_sum, n = _loss_sum(self.model, batch)
                 grads = torch.autograd.grad(loss_sum / max(n, 1), [p for pair in params.values() for p in pair])
                 for i, m in enumerate(params):
@@ -473,14 +475,6 @@ class Trainer:
             if adapter.pending:
                 results.append(self.update(AdapterRef(adapter.kind, adapter.name), None, config, progress=progress))
         return results
-
-
-def _rows_of(batch, pad_id: int) -> list[Example]:
-    rows = []
-    for ids, mask, labels in zip(batch.input_ids.tolist(), batch.attention_mask.tolist(), batch.labels.tolist()):
-        n = sum(mask)
-        rows.append(Example(tuple(ids[:n]), tuple(labels[:n])))
-    return rows
 
 
 def log_interactions(store: Store, ref: str | AdapterRef, interactions: Sequence[Interaction]) -> int:
