@@ -29,7 +29,7 @@ from .errors import (
 from .data import Interaction, data_digest, parse_interactions, read_interactions
 from .layers import Activation, AdapterWeights, LoraRuntime
 from .lora import LoraSettings
-from .refs import AdapterRef, parse_ref, parse_stack
+from .refs import AdapterRef, StackPart, format_stack, parse_ref, parse_stack
 from .compose import METHODS as MERGE_METHODS, merge
 from .engine import Engine, EngineClosed, EngineStats, GenerationRequest, GenerationResult, Handle
 from .sampling import SamplingParams
@@ -95,6 +95,7 @@ __all__ = [
     "LoraSettings",
     "PersonaError",
     "Problem",
+    "StackPart",
     "Store",
     "StoreConfig",
     "StoreExists",
@@ -104,6 +105,7 @@ __all__ = [
     "VersionInfo",
     "VersionNotFound",
     "base_info",
+    "format_stack",
     "load_base",
     "parse_ref",
     "parse_stack",

@@ -5,9 +5,10 @@ the token's scope: ``user:NAME`` (that user's adapters plus the shared domain ad
 ``admin`` (everything). The id makes lookup O(1); the secret is compared in constant time.
 
 Access rule (``Scope.allows``): a user token reaches its own ``user:NAME`` adapter (any version or
-alias) and every ``domain:*`` adapter, alone or in stacks, and the base model. Merged adapters may
-hold several users' data, so they are admin-only. Anything not allowed is reported by the server
-exactly as an unknown adapter is (404), so a token cannot probe which users exist.
+alias) and every ``domain:*`` adapter, alone or in stacks, weighted or not (every part is checked;
+a weight never widens access), and the base model. Merged adapters may hold several users' data, so
+they are admin-only. Anything not allowed is reported by the server exactly as an unknown adapter
+is (404), so a token cannot probe which users exist.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from filelock import FileLock
 
 from .errors import InvalidReference, PersonaError
 from .fsutil import atomic_write_json
-from .refs import AdapterRef, parse_ref
+from .refs import AdapterRef, StackPart, parse_ref
 
 TOKENS_FILE = "tokens.json"
 ADMIN = "admin"
@@ -45,9 +46,13 @@ class Scope:
     def is_admin(self) -> bool:
         return self.subject == ADMIN
 
-    def allows(self, refs: Sequence[AdapterRef]) -> bool:
+    def allows(self, parts: Sequence[AdapterRef | StackPart]) -> bool:
+        """Whether every part may be reached; a part's weight changes nothing about who may use it."""
         if self.is_admin:
             return True
+        refs = [p.ref if isinstance(p, StackPart) else p for p in parts]
+        if not all(isinstance(r, AdapterRef) for r in refs):
+            raise TypeError("Scope.allows takes adapter references or stack parts")
         return all(r.kind == "domain" or (r.kind == "user" and r.id == self.subject) for r in refs)
 
 

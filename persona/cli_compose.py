@@ -48,7 +48,8 @@ def merge(parents, into, method, weights, density, rank, seed, store_root, as_js
 
 @click.command()
 @click.argument("prompt")
-@click.option("--top-k", type=click.IntRange(1), default=1, show_default=True, help="How many domain adapters to pick.")
+@click.option("--top-k", type=click.IntRange(1), default=1, show_default=True,
+              help="How many domain adapters to pick (what `serve`/`generate --route-top-k` does).")
 @click.option("--method", type=click.Choice(["centroid", "arrow"]), default="centroid", show_default=True,
               help="centroid: the base's embedding of each domain's training prompts; arrow: each adapter's weights.")
 @click.option("--temperature", type=click.FloatRange(0, min_open=True), default=0.1, show_default=True,
@@ -56,7 +57,19 @@ def merge(parents, into, method, weights, density, rank, seed, store_root, as_js
 @store_option
 @json_option
 def route(prompt, top_k, method, temperature, store_root, as_json) -> None:
-    """Show which domain adapters `domain:auto` picks for PROMPT, and every domain's score."""
+    """Show which domain adapters `domain:auto` picks for PROMPT, their weights, and every domain's score.
+
+    \b
+    Weights are a softmax of the top-k scores / --temperature, summing to 1
+    (top-1: weight 1). "stack" is the weighted stack domain:auto becomes; a
+    weight on the auto part (domain:auto*0.5) multiplies these weights.
+
+    \b
+    Examples:
+      persona route "How do index funds work?"
+      persona route "How do index funds work?" --top-k 2 --json
+    """
+    from .refs import StackPart, format_stack
     from .route import Router, select
 
     router = Router.load(_open(store_root), method=method, temperature=temperature)
@@ -65,6 +78,7 @@ def route(prompt, top_k, method, temperature, store_root, as_json) -> None:
     data = {
         "method": method,
         "choices": [c.to_dict() for c in choices],
+        "stack": format_stack([StackPart(c.ref, c.weight) for c in choices]),
         "scores": [s.to_dict() for s in scores],
         "skipped": router.skipped,
     }
@@ -72,6 +86,7 @@ def route(prompt, top_k, method, temperature, store_root, as_json) -> None:
         emit(True, data)
         return
     click.echo("route: " + " + ".join(f"{c.adapter} (weight {c.weight:.3f})" for c in choices))
+    click.echo(f"stack: {data['stack']}")
     click.echo(f"scores ({method}):")
     for s in scores:
         click.echo(f"  {s.adapter:40} {s.score:+.4f}")

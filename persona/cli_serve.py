@@ -6,12 +6,21 @@ from __future__ import annotations
 import click
 
 from .cli import _open, emit, json_option, store_option
+from .refs import MAX_STACK
 
 
-def _engine(store_root, max_resident: int = 16, max_batch: int = 8):
+def _engine(store_root, max_resident: int = 16, max_batch: int = 8, route_top_k: int = 1):
     from .engine import Engine
 
-    return Engine(_open(store_root), max_resident=max_resident, max_batch=max_batch)
+    return Engine(_open(store_root), max_resident=max_resident, max_batch=max_batch, route_top_k=route_top_k)
+
+
+def route_top_k_option(f):
+    return click.option(
+        "--route-top-k", type=click.IntRange(1, MAX_STACK), default=1, show_default=True,
+        help="How many domain adapters domain:auto becomes, weighted by the router (softmax of their scores, "
+             "summing to 1; 1: the best domain at weight 1).",
+    )(f)
 
 
 def _params(max_new_tokens, temperature, top_p, seed, stop):
@@ -33,20 +42,29 @@ def sampling_options(f):
 @click.argument("model")
 @click.argument("prompt")
 @click.option("--raw", is_flag=True, help="Send PROMPT as plain text instead of a chat message through the chat template.")
+@route_top_k_option
 @sampling_options
 @store_option
 @json_option
-def generate(model, prompt, raw, max_new_tokens, temperature, top_p, seed, stop, store_root, as_json) -> None:
+def generate(model, prompt, raw, route_top_k, max_new_tokens, temperature, top_p, seed, stop, store_root, as_json) -> None:
     """Answer PROMPT with MODEL: an adapter (user:alice), a stack (user:alice+domain:finance) or the base's name.
+
+    \b
+    A part of a stack may carry a weight that scales its LoRA delta, in (0, 10]:
+    'user:alice+domain:finance*0.5' (quote it: * is a shell wildcard). domain:auto
+    lets the router pick domains for PROMPT (--route-top-k of them); --json shows
+    the stack that ran ("resolved").
 
     \b
     Examples:
       persona generate user:alice "What's my dog's name?"
+      persona generate 'user:alice+domain:finance*0.5' "Should I buy bonds?"
+      persona generate user:alice+domain:auto --route-top-k 2 "Should I buy bonds?"
       persona generate smollm2-135m-instruct "What's my dog's name?"     (the base alone)
     """
     from .engine import GenerationRequest
 
-    engine = _engine(store_root, max_resident=4, max_batch=1)
+    engine = _engine(store_root, max_resident=MAX_STACK, max_batch=1, route_top_k=route_top_k)
     try:
         request = GenerationRequest(
             model=model, prompt=prompt if raw else None,
@@ -69,14 +87,20 @@ def generate(model, prompt, raw, max_new_tokens, temperature, top_p, seed, stop,
 @click.command()
 @click.argument("model")
 @click.option("--system", default=None, help="A system message for the conversation.")
+@route_top_k_option
 @sampling_options
 @store_option
-def chat(model, system, max_new_tokens, temperature, top_p, seed, stop, store_root) -> None:
-    """Chat with MODEL interactively (empty line or Ctrl-D to quit)."""
+def chat(model, system, route_top_k, max_new_tokens, temperature, top_p, seed, stop, store_root) -> None:
+    """Chat with MODEL interactively (empty line or Ctrl-D to quit).
+
+    \b
+    MODEL is what `persona generate` takes, weighted stacks included. With domain:auto the
+    router picks again at every turn, from the conversation's user turns so far.
+    """
     from .engine import GenerationRequest
 
-    engine = _engine(store_root, max_resident=4, max_batch=1)
-    engine.resolve(model)  # fail before the first prompt
+    engine = _engine(store_root, max_resident=MAX_STACK, max_batch=1, route_top_k=route_top_k)
+    engine.check(model)  # fail before the first prompt
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     click.echo(f"chatting with {model} (empty line to quit)", err=True)
     try:
@@ -107,21 +131,25 @@ def chat(model, system, max_new_tokens, temperature, top_p, seed, stop, store_ro
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 256), help="Requests batched into one forward pass.")
 @click.option("--no-auth", is_flag=True, help="Serve without tokens (local use only): every adapter is reachable by anyone.")
 @click.option("--log-interactions", is_flag=True, help="Append completed chats to the user's pending queue for the next `persona update`.")
+@route_top_k_option
 @store_option
-def serve(host, port, max_resident, max_batch, no_auth, log_interactions, store_root) -> None:
+def serve(host, port, max_resident, max_batch, no_auth, log_interactions, route_top_k, store_root) -> None:
     """Serve adapters over an OpenAI-compatible HTTP API.
 
     \b
     `model` in a request names an adapter (user:alice, user:alice@v2), a stack
-    (user:alice+domain:finance) or the base's name. Clients authenticate with
-    `Authorization: Bearer <token>` from `persona token create user:NAME` (or --admin).
+    (user:alice+domain:finance), optionally weighted per part
+    (user:alice+domain:finance*0.5), with domain:auto for the router's choice
+    (--route-top-k domains), or the base's name. Clients authenticate with
+    `Authorization: Bearer <token>` from `persona token create user:NAME` (or --admin);
+    a user token reaches a stack only if it reaches every part.
     """
     from .server import ServerConfig, serve as run_server
 
     if no_auth:
         click.secho("WARNING: --no-auth: authentication is OFF. Anyone who can reach "
                     f"{host}:{port} can use every adapter, including every user's.", fg="red", bold=True, err=True)
-    engine = _engine(store_root, max_resident=max_resident, max_batch=max_batch)
+    engine = _engine(store_root, max_resident=max_resident, max_batch=max_batch, route_top_k=route_top_k)
     try:
         run_server(engine, host, port, ServerConfig(auth=not no_auth, log_interactions=log_interactions))
     finally:

@@ -7,14 +7,19 @@
 ...     GenerationRequest(engine.base_name, prompt="Hello", params=SamplingParams(temperature=0.7, seed=1)),
 ... ])                                                                       # doctest: +SKIP
 
-- Every row of a batch names its own model: an adapter reference, a stack ``A+B``, or the base's
-  name (no adapter). Each row computes what that adapter (or stack) alone would.
+- Every row of a batch names its own model: an adapter reference, a stack ``A+B``, a weighted stack
+  ``A+B*0.5`` (B's LoRA delta scaled by 0.5), or the base's name (no adapter). Each row computes
+  what that adapter (or stack) alone would.
+- ``domain:auto`` in a stack is replaced, at admission, by the router's ``route_top_k`` best domain
+  adapters for the request's prompt, weighted by the router (weights summing to 1, times the auto
+  part's own weight); ``GenerationResult.resolved`` shows the stack that ran.
 - A request's references are pinned to versions when it is admitted (``Store.resolve``); the pinned
   version is what runs, and what is cached (keys are ``kind:name@vN``), so a moved ``current`` is
   picked up by the next request and an old version is never served under the new name. An unknown
   adapter, version or malformed reference raises the store's error: there is no fallback to the base.
 - Adapters are loaded on first use into slot tensors (``persona.slots``) and applied per row by a
-  batched gather (``persona.layers.SlotRoute``); stacks loop over their depth.
+  batched gather (``persona.layers.SlotRoute``); stacks loop over their depth, and a part's weight
+  scales that row's update at that depth (one slot serves an adapter at any weight).
 - Generation runs its own decode loop over a KV cache, with left padding, per-row sampling
   (``persona.sampling``), incremental detokenization and stop strings (``persona.detokenize``).
   Finished rows leave the batch.
@@ -38,9 +43,9 @@ import torch
 from .base import BaseModel, load_base
 from .batching import BatchWorker, EngineClosed, Handle
 from .detokenize import TextStream
-from .errors import BaseMismatch, InvalidConfig, InvalidReference
+from .errors import AdapterNotFound, BaseMismatch, InvalidConfig, InvalidReference
 from .layers import LoraRuntime
-from .refs import RESERVED_NAMES, AdapterRef, parse_stack
+from .refs import MAX_STACK, RESERVED_NAMES, AdapterRef, StackPart, format_stack, parse_stack
 from .sampling import SamplingParams, choose_tokens, make_generator
 from .slots import AdapterCache, SlotBank, distinct_keys, group_rows
 
@@ -64,7 +69,8 @@ class GenerationRequest:
     """One request: which model, a prompt or chat messages, and how to sample.
 
     ``model`` is an adapter reference (``user:alice``, ``user:alice@v2``), a stack
-    (``user:alice+domain:finance``) or ``Engine.base_name``. Exactly one of ``prompt`` (raw text,
+    (``user:alice+domain:finance``), optionally weighted per part (``user:alice+domain:finance*0.5``)
+    and with ``domain:auto`` for the router's choice, or ``Engine.base_name``. Exactly one of ``prompt`` (raw text,
     tokenized as is) and ``messages`` (OpenAI-style ``{"role", "content"}`` dicts, rendered with the
     base tokenizer's chat template and a generation prompt) is given.
     """
@@ -101,8 +107,10 @@ class GenerationResult:
     """What one request produced.
 
     ``finish_reason`` is ``stop`` (end-of-sequence token or a stop string; the stop string is not in
-    ``text``) or ``length`` (``max_new_tokens`` or the context length). ``resolved`` lists the pinned
-    versions that ran (``("user:alice@v3",)``; empty for the base).
+    ``text``) or ``length`` (``max_new_tokens`` or the context length). ``model`` is the request's
+    model as sent. ``resolved`` lists the pinned parts that ran, with their weights
+    (``("user:alice@v3", "domain:finance@v1*0.5")``; empty for the base); ``domain:auto`` appears as
+    the domains the router chose. Joined with ``+`` it is a model that computes the same row.
     """
 
     text: str
@@ -141,13 +149,17 @@ class EngineStats:
 
 @dataclass
 class _Job:
-    """An admitted request: pinned refs, prompt tokens, the effective token budget, and its sink."""
+    """An admitted request: pinned parts, prompt tokens, the effective token budget, and its sink."""
 
     request: GenerationRequest
-    refs: tuple[AdapterRef, ...]
+    parts: tuple[StackPart, ...]
     prompt_ids: list[int]
     max_new_tokens: int
     handle: Handle
+
+    @property
+    def refs(self) -> tuple[AdapterRef, ...]:
+        return tuple(p.ref for p in self.parts)
 
 
 class _Row:
@@ -189,7 +201,7 @@ class _Row:
                 prompt_tokens=len(self.job.prompt_ids),
                 completion_tokens=self.tokens,
                 model=self.job.request.model,
-                resolved=tuple(str(r) for r in self.job.refs),
+                resolved=tuple(str(p) for p in self.job.parts),
             )
         )
 
@@ -201,6 +213,8 @@ class Engine:
     (else the CPU). ``max_resident`` bounds the adapters held in slots (least recently used are
     evicted); ``cpu_cache`` bounds the decoded adapters kept in CPU memory; ``max_batch`` bounds the
     rows of one batch; ``batch_wait_s`` is how long the worker waits for more requests to batch.
+    ``route_top_k`` is how many domain adapters ``domain:auto`` becomes (1: the router's best, at
+    weight 1).
     """
 
     def __init__(
@@ -213,15 +227,19 @@ class Engine:
         max_batch: int = 8,
         device: str | torch.device | None = None,
         batch_wait_s: float = 0.005,
+        route_top_k: int = 1,
     ):
         limits = (
             ("max_resident", max_resident, 1, 4096),
             ("cpu_cache", cpu_cache, 0, 1 << 20),
             ("max_batch", max_batch, 1, 4096),
+            ("route_top_k", route_top_k, 1, MAX_STACK),
         )
         for name, value, low, high in limits:
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise InvalidConfig(f"{name} must be an integer in {low}..{high}, got {value!r}")
+        if route_top_k > max_resident:
+            raise InvalidConfig(f"route_top_k={route_top_k} cannot exceed max_resident={max_resident}")
         if not isinstance(batch_wait_s, (int, float)) or not 0 <= batch_wait_s <= 10:
             raise InvalidConfig(f"batch_wait_s must be in [0, 10] seconds, got {batch_wait_s!r}")
         self.store = store
@@ -238,6 +256,7 @@ class Engine:
         self.model.requires_grad_(False)
         self.tokenizer = self.base.tokenizer
         self.max_batch = max_batch
+        self.route_top_k = route_top_k
         self.runtime = LoraRuntime.attach(self.model)
         dtype = next(self.model.parameters()).dtype
         bank = SlotBank(self.runtime, device=self.device, dtype=dtype)
@@ -264,34 +283,64 @@ class Engine:
         """The model name that selects no adapter (the base's id, e.g. ``smollm2-135m-instruct``)."""
         return self.base.info.id
 
-    def resolve(self, model: str) -> tuple[AdapterRef, ...]:
-        """Pin ``model`` to versions: ``user:a+domain:b`` -> ``(user:a@v3, domain:b@v1)``; the base -> ``()``.
+    def resolve(self, model: str) -> tuple[StackPart, ...]:
+        """Pin ``model`` to versions: ``user:a+domain:b*0.5`` -> ``(user:a@v3, domain:b@v1*0.5)``; the base -> ``()``.
 
         Raises ``InvalidReference``, ``AdapterNotFound`` or ``VersionNotFound``; never falls back.
+        ``domain:auto`` is refused here: it is chosen per prompt, when a request is admitted.
         """
-        if model == self.base_name:
-            return ()
-        refs = parse_stack(model)
-        for ref in refs:
-            if ref.name in RESERVED_NAMES:
+        parts = self._parse(model)
+        for part in parts:
+            if _is_auto(part.ref):
                 raise InvalidReference(
-                    f"{ref.id} is chosen per prompt by the router: send it in a request (generate, submit, HTTP), "
+                    f"{part.ref.id} is chosen per prompt by the router: send it in a request (generate, submit, HTTP), "
                     "or see the choice with `persona route PROMPT`"
                 )
-        if len(refs) > self._cache.max_resident:
-            raise InvalidConfig(f"{model!r} stacks {len(refs)} adapters but max_resident is {self._cache.max_resident}")
-        return tuple(self.store.resolve(ref) for ref in refs)
+        return self._pin(parts)
 
-    def preload(self, model: str) -> tuple[AdapterRef, ...]:
-        """Make ``model``'s adapters resident now (e.g. at startup); return the pinned refs."""
-        refs = self.resolve(model)
+    def check(self, model: str) -> tuple[StackPart, ...]:
+        """Validate ``model`` before any prompt is known: pin every part but ``domain:auto``.
+
+        Raises what :meth:`resolve` raises; a ``domain:auto`` part is left out of the result (the
+        router picks it per prompt at admission). Returns the pinned fixed parts.
+        """
+        parts = self._parse(model)
+        fixed = tuple(p for p in parts if not _is_auto(p.ref))
+        if len(parts) > len(fixed):
+            self._check_routed_depth(parts)
+        return self._pin(fixed)
+
+    def _parse(self, model: str) -> tuple[StackPart, ...]:
+        return () if model == self.base_name else parse_stack(model)
+
+    def _pin(self, parts: Sequence[StackPart]) -> tuple[StackPart, ...]:
+        if len(parts) > self._cache.max_resident:
+            raise InvalidConfig(
+                f"{format_stack(parts)!r} stacks {len(parts)} adapters but max_resident is {self._cache.max_resident}"
+            )
+        return tuple(StackPart(self.store.resolve(p.ref), p.weight) for p in parts)
+
+    def _check_routed_depth(self, parts: Sequence[StackPart]) -> None:
+        """Refuse a stack with ``domain:auto`` that top-k routing could grow past the stack or slot limit."""
+        depth = len(parts) - 1 + self.route_top_k
+        limit = min(MAX_STACK, self._cache.max_resident)
+        if depth > limit:
+            raise InvalidReference(
+                f"{format_stack(parts)!r} with route_top_k={self.route_top_k} can become {depth} adapters; "
+                f"at most {limit} fit (a stack holds {MAX_STACK}, max_resident is {self._cache.max_resident}): "
+                "lower the top-k or name fewer adapters"
+            )
+
+    def preload(self, model: str) -> tuple[StackPart, ...]:
+        """Make ``model``'s adapters resident now (e.g. at startup); return the pinned parts."""
+        parts = self.resolve(model)
         with self._lock:
             try:
-                for ref in refs:
-                    self._cache.acquire(ref, protected={str(r) for r in refs})
+                for part in parts:
+                    self._cache.acquire(part.ref, protected={str(p.ref) for p in parts})
             finally:
                 self._snapshot_residency()
-        return refs
+        return parts
 
     # ------------------------------------------------------------------ forward passes
     def logits(
@@ -306,16 +355,16 @@ class Engine:
                 f"logits needs input_ids [batch, seq] and one model per row; "
                 f"got {tuple(input_ids.shape)} and {len(models)} models"
             )
-        refs = [self.resolve(m) for m in models]
+        parts = [self.resolve(m) for m in models]
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        out: list[torch.Tensor | None] = [None] * len(refs)
+        out: list[torch.Tensor | None] = [None] * len(parts)
         with self._lock, torch.no_grad():
-            for group in group_rows(refs, self._cache.max_resident):
+            for group in group_rows([[p.ref for p in row] for row in parts], self._cache.max_resident):
                 rows = torch.tensor(group)
                 ids, mask = input_ids[rows].to(self.device), attention_mask[rows].to(self.device)
                 try:
-                    self._route([refs[i] for i in group])
+                    self._route([parts[i] for i in group])
                     logits = self._forward(ids, mask, _positions(mask), cache=None, last_only=False)
                 finally:
                     self.runtime.clear_routes()
@@ -324,12 +373,13 @@ class Engine:
                 self._count(batches=1)
         return torch.stack(out)  # type: ignore[arg-type]
 
-    def _route(self, refs_per_row: Sequence[Sequence[AdapterRef]], *, decoding: bool = False) -> None:
-        """Make every adapter of these rows resident and route each row to its slots.
+    def _route(self, parts_per_row: Sequence[Sequence[StackPart]], *, decoding: bool = False) -> None:
+        """Make every adapter of these rows resident and route each row to its slots, at its parts' weights.
 
         A decode loop pre-gathers each row's factors once (when that fits ``PREGATHER_BYTES``)
         rather than gathering them again at every step.
         """
+        refs_per_row = [[p.ref for p in parts] for parts in parts_per_row]
         keys = distinct_keys(refs_per_row)
         protected = {str(r) for r in keys}
         for ref in keys:
@@ -338,7 +388,8 @@ class Engine:
         bank = self._cache.bank
         depth = max((len(r) for r in refs_per_row), default=0)
         pregather = decoding and len(refs_per_row) * depth * bank.slot_nbytes <= PREGATHER_BYTES
-        self.runtime.set_routes(bank.routes(self._cache.slots_for(refs_per_row), pregather=pregather))
+        slots = self._cache.slots_for(refs_per_row)
+        self.runtime.set_routes(bank.routes(slots, _weight_table(parts_per_row, slots.shape), pregather=pregather))
 
     def _forward(self, input_ids, attention_mask, position_ids, *, cache, last_only: bool) -> torch.Tensor:
         kwargs: dict[str, Any] = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
@@ -353,12 +404,15 @@ class Engine:
         return logits[:, -1] if last_only else logits
 
     # ------------------------------------------------------------------ admission
-    def _resolve_request(self, request: GenerationRequest) -> tuple[AdapterRef, ...]:
-        """Pin the request's model; a ``domain:auto`` part becomes the router's top-1 domain for
-        this prompt (weight 1, so the row computes exactly what that domain adapter computes)."""
-        parts = parse_stack(request.model) if request.model != self.base_name else ()
-        if not any(p.kind == "domain" and p.name in RESERVED_NAMES for p in parts):
+    def _resolve_request(self, request: GenerationRequest) -> tuple[StackPart, ...]:
+        """Pin the request's model. A ``domain:auto*W`` part becomes the router's ``route_top_k`` best
+        domains for this prompt (never one the stack already names), each at W x its routing weight;
+        at top-1 that is one domain at weight W, so the row computes exactly what that domain computes."""
+        parts = self._parse(request.model)
+        if not any(_is_auto(p.ref) for p in parts):
             return self.resolve(request.model)
+        self._check_routed_depth(parts)
+        named = {p.ref.id for p in parts}
         # The router runs the base model: never while a batch has adapters routed on it.
         with self._lock, self._tokenizer_lock:
             if self._router is None:
@@ -366,14 +420,23 @@ class Engine:
 
                 self._router = Router(self.store, self.model, self.tokenizer)
             prompt = request.messages if request.messages is not None else request.prompt
-            choice = self._router.route(prompt, top_k=1)[0]
-        chosen = [choice.adapter if (p.kind == "domain" and p.name in RESERVED_NAMES) else str(p) for p in parts]
-        return self.resolve("+".join(chosen))
+            choices = self._router.route(prompt, top_k=self.route_top_k, exclude=named)
+        if not choices:
+            raise AdapterNotFound(
+                f"domain:auto has no domain adapter left to pick: {request.model!r} already names every routable domain"
+            )
+        pinned: list[StackPart] = []
+        for part in parts:
+            if _is_auto(part.ref):
+                pinned.extend(StackPart(c.ref, part.weight * c.weight) for c in choices if part.weight * c.weight > 0)
+            else:
+                pinned.append(part)
+        return self._pin(pinned)
 
     def _admit(self, request: GenerationRequest, *, streaming: bool = True) -> _Job:
         if not isinstance(request, GenerationRequest):
             raise InvalidConfig(f"expected a GenerationRequest, got {type(request).__name__}")
-        refs = self._resolve_request(request)
+        parts = self._resolve_request(request)
         with self._tokenizer_lock:
             if request.messages is not None:
                 try:
@@ -390,8 +453,8 @@ class Engine:
         room = self.context_length - len(ids)
         if room < 1:
             raise InvalidConfig(f"the prompt has {len(ids)} tokens; the base's context holds {self.context_length}")
-        handle = Handle(request, tuple(str(r) for r in refs), streaming=streaming)
-        return _Job(request, refs, list(ids), min(request.params.max_new_tokens, room), handle)
+        handle = Handle(request, tuple(str(p) for p in parts), streaming=streaming)
+        return _Job(request, parts, list(ids), min(request.params.max_new_tokens, room), handle)
 
     # ------------------------------------------------------------------ generation
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
@@ -491,7 +554,7 @@ class Engine:
             mask[i, width - n :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = _positions(mask)
-        self._route([r.job.refs for r in rows], decoding=True)
+        self._route([r.job.parts for r in rows], decoding=True)
         cache = _new_cache(self.model)
         logits = self._forward(ids, mask, positions, cache=cache, last_only=True)
         next_pos = positions[:, -1:] + 1
@@ -511,7 +574,7 @@ class Engine:
                 cache.batch_select_indices(index)
                 mask, next_pos, tokens = mask[index], next_pos[index], tokens[index]
                 rows = [rows[i] for i in keep]
-                self._route([r.job.refs for r in rows], decoding=True)
+                self._route([r.job.parts for r in rows], decoding=True)
             mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
             logits = self._forward(tokens.view(-1, 1), mask, next_pos, cache=cache, last_only=True)
             next_pos = next_pos + 1
@@ -538,6 +601,21 @@ class Engine:
         with self._stats_lock:
             for key, value in increments.items():
                 self._counts[key] += value
+
+
+def _is_auto(ref: AdapterRef) -> bool:
+    return ref.kind == "domain" and ref.name in RESERVED_NAMES
+
+
+def _weight_table(parts_per_row: Sequence[Sequence[StackPart]], shape: torch.Size) -> torch.Tensor | None:
+    """``[depth, rows]`` weights of the rows' parts (1 where a stack is shorter); None when all are 1."""
+    if all(p.weight == 1.0 for parts in parts_per_row for p in parts):
+        return None
+    table = torch.ones(shape, dtype=torch.float32)
+    for i, parts in enumerate(parts_per_row):
+        for d, part in enumerate(parts):
+            table[d, i] = part.weight
+    return table
 
 
 def _cancelled() -> BaseException:

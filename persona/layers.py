@@ -75,8 +75,8 @@ class SlotRoute:
     already folded into B; slot 0 holds zeros (no adapter). ``rows`` is the slot of every row of the
     batch (a LongTensor ``[batch]``, gathered at each forward), one int when every row reads the same
     slot (no gather), or None when the tensors are already gathered, one entry per row.
-    ``row_scale``, when given, multiplies each row's update (``[batch, 1, 1]``, or a float with an
-    int ``rows``): per-part weights of a stack.
+    ``row_scale``, when given, multiplies each row's update (``[batch, 1, 1]``, or a float when
+    every row has the same weight): per-part weights of a stack (``domain:finance*0.5``).
     """
 
     a_slots: torch.Tensor
@@ -133,7 +133,9 @@ class AdapterLinear(nn.Module):
 def _apply_route(route: SlotRoute, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if isinstance(route.rows, int):  # every row reads one slot: plain matmuls on views, no copy
         h = x @ route.a_slots[route.rows].t()
-        if route.row_scale is not None:
+        if isinstance(route.row_scale, torch.Tensor):  # [batch, 1, 1], one weight per row: fit h's rank
+            h = h * route.row_scale.view(-1, *([1] * (h.dim() - 1)))
+        elif route.row_scale is not None:
             h = h * route.row_scale
         return y + h @ route.b_slots[route.rows].t()
     batch = route.a_slots.shape[0] if route.rows is None else route.rows.shape[0]

@@ -1,4 +1,4 @@
-"""Adapter references: the one place where names, versions, aliases and stacks are parsed.
+"""Adapter references: the one place where names, versions, aliases, stacks and weights are parsed.
 
 Grammar (see docs/REFERENCES.md)::
 
@@ -7,16 +7,24 @@ Grammar (see docs/REFERENCES.md)::
     NAME   := [a-z0-9][a-z0-9._-]{0,63}
     SELECTOR := "v" DIGITS            (a version number, v3 == v0003)
               | ALIAS                 ([a-z][a-z0-9_-]{0,31}, e.g. current, candidate)
-    STACK  := REF ( "+" REF )*
+    STACK  := PART ( "+" PART )*      (at most 8 parts, each adapter once)
+    PART   := REF [ "*" WEIGHT ]      (no weight means 1)
+    WEIGHT := ( "0" | [1-9][0-9]* ) [ "." [0-9]+ ]
+                                      (a plain decimal: 0.5, 2, 1.25; no sign, exponent, ".5" or "2.";
+                                       its value in (0, 10])
 
-Everything else is rejected with an error that states the rule. Names are ASCII only: a unicode
-look-alike of a letter is not a letter here.
+A weight scales that part's LoRA delta: ``domain:finance*0.5`` applies finance at half its own
+scale (effective scale = alpha / r x weight). Everything else is rejected with an error that states
+the rule. Names are ASCII only: a unicode look-alike of a letter is not a letter here.
 """
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 
 from .errors import InvalidName, InvalidReference
 
@@ -31,7 +39,10 @@ RESERVED_NAMES = frozenset({"auto"})
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}", re.ASCII)
 _ALIAS_RE = re.compile(r"[a-z][a-z0-9_-]{0,31}", re.ASCII)
 _VERSION_RE = re.compile(r"v([0-9]{1,9})", re.ASCII)
+_WEIGHT_RE = re.compile(r"(?:0|[1-9][0-9]*)(?:\.[0-9]+)?", re.ASCII)
 MAX_STACK = 8
+MAX_WEIGHT = 10.0
+WEIGHT_RULE = f"a weight is a plain decimal such as 0.5 or 2, greater than 0 and at most {MAX_WEIGHT:g}"
 
 
 def validate_kind(kind: str) -> str:
@@ -105,6 +116,9 @@ class AdapterRef:
         rule = f"an adapter reference is KIND:NAME[@vN|@alias] with KIND in {{{', '.join(KINDS)}}} and NAME matching {NAME_RULE}"
         if "+" in text:
             raise InvalidReference(f"{text!r} is a stack (A+B); a single adapter is expected here")
+        if "*" in text:
+            raise InvalidReference(f"{text!r} has a weight (*W), which only a part of a stack takes; "
+                                   "a single adapter is expected here")
         kind, sep, rest = text.partition(":")
         if not sep:
             raise InvalidReference(f"invalid reference {text!r}: {rule}")
@@ -154,15 +168,93 @@ def parse_ref(text: str | AdapterRef) -> AdapterRef:
     return text if isinstance(text, AdapterRef) else AdapterRef.parse(text)
 
 
-def parse_stack(text: str) -> tuple[AdapterRef, ...]:
-    """Parse ``A+B+...`` into references; a single reference is a stack of one."""
+def validate_weight(weight: float, text: str | None = None) -> float:
+    """Return ``weight`` as a float if it is a finite number in (0, MAX_WEIGHT], else raise.
+
+    ``text`` is how the weight was written, for the message.
+    """
+    shown = repr(text) if text is not None else repr(weight)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise InvalidReference(f"invalid weight {shown}: {WEIGHT_RULE}")
+    value = float(weight)
+    if value == 0:
+        raise InvalidReference(f"invalid weight {shown}: {WEIGHT_RULE} (to leave an adapter out, leave it out of the stack)")
+    if not math.isfinite(value) or not 0 < value <= MAX_WEIGHT:
+        raise InvalidReference(f"invalid weight {shown}: {WEIGHT_RULE}")
+    return value
+
+
+def parse_weight(text: str) -> float:
+    """Parse the text after ``*`` in a stack part: ``0.5`` -> 0.5; refuse anything but a plain decimal."""
+    if _WEIGHT_RE.fullmatch(text) is None:
+        hint = " (a weight comes last: KIND:NAME@vN*W)" if "@" in text else ""
+        raise InvalidReference(f"invalid weight {text!r}: {WEIGHT_RULE}{hint}")
+    return validate_weight(float(text), text)
+
+
+def format_weight(weight: float) -> str:
+    """The shortest plain decimal that parses back to exactly ``weight``: 0.5, 2, 0.000000002."""
+    text = format(Decimal(repr(float(weight))), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+@dataclass(frozen=True)
+class StackPart:
+    """One part of a stack: an adapter and the weight its LoRA delta is scaled by (1: as trained).
+
+    >>> StackPart.parse("domain:finance*0.5")
+    StackPart(ref=AdapterRef(kind='domain', name='finance', version=None, alias=None), weight=0.5)
+    >>> str(StackPart.parse("domain:finance*1.0"))       # a weight of 1 is no weight
+    'domain:finance'
+    """
+
+    ref: AdapterRef
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ref, AdapterRef):
+            raise InvalidReference(f"a stack part holds an AdapterRef, got {type(self.ref).__name__}")
+        object.__setattr__(self, "weight", validate_weight(self.weight))
+
+    @classmethod
+    def parse(cls, text: str) -> StackPart:
+        """Parse ``REF[*WEIGHT]``."""
+        if not isinstance(text, str):
+            raise InvalidReference(f"a stack part must be a string, got {type(text).__name__}")
+        ref_text, star, weight_text = text.partition("*")
+        if not star:
+            return cls(AdapterRef.parse(text))
+        if "*" in weight_text:
+            raise InvalidReference(f"invalid stack part {text!r}: one '*' per part, followed by its weight")
+        if not weight_text:
+            raise InvalidReference(f"invalid stack part {text!r}: '*' must be followed by a weight; {WEIGHT_RULE}")
+        return cls(AdapterRef.parse(ref_text), parse_weight(weight_text))
+
+    def __str__(self) -> str:
+        return str(self.ref) if self.weight == 1.0 else f"{self.ref}*{format_weight(self.weight)}"
+
+
+def parse_stack(text: str) -> tuple[StackPart, ...]:
+    """Parse ``A+B*0.5+...`` into parts; a single reference is a stack of one part of weight 1.
+
+    >>> [str(p) for p in parse_stack("user:alice+domain:finance*0.5")]
+    ['user:alice', 'domain:finance*0.5']
+    """
     if not isinstance(text, str) or not text:
-        raise InvalidReference("an adapter stack is one or more references joined by '+', e.g. user:alice+domain:finance")
-    parts = text.split("+")
-    if len(parts) > MAX_STACK:
-        raise InvalidReference(f"a stack holds at most {MAX_STACK} adapters, got {len(parts)}")
-    refs = tuple(AdapterRef.parse(p) for p in parts)
-    ids = [r.id for r in refs]
+        raise InvalidReference(
+            "an adapter stack is one or more references joined by '+', each optionally weighted, "
+            "e.g. user:alice+domain:finance*0.5"
+        )
+    pieces = text.split("+")
+    if len(pieces) > MAX_STACK:
+        raise InvalidReference(f"a stack holds at most {MAX_STACK} adapters, got {len(pieces)}")
+    parts = tuple(StackPart.parse(p) for p in pieces)
+    ids = [p.ref.id for p in parts]
     if len(set(ids)) != len(ids):
         raise InvalidReference(f"stack {text!r} names the same adapter twice")
-    return refs
+    return parts
+
+
+def format_stack(parts: Sequence[StackPart]) -> str:
+    """The stack text of ``parts`` (what :func:`parse_stack` reads back)."""
+    return "+".join(str(p) for p in parts)

@@ -20,11 +20,15 @@ Two scorers:
 benchmarks/compose.py measures both on the real base; centroid is the default because it was
 the more accurate there at the same cost (see docs).
 
-Weights are a softmax of the top-k scores divided by ``temperature``. Per-domain state is cached in
-memory keyed by (domain, version) and checked on every call (one small ``refs.json`` read per
-domain), so a new version is picked up at once. Centroids are also persisted, as derived data,
-under ``ROOT/.cache/router/`` (safetensors, atomically written, validated against the domain's
-version, replay digest and the base fingerprint before use).
+Weights are a softmax of the top-k scores divided by ``temperature`` (default 0.1): the scores are
+cosines, so a domain 0.1 closer gets e times the weight of the next, near-ties share, and top-1 is
+weight 1 exactly. It equals the softmax over every domain restricted to the top k and renormalized
+to sum to 1. ``domain:auto*W`` in a stack multiplies these weights by W (see ``persona.engine``).
+
+Per-domain state is cached in memory keyed by (domain, version) and checked on every call (one
+small ``refs.json`` read per domain), so a new version is picked up at once. Centroids are also
+persisted, as derived data, under ``ROOT/.cache/router/`` (safetensors, atomically written,
+validated against the domain's version, replay digest and the base fingerprint before use).
 
 >>> router = Router.load(Store.open())                                    # doctest: +SKIP
 >>> router.route("How long do I boil an egg?", top_k=1)                   # doctest: +SKIP
@@ -37,7 +41,7 @@ import hashlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Iterable, Mapping, Sequence, Union
 
 import torch
 
@@ -62,6 +66,10 @@ class RouteScore:
 
     adapter: str
     score: float
+
+    @property
+    def ref(self) -> AdapterRef:
+        return AdapterRef.parse(self.adapter)
 
     def to_dict(self) -> dict[str, Any]:
         return {"adapter": self.adapter, "score": self.score}
@@ -208,12 +216,15 @@ class Router:
         out = [RouteScore(f"domain:{d}@v{state[d][0]}", float(v)) for d, v in zip(domains, values)]
         return tuple(sorted(out, key=lambda s: (-s.score, s.adapter)))
 
-    def route(self, prompt: Prompt, top_k: int = 1) -> tuple[RouteChoice, ...]:
-        """The ``top_k`` domain adapters for ``prompt`` (pinned refs), weights summing to 1.
+    def route(self, prompt: Prompt, top_k: int = 1, *, exclude: Iterable[str] = ()) -> tuple[RouteChoice, ...]:
+        """The ``top_k`` domain adapters for ``prompt`` (pinned refs), best first, weights summing to 1.
 
-        Fewer than ``top_k`` come back when fewer domains are routable.
+        ``exclude`` names domains (``domain:finance``) not to pick, e.g. those a stack already
+        holds. Fewer than ``top_k`` come back when fewer domains are routable; none when every
+        routable domain is excluded.
         """
-        return select(self.scores(prompt), top_k, self.temperature)
+        skip = set(exclude)
+        return select([s for s in self.scores(prompt) if s.ref.id not in skip], top_k, self.temperature)
 
     # ------------------------------------------------------------------ store side
 

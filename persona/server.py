@@ -4,8 +4,9 @@ Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (JSON or SSE 
 ``GET /v1/models``, ``GET /healthz`` (no auth), ``GET /metrics`` (Prometheus text format).
 
 ``model`` names what serves the request: an adapter reference (``user:alice``, ``user:alice@v2``), a
-stack (``user:alice+domain:finance``) or the base's name for no adapter. An unknown adapter, or one
-the caller's token may not reach, is a 404 (the same answer, so a token cannot probe for users);
+stack (``user:alice+domain:finance``), weighted per part (``user:alice+domain:finance*0.5``), with
+``domain:auto`` for the router's choice, or the base's name for no adapter. Responses echo ``model``
+as sent. An unknown adapter, or a part of a stack the caller's token may not reach, is a 404 (the same answer, so a token cannot probe for users);
 the server never falls back to the base model. Concurrent requests are batched together across
 adapters by the engine's worker. The server is thin: it validates, authorizes, submits to the
 engine, and formats OpenAI-shaped responses and errors.
@@ -146,21 +147,22 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
             raise ApiError(401, f"{exc}: send Authorization: Bearer <token> (issue one with `persona token create`)",
                            "authentication_error", "invalid_api_key") from None
 
-    def resolve(model: str, scope: Scope | None):
-        """Pinned refs for ``model`` (empty for the base); 404 for unknown or unreachable adapters."""
+    def check(model: str, scope: Scope | None) -> None:
+        """400 for a malformed model, 404 for unknown adapters or any part the token may not reach."""
         if model == engine.base_name:
-            return ()
+            return
         try:
-            refs = parse_stack(model)
+            parts = parse_stack(model)
         except InvalidReference as exc:
             raise ApiError(400, f"invalid model {model!r}: {exc}", "invalid_request_error", "invalid_model", "model") from None
-        if scope is not None and not scope.allows(refs):
+        if scope is not None and not scope.allows(parts):  # every part, whatever its weight
             raise _not_found(model)
-        fixed = [str(r) for r in refs if not (r.kind == "domain" and r.name == "auto")]  # auto: chosen per prompt
         try:
-            return engine.resolve("+".join(fixed)) if fixed else ()
+            engine.check(model)  # pins the named parts; domain:auto is routed per prompt at admission
         except (AdapterNotFound, VersionNotFound):
             raise _not_found(model) from None
+        except PersonaError as exc:
+            raise ApiError(400, f"invalid model {model!r}: {exc}", "invalid_request_error", "invalid_model", "model") from None
 
     def sampling(body: _Common):
         from .engine import SamplingParams
@@ -185,7 +187,7 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
     def log_chat(model: str, messages: list[dict[str, str]], answer: str) -> None:
         if not config.log_interactions or not answer.strip():
             return
-        users = [r for r in parse_stack(model) if r.kind == "user"] if model != engine.base_name else []
+        users = [p.ref for p in parse_stack(model) if p.ref.kind == "user"] if model != engine.base_name else []
         if len(users) != 1:
             return
         from .data import Interaction
@@ -203,7 +205,7 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
 
         started = time.perf_counter()
         scope = authorize(request)
-        resolve(body.model, scope)
+        check(body.model, scope)
         params = sampling(body)
         messages = [m.model_dump() for m in body.messages] if chat else None
         gen = GenerationRequest(model=body.model, prompt=None if chat else body.prompt,
@@ -288,8 +290,7 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
         created = int(time.time())
         data = [{"id": engine.base_name, "object": "model", "created": created, "owned_by": "persona"}]
         for adapter in store.list():
-            ref = parse_stack(adapter.adapter)
-            if scope is None or scope.allows(ref):
+            if scope is None or scope.allows(parse_stack(adapter.adapter)):
                 data.append({"id": adapter.adapter, "object": "model", "created": created, "owned_by": "persona",
                              "current_version": adapter.current})
         requests_total.labels("/v1/models", "200").inc()

@@ -127,7 +127,8 @@ class SlotBank:
     ) -> dict[str, list[SlotRoute]]:
         """Routes for a batch: ``slot_rows[d, i]`` is the slot row i reads at stack depth d.
 
-        ``row_scale`` (same shape, optional) weights each part of each row. Depths where every row
+        ``row_scale`` (same shape, optional) weights each part of each row (a stack part's
+        ``*W``); a depth whose weights are all 1 is routed exactly as without them. Depths where every row
         reads slot 0, and modules that none of a depth's adapters targets, are skipped. With
         ``pregather`` the rows' factors are gathered once here (memory: one adapter per row, held
         while the routes are) instead of at every forward: a decode loop reads them once per step
@@ -142,14 +143,19 @@ class SlotBank:
             if not used:
                 continue
             scale = row_scale[depth] if row_scale is not None else None
+            if scale is not None and bool((scale == 1).all()):
+                scale = None  # an unweighted depth takes the unweighted path, bit for bit
+            scale_arg: torch.Tensor | float | None = None
             if len(distinct) == 1:  # one adapter on every row: no gather
                 rows: torch.Tensor | int = used[0]
-                scale_arg = float(scale[0]) if scale is not None else None
+                if scale is not None and bool((scale == scale[0]).all()):
+                    scale_arg = float(scale[0])
+                elif scale is not None:  # the same adapter at different weights: still no gather
+                    scale_arg = scale.to(device=self.device, dtype=self.dtype).view(-1, 1, 1)
             else:
                 rows = row_slots.to(self.device)
-                scale_arg = scale.to(device=self.device, dtype=self.dtype).view(-1, 1, 1) if scale is not None else None
-            if isinstance(scale_arg, float) and scale_arg == 1.0:
-                scale_arg = None
+                if scale is not None:
+                    scale_arg = scale.to(device=self.device, dtype=self.dtype).view(-1, 1, 1)
             targeted = set().union(*(self._targets[s][0] for s in used))
             for name in targeted:
                 if pregather and not isinstance(rows, int):

@@ -72,15 +72,15 @@ def tiny_base(tokenizer) -> str:
 
 @pytest.fixture
 def run_cli(tiny_base, isolated_store):
-    """``run_cli(*args, ok=True)``: invoke the persona CLI in-process on a store bound to the tiny base."""
+    """``run_cli(*args, ok=True, input=None)``: invoke the persona CLI in-process on a store bound to the tiny base."""
     from click.testing import CliRunner
 
     from persona.cli import main
 
     runner = CliRunner()
 
-    def run(*args, ok=True):
-        result = runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+    def run(*args, ok=True, input=None):
+        result = runner.invoke(main, [str(a) for a in args], catch_exceptions=False, input=input)
         if ok:
             assert result.exit_code == 0, result.output
         return result

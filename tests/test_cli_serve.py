@@ -48,6 +48,19 @@ def test_generate_json(cli, tiny_base):
     assert out["resolved"] == ["user:alice@v1"] and out["completion_tokens"] <= 5
     missing = cli("generate", "user:nobody", "Hello", ok=False)
     assert missing.exit_code == 1 and "user:nobody" in missing.output
+    weighted = json.loads(cli("generate", "user:alice+domain:finance*0.5", "Hello", "--max-new-tokens", 3, "--json").stdout)
+    assert weighted["resolved"] == ["user:alice@v1", "domain:finance@v1*0.5"]
+    assert weighted["model"] == "user:alice+domain:finance*0.5"
+    bad = cli("generate", "user:alice*0", "Hello", ok=False)
+    assert bad.exit_code == 1 and "greater than 0" in bad.output
+
+
+def test_chat_takes_a_weighted_stack_and_checks_it_before_the_first_prompt(cli):
+    out = cli("chat", "user:alice+domain:finance*0.5", "--max-new-tokens", 2, input="Hello\n\n")
+    assert "chatting with user:alice+domain:finance*0.5" in out.output
+    for model, message in (("user:alice*0", "greater than 0"), ("user:nobody*0.5", "user:nobody")):
+        refused = cli("chat", model, input="Hello\n\n", ok=False)
+        assert refused.exit_code == 1 and message in refused.output and "chatting" not in refused.output
 
 
 def test_merge_then_delete_refuses_without_cascade(cli, isolated_store):

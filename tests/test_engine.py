@@ -15,6 +15,7 @@ from persona import (
     InvalidConfig,
     InvalidReference,
     LoraSettings,
+    StackPart,
     Store,
     VersionNotFound,
 )
@@ -97,6 +98,75 @@ def test_mixed_batch_rows_match_peft_each_alone(engine, store, tiny_base):
     assert (ours[0] - ours[3]).abs().max() > 1e-2 and (ours[0] - ours[5]).abs().max() > 1e-2  # mix-ups would show
 
 
+def peft_weighted_logits(model, weights, ids=IDS):
+    """PEFT's logits with the named adapters active, each LoRA scaling multiplied by its weight."""
+    from peft.tuners.lora import LoraLayer
+
+    names = {n.replace(":", "_").replace("@", "_"): w for n, w in weights.items()}
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    saved = [dict(m.scaling) for m in layers]
+    try:
+        for layer in layers:
+            for name, w in names.items():
+                if name in layer.scaling:
+                    layer.scaling[name] *= w
+        return peft_logits(model, list(weights), ids)
+    finally:
+        for layer, scaling in zip(layers, saved, strict=True):
+            layer.scaling.clear()
+            layer.scaling.update(scaling)
+
+
+def test_weighted_parts_match_peft_with_scaled_lora_alongside_unweighted_rows(engine, store, tiny_base):
+    models = ["user:a", "domain:c*0.5", "user:a+domain:c*0.5", engine.base_name, "user:a*2+user:b*0.25", "domain:c"]
+    ours = engine.logits(IDS, torch.ones_like(IDS), models)
+    a, b, c = (store.resolve(r) for r in ("user:a", "user:b", "domain:c"))
+    peft = peft_model(tiny_base, store, [a, b, c])
+    expected = {0: {a: 1.0}, 1: {c: 0.5}, 2: {a: 1.0, c: 0.5}, 4: {a: 2.0, b: 0.25}, 5: {c: 1.0}}
+    for row, weights in expected.items():
+        theirs = peft_weighted_logits(peft, {str(r): w for r, w in weights.items()})
+        assert (ours[row] - theirs[row]).abs().max() < 1e-4, (row, models[row])
+    # the weight is applied, not ignored: half of domain:c is neither all of it nor none
+    assert (ours[1] - ours[5]).abs().max() > 1e-2
+    unweighted = engine.logits(IDS, torch.ones_like(IDS), ["user:a", "domain:c", "user:a+domain:c", engine.base_name,
+                                                            "user:a+user:b", "domain:c"])
+    for row in (0, 3, 5):  # unweighted rows are untouched by their neighbours' weights, bit for bit
+        assert torch.equal(ours[row], unweighted[row])
+    assert {k.split("@")[0] for k in engine.stats().resident} == {"user:a", "user:b", "domain:c"}  # one slot per adapter
+
+
+def test_weight_one_is_exactly_unweighted(engine):
+    plain = engine.logits(IDS[:3], None, ["user:a", "user:a+domain:c", "domain:c+user:b"])
+    for models in (["user:a*1", "user:a*1.0+domain:c", "domain:c*1+user:b*1.000"],
+                   ["user:a*1", "user:a+domain:c*1", "domain:c+user:b"]):
+        assert torch.equal(engine.logits(IDS[:3], None, models), plain)
+    assert engine.resolve("user:a*1.0+domain:c") == engine.resolve("user:a+domain:c")
+    assert engine.generate([greedy("user:a*1", n=6)])[0].text == engine.generate([greedy("user:a", n=6)])[0].text
+
+
+def test_one_adapter_at_several_weights_in_one_batch(engine, store, tiny_base):
+    """Every row reads the same slot (the no-gather path) at its own weight."""
+    models = ["domain:c*0.5", "domain:c", "domain:c*2"]
+    ours = engine.logits(IDS[:3], None, models)
+    c = store.resolve("domain:c")
+    peft = peft_model(tiny_base, store, [c])
+    for row, w in enumerate((0.5, 1.0, 2.0)):
+        assert (ours[row] - peft_weighted_logits(peft, {str(c): w}, IDS[:3])[row]).abs().max() < 1e-4, models[row]
+
+
+def test_weighted_generation_resolves_and_batches_like_alone(engine):
+    models = ["user:a+domain:c*0.5", "user:a+domain:c", "domain:c*0.3", "user:b*1.5"]
+    requests = [greedy(m, prompt=p, n=10) for m, p in zip(models, PROMPTS, strict=True)]
+    together = engine.generate(requests)
+    assert [r.resolved for r in together] == [("user:a@v1", "domain:c@v1*0.5"), ("user:a@v1", "domain:c@v1"),
+                                              ("domain:c@v1*0.3",), ("user:b@v1*1.5",)]
+    assert together[0].model == "user:a+domain:c*0.5"
+    for request, result in zip(requests, together, strict=True):
+        assert engine.generate([request])[0] == result
+    with pytest.raises(InvalidReference, match="plain decimal"):
+        engine.generate([greedy("user:a*-1")])
+
+
 def test_left_padded_rows_match_unpadded(engine):
     short = torch.tensor([[11, 12, 13]])
     batch = torch.tensor([[0, 0, 0, 0, 0, 11, 12, 13], [5, 17, 300, 42, 9, 11, 7, 8]])
@@ -152,7 +222,7 @@ def test_new_current_version_is_picked_up_and_pins_hold(engine, store, tiny_base
     gen = torch.Generator().manual_seed(99)
     new = {k: torch.randn(v.shape, generator=gen) * 0.2 for k, v in loaded.tensors.items()}
     store.publish_version("user:a", new, loaded.config, parent=1)
-    assert engine.resolve("user:a") == (store.resolve("user:a@v2"),)
+    assert engine.resolve("user:a") == (StackPart(store.resolve("user:a@v2")),)
     v2 = engine.logits(IDS[:1], None, ["user:a"])
     assert (v2 - v1).abs().max() > 1e-2
     peft = peft_model(tiny_base, store, [store.resolve("user:a")])

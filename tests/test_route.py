@@ -19,6 +19,7 @@ from persona.cli import PersonaGroup
 from persona.cli_compose import COMMANDS
 from persona.data import Interaction
 from persona.layers import Activation, AdapterWeights, LoraRuntime
+from persona.refs import MAX_STACK, StackPart, format_stack, format_weight, parse_stack
 from persona.route import CACHE_DIR, Router, prompt_text, select, top_right_singular_vector
 from persona.train import Trainer, UpdateConfig
 
@@ -212,8 +213,13 @@ def test_cli_route(world, monkeypatch):
     data = json.loads(out.output)
     assert data["choices"][0]["adapter"] == "domain:cooking@v2" and len(data["choices"]) == 2
     assert len(data["scores"]) == 3 and data["method"] == "centroid"
+    first, second = data["choices"]
+    assert first["adapter"] != second["adapter"] and first["weight"] > second["weight"]
+    assert first["weight"] + second["weight"] == pytest.approx(1.0) and first["score"] >= second["score"]
+    assert data["stack"] == f"{first['adapter']}*{format_weight(first['weight'])}+{second['adapter']}*{format_weight(second['weight'])}"
     text = runner.invoke(group, ["route", "garlic oven pasta butter", "--store", str(store.root)]).output
     assert text.startswith("route: domain:cooking@v2 (weight 1.000)") and "domain:finance@v2" in text
+    assert "stack: domain:cooking@v2\n" in text  # top-1: weight 1, the plain adapter
 
 
 def test_engine_serves_domain_auto_with_the_routers_choice(world):
@@ -238,3 +244,81 @@ def test_engine_serves_domain_auto_with_the_routers_choice(world):
             engine.resolve("domain:auto")
     finally:
         engine.close()
+
+
+def test_engine_domain_auto_top_2_equals_the_weighted_stack_it_resolved_to(world, router):
+    from persona.engine import Engine, GenerationRequest, SamplingParams
+
+    store, trainer = world
+    text = prompts("medicine", 1, seed=11)[0]
+    expected = router.route(text, top_k=2)
+    best, second = expected
+    assert best.adapter == "domain:medicine@v2" and second.adapter != best.adapter  # two distinct domains, best first
+    assert best.weight + second.weight == pytest.approx(1.0) and best.weight > second.weight
+    params = SamplingParams(max_new_tokens=8)
+    with Engine(store, base=trainer.base, max_resident=4, route_top_k=2) as engine:
+        routed = engine.generate([
+            GenerationRequest("domain:auto", prompt=text, params=params),
+            GenerationRequest("user:alice+domain:auto*0.5", prompt=text, params=params),
+        ])
+        assert parse_stack("+".join(routed[0].resolved)) == tuple(StackPart(c.ref, c.weight) for c in expected)
+        halved = parse_stack("+".join(routed[1].resolved))
+        assert halved == (StackPart(parse_stack("user:alice@v2")[0].ref),
+                          *(StackPart(c.ref, 0.5 * c.weight) for c in expected))
+        assert sum(p.weight for p in halved[1:]) == pytest.approx(0.5)  # the auto part's weight times the route's
+        assert routed[1].model == "user:alice+domain:auto*0.5"  # the request's model, as sent
+        explicit = engine.generate([GenerationRequest("+".join(r.resolved), prompt=text, params=params) for r in routed])
+        assert [e.text for e in explicit] == [r.text for r in routed]
+        assert [e.resolved for e in explicit] == [r.resolved for r in routed]
+        # and the second domain really takes part: the weighted pair is not the best domain alone
+        ids = torch.tensor([trainer.tokenizer(text)["input_ids"]] * 2)
+        pair, alone = engine.logits(ids, None, ["+".join(routed[0].resolved), best.adapter])
+        assert not torch.equal(pair, alone)
+
+
+def test_domain_auto_never_repeats_a_domain_the_stack_names(world):
+    from persona import AdapterNotFound as NotFound
+    from persona.engine import Engine, GenerationRequest, SamplingParams
+
+    store, trainer = world
+    text = prompts("medicine", 1, seed=12)[0]
+    one = SamplingParams(max_new_tokens=1)
+    with Engine(store, base=trainer.base, max_resident=4) as engine:
+        assert engine.generate([GenerationRequest("domain:auto", prompt=text, params=one)])[0].resolved == ("domain:medicine@v2",)
+        result = engine.generate([GenerationRequest("domain:medicine*0.5+domain:auto", prompt=text, params=one)])[0]
+        assert result.resolved[0] == "domain:medicine@v2*0.5" and len(result.resolved) == 2
+        assert result.resolved[1] in ("domain:finance@v2", "domain:cooking@v2")
+        with pytest.raises(NotFound, match="no domain adapter left"):
+            engine.generate([GenerationRequest("domain:medicine+domain:finance+domain:cooking+domain:auto", prompt=text)])
+
+
+def test_route_top_k_limits(world):
+    from persona.engine import Engine, GenerationRequest
+
+    store, trainer = world
+    for bad in (0, MAX_STACK + 1, True, 2.0):
+        with pytest.raises(InvalidConfig, match="route_top_k"):
+            Engine(store, base=trainer.base, route_top_k=bad)
+    with pytest.raises(InvalidConfig, match="max_resident"):
+        Engine(store, base=trainer.base, max_resident=2, route_top_k=3)
+    with Engine(store, base=trainer.base, max_resident=4, route_top_k=3) as engine:
+        too_deep = "user:alice+domain:finance+domain:auto"  # 2 named + 3 routed > max_resident 4
+        from persona import InvalidReference
+
+        with pytest.raises(InvalidReference, match="can become 5 adapters"):
+            engine.check(too_deep)
+        with pytest.raises(InvalidReference, match="can become 5 adapters"):
+            engine.generate([GenerationRequest(too_deep, prompt="stock")])
+        assert [str(p) for p in engine.check("user:alice*0.5+domain:auto")] == ["user:alice@v2*0.5"]
+
+
+def test_cli_generate_routes_top_k(world, run_cli):
+    store, _ = world
+    text = prompts("cooking", 1, seed=13)[0]
+    out = json.loads(run_cli("generate", "domain:auto*0.5", text, "--raw", "--route-top-k", "2", "--max-new-tokens", 2,
+                             "--json", "--store", store.root).stdout)
+    parts = parse_stack("+".join(out["resolved"]))
+    assert len(parts) == 2 and parts[0].ref.id == "domain:cooking" and parts[0].weight > parts[1].weight
+    assert sum(p.weight for p in parts) == pytest.approx(0.5) and out["model"] == "domain:auto*0.5"
+    assert format_stack(parts) == "+".join(out["resolved"])
+    assert run_cli("generate", "domain:auto", text, "--route-top-k", 0, "--store", store.root, ok=False).exit_code == 2

@@ -76,6 +76,31 @@ def test_openai_client_chat_matches_the_engine(server):
     assert reply.usage.completion_tokens == direct.completion_tokens and reply.model == "user:alice"
 
 
+def test_weighted_stack_is_served_as_the_engine_computes_it_and_echoed(server):
+    from persona.engine import GenerationRequest, SamplingParams
+
+    model = "user:alice+domain:finance*0.5"
+    reply = client(server).chat.completions.create(model=model, **CHAT)
+    direct = server["engine"].generate([GenerationRequest(model=model, messages=({"role": "user", "content": "Hello there"},),
+                                                          params=SamplingParams(max_new_tokens=6, temperature=0.0))])[0]
+    assert reply.model == model and reply.choices[0].message.content == direct.text
+    assert direct.resolved == ("user:alice@v1", "domain:finance@v1*0.5")
+    chunks = list(client(server).chat.completions.create(model=model, stream=True, **CHAT))
+    assert {c.model for c in chunks} == {model}
+
+
+def test_scope_checks_every_part_whatever_its_weight():
+    from persona.auth import Scope
+    from persona.refs import parse_stack
+
+    alice = Scope("t1", "user:alice")
+    assert alice.allows(parse_stack("user:alice*0.5+domain:finance*2"))
+    for model in ("user:bob*0.5", "user:alice+user:bob*0.001", "merged:team*0.5", "domain:x+merged:team*1"):
+        assert not alice.allows(parse_stack(model)), model
+        assert not alice.allows([p.ref for p in parse_stack(model)]), model
+    assert Scope("t2", "admin").allows(parse_stack("merged:team*0.5+user:bob"))
+
+
 def test_streaming_joins_to_the_same_text(server):
     api = client(server)
     full = api.chat.completions.create(model="user:alice+domain:finance", **CHAT).choices[0].message.content
@@ -104,6 +129,13 @@ def test_models_lists_only_what_the_token_reaches(server):
     ("alice", "domain:finance", 200),
     ("alice", "user:alice+domain:finance", 200),
     ("alice", "user:alice+user:bob", 404),
+    ("alice", "user:alice+domain:finance*0.5", 200),  # weighted stacks: every part checked, weight or not
+    ("alice", "user:alice*2", 200),
+    ("alice", "user:bob*0.5", 404),
+    ("alice", "user:alice+user:bob*0.01", 404),
+    ("alice", "domain:finance*0.5+user:bob", 404),
+    ("bob", "user:alice*1+domain:finance", 404),
+    ("admin", "user:bob*0.5+domain:finance*2", 200),
     ("bob", "user:bob@v1", 200),
     ("admin", "user:bob", 200),
     ("admin", "user:nobody", 404),       # never a fallback to the base
@@ -131,6 +163,9 @@ def test_every_route_but_healthz_needs_a_token(server):
     ({**CHAT, "model": "user:alice", "max_tokens": 10 ** 7}, None, "at most"),
     ({**CHAT, "model": "user:alice@@v1"}, None, "invalid model"),
     ({**CHAT, "model": "user:Alice"}, None, "invalid model"),
+    ({**CHAT, "model": "user:alice*0"}, None, "invalid model"),
+    ({**CHAT, "model": "user:alice**2"}, None, "invalid model"),
+    ({**CHAT, "model": "user:alice*nan"}, None, "plain decimal"),
     ({**CHAT, "model": "user:alice", "n": 3}, None, "n"),
     ({"model": "user:alice", "messages": []}, None, "messages"),
     ({"model": "user:alice", "messages": [{"role": "wizard", "content": "hi"}]}, None, "role"),
