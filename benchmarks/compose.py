@@ -12,8 +12,9 @@ One run on the embedded base (SmolLM2-135M-Instruct):
 3. **Merging**: the three domain adapters merged with every method (weights 1 each: "all three at
    once"; density 0.5; svd re-ranked to the parents' rank 8), and for each parent the loss on its
    held-out chats under the merge relative to the loss under the parent alone (1.0 = nothing lost).
-   Two reference rows: the base alone, and the three parents stacked at inference (which ``cat``
-   must equal).
+   Three reference rows: the base alone, the three parents stacked at inference (which ``cat``
+   must equal), and the weighted stack ``domain:finance*W+domain:medicine*W+domain:cooking*W`` with
+   W = 1/3 (which ``cat, weights 1/3 each`` must equal).
 
     python benchmarks/compose.py            # ~10 min on 2 idle CPU cores
     python benchmarks/compose.py --quick    # smoke run on a tiny random model (seconds, numbers meaningless)
@@ -22,6 +23,7 @@ One run on the embedded base (SmolLM2-135M-Instruct):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import statistics
 import sys
@@ -153,8 +155,10 @@ def run(work: Path, base_id: str, epochs: int) -> None:
         top, below = (stack[-1], stack[:-1]) if stack else (None, [])
         return [trainer.loss(examples[d], top, below=below)[0] / own[d] for d in DOMAINS]
 
+    third = [dataclasses.replace(adapters[d], scale=adapters[d].scale / 3) for d in DOMAINS]  # each part *1/3
     rows = [["base alone (no adapter)", *ratios([]), None, None, None],
-            ["stack of the 3 parents (inference)", *ratios([adapters[d] for d in DOMAINS]), None, None, None]]
+            ["stack of the 3 parents (inference)", *ratios([adapters[d] for d in DOMAINS]), None, None, None],
+            ["stack, each part *1/3 (inference)", *ratios(third), None, None, None]]
     for label, method, options in MERGES:
         options = dict(options)
         weights = options.pop("weights", None)
@@ -164,7 +168,7 @@ def run(work: Path, base_id: str, epochs: int) -> None:
         seconds = time.perf_counter() - t0
         r = ratios([weights_of(store, name)])
         rows.append([label, *r, statistics.mean(r), info.lora["rank"], seconds])
-    for row in rows[:2]:
+    for row in rows[:3]:
         row[4] = statistics.mean(row[1:4])
     print("## Merging: each parent's held-out loss under the merge / under the parent alone (1.0 = nothing lost)\n")
     print(table(["merge (weights 1 each unless noted)", *(f"domain:{d}" for d in DOMAINS), "mean", "rank", "merge time (s)"],
