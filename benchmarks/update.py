@@ -3,8 +3,9 @@
 One run on the embedded base (SmolLM2-135M-Instruct), three sequential updates of one user
 (examples/interactions/alice.jsonl, alice-2.jsonl, alice-3.jsonl: different facts each time):
 
-- **persona**: `Trainer.update` with its defaults (replay + L2 toward the parent, length-grouped
-  batches, the base loaded once, loss on assistant tokens only).
+- **persona**: `Trainer.update` with its defaults (replayed rows on top of each batch, the gate,
+  length-grouped batches, the base loaded once, loss on assistant tokens only).
+- **persona, no replay**: the same with `replay_fraction=0` (forgetting only: what replay buys).
 - **plain LoRA**: what people do today: for each update, load the model, attach PEFT LoRA (the
   previous update's adapter, trainable), tokenize padding every example to a fixed max length,
   run `transformers.Trainer`, save. No replay, no regularization.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import shutil
@@ -44,6 +46,16 @@ from persona.train import Trainer, UpdateConfig, _loss_sum, split_holdout  # noq
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "interactions"
 FILES = ["alice.jsonl", "alice-2.jsonl", "alice-3.jsonl"]
+
+
+def persona_updates(trainer, ref, data, config):
+    """Three sequential updates of ``ref``; the versions published and where the gate put each."""
+    versions, gates = [], []
+    for d in data:
+        result = trainer.update(ref, d, config)
+        versions.append(result.version.version)
+        gates.append("current" if result.promoted else "candidate")
+    return versions, gates
 
 
 def plain_texts(tokenizer, interactions):
@@ -162,12 +174,13 @@ def run(work: Path, base_id: str, epochs: int, pad_to: int) -> None:
     probe = base.tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         base_logits_before = base.model(probe).logits.clone()
-    persona_versions, gates = [], []
-    for d in data:
-        result = trainer.update("user:alice", d, update_cfg)
-        persona_versions.append(result.version.version)
-        gates.append("current" if result.promoted else "candidate")
+    persona_versions, gates = persona_updates(trainer, "user:alice", data, update_cfg)
     persona_seconds = time.perf_counter() - t0
+
+    # ---- the same without replay (forgetting only)
+    store.create("user:alice-noreplay", LoraSettings(rank=8, alpha=16))
+    noreplay_versions, noreplay_gates = persona_updates(trainer, "user:alice-noreplay", data,
+                                                        dataclasses.replace(update_cfg, replay_fraction=0.0))
     with torch.no_grad():
         drift = float((base.model(probe).logits - base_logits_before).abs().max())
     fp_same = fingerprint(Path(base.info.path)) == store.config.base_fingerprint
@@ -175,8 +188,8 @@ def run(work: Path, base_id: str, epochs: int, pad_to: int) -> None:
     held = [trainer.tokenize(h, 512).examples for _, h in splits]
     pad_id = trainer.pad_id
 
-    def persona_loss(version, k):
-        loaded = store.load(f"user:alice@v{version}")
+    def persona_loss(version, k, name="user:alice"):
+        loaded = store.load(f"{name}@v{version}")
         return trainer.loss(held[k], AdapterWeights.from_peft(loaded.tensors, loaded.config))[0]
 
     # ---- plain Trainer + PEFT LoRA, model reloaded for every update, fixed-length padding
@@ -207,7 +220,9 @@ def run(work: Path, base_id: str, epochs: int, pad_to: int) -> None:
     p_after1, p_after3 = persona_loss(persona_versions[0], 0), persona_loss(persona_versions[-1], 0)
     c_after1, c_after3 = plain_loss(0, 0), plain_loss(2, 0)
     f_after1, f_after3 = full_losses[0][0], full_losses[2][0]
-    p_rise, c_rise, f_rise = p_after3 - p_after1, c_after3 - c_after1, f_after3 - f_after1
+    n_after1 = persona_loss(noreplay_versions[0], 0, "user:alice-noreplay")
+    n_after3 = persona_loss(noreplay_versions[-1], 0, "user:alice-noreplay")
+    p_rise, c_rise, f_rise, n_rise = p_after3 - p_after1, c_after3 - c_after1, f_after3 - f_after1, n_after3 - n_after1
 
     print("## Speed and quality (three sequential updates)\n")
     rows = []
@@ -218,14 +233,20 @@ def run(work: Path, base_id: str, epochs: int, pad_to: int) -> None:
         ["wall time of 3 updates (s)", persona_seconds, plain_seconds, persona_seconds / plain_seconds],
         *rows,
     ]))
-    print(f"\npersona speed-up: {plain_seconds / persona_seconds:.2f}x (goal >= 2x); gate decisions: {', '.join(gates)}")
+    mean_ratio = sum(r[3] for r in rows) / len(rows)
+    print(f"\npersona speed-up: {plain_seconds / persona_seconds:.2f}x (goal >= 2x); mean held-out loss ratio "
+          f"{mean_ratio:.3f} (goal <= 1); gate decisions: {', '.join(gates)}")
     print(f"plain pads every example to {pad_to} tokens and reloads the model per update; persona loads the base once.\n")
+
+    def vs_plain(rise):
+        return rise / c_rise if c_rise > 0 else math.nan
 
     print("## Forgetting: loss on update 1's held-out data (base alone: %.4f)\n" % before1)
     print(table(["method", "after update 1", "after update 3", "rise", "rise vs plain LoRA"], [
-        ["persona (replay + L2)", p_after1, p_after3, p_rise, p_rise / c_rise if c_rise > 0 else math.nan],
+        [f"persona (replay {update_cfg.replay_fraction:g}, reg {update_cfg.reg})", p_after1, p_after3, p_rise, vs_plain(p_rise)],
+        [f"persona, no replay (gate: {', '.join(noreplay_gates)})", n_after1, n_after3, n_rise, vs_plain(n_rise)],
         ["plain sequential LoRA", c_after1, c_after3, c_rise, 1.0],
-        ["plain sequential full FT", f_after1, f_after3, f_rise, f_rise / c_rise if c_rise > 0 else math.nan],
+        ["plain sequential full FT", f_after1, f_after3, f_rise, vs_plain(f_rise)],
     ]))
     print("\ngoal: persona's rise <= 0.5 x plain LoRA's\n")
     print("## Base drift\n")

@@ -285,16 +285,19 @@ def _install_sigterm() -> None:
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=8, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True, help="Held-out share of the new data.")
-@click.option("--replay", type=click.FloatRange(0, 1, max_open=True), default=0.25, show_default=True, help="Share of each batch replayed from the adapter's past interactions.")
-@click.option("--reg", type=click.Choice(["none", "l2", "ewc"]), default="l2", show_default=True, help="Pull toward the parent version.")
-@click.option("--reg-strength", type=click.FloatRange(0), default=1.0, show_default=True)
+@click.option("--replay", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Rows replayed from the adapter's past interactions, added to each batch as a share of --batch-size.")
+@click.option("--reg", type=click.Choice(["none", "l2", "ewc"]), default="none", show_default=True, help="Pull the weights toward the parent version (replay already guards against forgetting; see docs/TRAINING.md).")
+@click.option("--reg-strength", type=click.FloatRange(0), default=0.1, show_default=True, help="Weight of the --reg pull.")
 @click.option("--max-forgetting", type=click.FloatRange(0), default=0.05, show_default=True, help="Allowed relative rise of the replay loss for promotion.")
 @click.option("--max-length", type=click.IntRange(8), default=512, show_default=True, help="Tokens per example (longer ones are truncated and counted).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="Training compute: auto is bf16 autocast where the hardware has native bf16 (AVX512-BF16/AMX CPUs, "
+                   "CUDA), else fp32. Weights, evaluation and serving stay fp32.")
 @click.option("--force", is_flag=True, help="Make the new version current whatever the gate says.")
 @store_option
 @json_option
 def update(ref, data_file, all_, epochs, max_steps, lr, batch_size, seed, holdout, replay, reg, reg_strength,
-           max_forgetting, max_length, force, store_root, as_json) -> None:
+           max_forgetting, max_length, precision, force, store_root, as_json) -> None:
     """Train REF's current version on new interactions and publish the next version.
 
     \b
@@ -312,7 +315,7 @@ def update(ref, data_file, all_, epochs, max_steps, lr, batch_size, seed, holdou
     config = UpdateConfig(
         epochs=epochs, max_steps=max_steps, learning_rate=lr, batch_size=batch_size, seed=seed,
         holdout_fraction=holdout, replay_fraction=replay, reg=reg, reg_strength=reg_strength,
-        max_forgetting=max_forgetting, max_length=max_length, force=force,
+        max_forgetting=max_forgetting, max_length=max_length, precision=precision, force=force,
     )
     store = _open(store_root)
     parsed = parse_ref(ref) if ref else None

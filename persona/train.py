@@ -55,18 +55,21 @@ class UpdateConfig:
     epochs: int = field(default=3, metadata={"help": "Passes over the new data."})
     max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps."})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the LoRA factors."})
-    batch_size: int = field(default=8, metadata={"help": "Rows per step, replayed rows included."})
+    batch_size: int = field(default=8, metadata={"help": "New-data rows per step (replayed rows come on top)."})
     seed: int = field(default=0, metadata={"help": "Seed of the split, shuffling, dropout and replay sampling."})
     holdout_fraction: float = field(default=0.1, metadata={"help": "Share of the new data kept for evaluation."})
     max_length: int = field(default=512, metadata={"help": "Tokens per example; longer ones are truncated and counted."})
-    replay_fraction: float = field(default=0.25, metadata={"help": "Share of each batch drawn from the replay buffer."})
+    replay_fraction: float = field(default=0.5, metadata={"help": "Replayed rows added to each batch, as a share of batch_size."})
     replay_capacity: int = field(default=256, metadata={"help": "Interactions kept in the adapter's replay buffer."})
-    reg: Literal["none", "l2", "ewc"] = field(default="l2", metadata={"help": "Pull toward the parent version."})
-    reg_strength: float = field(default=1.0, metadata={"help": "Weight of the pull (Fisher normalized to mean 1 for ewc)."})
+    gate_replay_samples: int = field(default=32, metadata={"help": "Replay examples (a seeded sample) the gate evaluates on."})
+    reg: Literal["none", "l2", "ewc"] = field(default="none", metadata={"help": "Pull toward the parent version."})
+    reg_strength: float = field(default=0.1, metadata={"help": "Weight of the pull (Fisher normalized to mean 1 for ewc)."})
     max_forgetting: float = field(default=0.05, metadata={"help": "Allowed relative rise of the replay loss."})
     force: bool = field(default=False, metadata={"help": "Promote to current whatever the gate says."})
     grad_clip: float = field(default=1.0, metadata={"help": "Max gradient norm."})
     fisher_samples: int = field(default=32, metadata={"help": "Examples used for the EWC Fisher estimate."})
+    precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={
+        "help": "Training compute: bf16 autocast where the hardware has native bf16 (auto), or fp32."})
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str) -> None:
@@ -79,11 +82,13 @@ class UpdateConfig:
         need(isinstance(self.batch_size, int) and 1 <= self.batch_size <= 4096, f"batch_size must be in 1..4096, got {self.batch_size!r}")
         need(0 <= self.holdout_fraction < 1, f"holdout_fraction must be in [0, 1), got {self.holdout_fraction!r}")
         need(isinstance(self.max_length, int) and self.max_length >= 8, f"max_length must be >= 8, got {self.max_length!r}")
-        need(0 <= self.replay_fraction < 1, f"replay_fraction must be in [0, 1), got {self.replay_fraction!r}")
+        need(0 <= self.replay_fraction <= 1, f"replay_fraction must be in [0, 1], got {self.replay_fraction!r}")
         need(isinstance(self.replay_capacity, int) and self.replay_capacity >= 0, "replay_capacity must be >= 0")
+        need(isinstance(self.gate_replay_samples, int) and self.gate_replay_samples >= 1, "gate_replay_samples must be >= 1")
         need(self.reg in ("none", "l2", "ewc"), f"reg must be none, l2 or ewc, got {self.reg!r}")
         need(self.reg_strength >= 0, "reg_strength must be >= 0")
         need(self.max_forgetting >= 0, "max_forgetting must be >= 0")
+        need(self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16, got {self.precision!r}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "UpdateConfig":
@@ -142,6 +147,30 @@ def split_holdout(items: Sequence[Any], fraction: float, seed: int) -> tuple[lis
     random.Random(seed).shuffle(order)
     held = set(order[:k])
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+def training_precision(requested: str, model: torch.nn.Module) -> str:
+    """``fp32`` or ``bf16``: what ``requested`` means on the device holding ``model``.
+
+    ``auto`` picks bf16 autocast where matrix products in bf16 are native and faster: CUDA devices
+    that support bf16, CPUs with AVX512-BF16 or AMX (measured on this project's 2-core AVX512-BF16
+    machine: a training step about 30% faster). Elsewhere bf16 would be emulated and slower, so
+    ``auto`` is fp32. Only the training forward/backward runs in bf16: the LoRA factors, the
+    optimizer state, evaluation, the gate and serving stay fp32.
+    """
+    if requested != "auto":
+        return requested
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        native = [getattr(torch.cpu, probe, lambda: False) for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        return "bf16" if any(check() for check in native) else "fp32"
+    return "fp32"
+
+
+def _autocast(precision: str, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 # Architectures whose logits are exactly lm_head(last hidden state): no softcapping or scaling.
@@ -286,10 +315,13 @@ class Trainer:
         replay = ReplayBuffer.read(folder)
         replay_set = self.tokenize(list(replay.items), config.max_length) if replay.items else None
         replay_examples = list(replay_set.examples) if replay_set else []
+        # The gate judges forgetting on a fixed seeded sample of the buffer: the buffer grows with
+        # every update, and evaluating all of it twice would soon cost more than the training.
+        gate_replay = random.Random(config.seed + 11).sample(replay_examples, min(config.gate_replay_samples, len(replay_examples)))
 
         # Evaluate the parent before training: the gate's baseline.
         held_before, _ = self.loss(held_set.examples, parent_weights, below=below)
-        replay_before, _ = self.loss(replay_examples, parent_weights, below=below)
+        replay_before, _ = self.loss(gate_replay, parent_weights, below=below)
 
         params = {m: (torch.nn.Parameter(a.clone()), torch.nn.Parameter(b.clone())) for m, (a, b) in parent_weights.factors.items()}
         anchor = {m: (a.detach().clone(), b.detach().clone()) for m, (a, b) in parent_weights.factors.items()}
@@ -297,11 +329,13 @@ class Trainer:
         reg = config.reg if trained_parent else "none"
         fisher = self._fisher_for(parent_info, parent_weights, replay_examples, config, below) if reg == "ewc" else None
         weights = AdapterWeights(factors=params, scale=parent_weights.scale, dropout=parent_weights.dropout)
-        losses, steps = self._optimize(weights, below, anchor, fisher, reg, train_set, replay_examples, config, progress)
+        precision = training_precision(config.precision, self.model)
+        losses, steps = self._optimize(weights, below, anchor, fisher, reg, train_set, replay_examples, config, progress,
+                                       precision)
 
         new_weights = AdapterWeights({m: (a.detach(), b.detach()) for m, (a, b) in params.items()}, parent_weights.scale)
         held_after, held_tokens = self.loss(held_set.examples, new_weights, below=below)
-        replay_after, replay_tokens = self.loss(replay_examples, new_weights, below=below)
+        replay_after, replay_tokens = self.loss(gate_replay, new_weights, below=below)
         promoted, reason = self._gate(held_before, held_after, replay_before, replay_after, config)
 
         extra = {}
@@ -314,13 +348,14 @@ class Trainer:
             "replay_loss_before": replay_before,
             "replay_loss_after": replay_after,
             "replay_tokens": replay_tokens,
-            "forgetting": (replay_after - replay_before) if replay_examples else 0.0,
+            "forgetting": (replay_after - replay_before) if gate_replay else 0.0,
             "train_loss_first": losses[0],
             "train_loss_last": losses[-1],
             "steps": steps,
             "train_examples": len(train_set),
             "heldout_examples": len(held_set),
             "replay_examples": len(replay_examples),
+            "replay_eval_examples": len(gate_replay),
             "truncated": train_set.truncated + held_set.truncated,
             "dropped": train_set.dropped + held_set.dropped,
             "seconds": round(time.perf_counter() - started, 3),
@@ -334,7 +369,7 @@ class Trainer:
             parent=parent_info.version,
             set_alias=CURRENT if promoted else CANDIDATE,
             metrics=metrics,
-            training=config.to_dict() | {"reg_applied": reg},
+            training=config.to_dict() | {"reg_applied": reg, "precision_applied": precision},
             data_digest=data_digest(interactions),
             extra_files=extra,
             settings=None,
@@ -371,13 +406,17 @@ class Trainer:
         return [AdapterWeights(weights.factors, weights.scale, 0.0)]  # frozen layers get no dropout
 
     def _optimize(self, weights: AdapterWeights, below: Sequence[AdapterWeights], anchor, fisher, reg: str, train_set: TokenizedSet,
-                  replay_examples: list[Example], config: UpdateConfig, progress: bool) -> tuple[list[float], int]:
+                  replay_examples: list[Example], config: UpdateConfig, progress: bool,
+                  precision: str = "fp32") -> tuple[list[float], int]:
         from tqdm.auto import tqdm
 
         torch.manual_seed(config.seed)
         rng = random.Random(config.seed)
+        device = next(self.model.parameters()).device
+        # Replayed rows come on top of each batch of new rows: rehearsal must not slow how fast the
+        # new data is learned (fewer new rows per step would mean more steps for the same epochs).
         n_replay = round(config.batch_size * config.replay_fraction) if replay_examples else 0
-        n_new = max(1, config.batch_size - n_replay)
+        n_new = config.batch_size
         flat = [p for pair in weights.factors.values() for p in pair]
         optimizer = torch.optim.AdamW(flat, lr=config.learning_rate, weight_decay=0.0)
         per_epoch = math.ceil(len(train_set) / n_new)
@@ -396,7 +435,8 @@ class Trainer:
                         if n_replay:
                             rows += rng.sample(replay_examples, min(n_replay, len(replay_examples)))
                         batch = collate(rows, self.pad_id)
-                        loss_sum, n = _loss_sum(self.model, batch)
+                        with _autocast(precision, device):
+                            loss_sum, n = _loss_sum(self.model, batch)
                         loss = loss_sum / max(n, 1)
                         objective = loss + self._penalty(weights, anchor, fisher, reg, config.reg_strength)
                         optimizer.zero_grad(set_to_none=True)

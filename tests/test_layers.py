@@ -75,3 +75,19 @@ def test_runtime_refuses_adapters_that_do_not_fit(store, tiny_base):
     loaded = store.load("user:b")
     with pytest.raises(InvalidConfig, match="use_dora"):
         AdapterWeights.from_peft(loaded.tensors, {**loaded.config, "use_dora": True})
+
+
+def test_lora_dropout_drops_at_its_rate_and_scales_survivors():
+    from persona.layers import _dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(400, 500, requires_grad=True)
+    y = _dropout(x, 0.1)
+    dropped = float((y == 0).float().mean())
+    assert abs(dropped - 0.1) < 0.005
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.9))
+    y.sum().backward()
+    assert torch.equal(x.grad == 0, y == 0)  # the gradient flows through survivors only
+    torch.manual_seed(0)
+    assert torch.equal(_dropout(torch.ones(400, 500), 0.1), y.detach())  # seeded: reproducible
+    assert _dropout(torch.ones(3, 5, dtype=torch.bfloat16), 0.5).dtype == torch.bfloat16

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -166,6 +167,36 @@ def test_replay_buffer_fills_and_is_mixed_in(store, trainer):
     result = trainer.update("user:alice", alice(12), UpdateConfig(**FAST, replay_capacity=16))
     assert result.metrics["replay_examples"] == 16 and result.metrics["replay_loss_before"] is not None
     assert not (store.adapter_dir("user:bob") / "replay.jsonl").exists()
+
+
+def test_replayed_rows_come_on_top_and_the_gate_evaluates_a_sample(store, trainer):
+    trainer.update("user:alice", alice(), UpdateConfig(**FAST, replay_capacity=32))
+    config = UpdateConfig(**FAST, replay_fraction=0.5, replay_capacity=32, gate_replay_samples=10)
+    m = trainer.update("user:alice", alice(24), config).metrics
+    # as many steps as the new data alone needs: replay adds rows to each batch, not batches
+    assert m["replay_examples"] == 32 and m["steps"] == math.ceil(m["train_examples"] / 8)
+    assert m["replay_eval_examples"] == 10 and m["replay_loss_before"] is not None
+
+
+def test_training_precision_is_recorded_and_bf16_tracks_fp32(store, trainer):
+    from persona.train import training_precision
+
+    assert training_precision("auto", trainer.model) in ("fp32", "bf16")
+    assert training_precision("fp32", trainer.model) == "fp32"
+    metrics = {}
+    for precision in ("fp32", "bf16"):
+        result = trainer.update("user:alice", alice(), UpdateConfig(**FAST, precision=precision, force=True))
+        info = store.version_info(f"user:alice@v{result.version.version}")
+        assert info.training["precision_applied"] == precision
+        metrics[precision] = result.metrics
+        store.rollback("user:alice", 1)  # both start from the same parent
+    fp32, bf16 = metrics["fp32"], metrics["bf16"]
+    # same weights, same first batch: the first loss differs only by bf16 rounding
+    assert fp32["train_loss_first"] != bf16["train_loss_first"]
+    assert abs(bf16["train_loss_first"] / fp32["train_loss_first"] - 1) < 0.02
+    for m in (fp32, bf16):  # both learn, about as well
+        assert m["heldout_loss_after"] < m["heldout_loss_before"]
+    assert abs(bf16["heldout_loss_after"] / fp32["heldout_loss_after"] - 1) < 0.05
 
 
 def test_reservoir_is_bounded_and_uniform():
