@@ -16,7 +16,7 @@ new data, forgetting (rise of the loss on update 1's held-out data from right af
 after update 3), and base drift (max |logit difference| of the base with no adapter, before vs
 after, plus the fingerprint).
 
-    python benchmarks/update.py            # ~10-15 min on 2 CPU cores
+    python benchmarks/update.py            # ~8 min on 2 CPU cores
     python benchmarks/update.py --quick    # smoke run on a tiny random model (seconds)
 """
 

@@ -18,7 +18,7 @@ step "create one adapter per user and one per domain"
 for user in alice bob carol; do persona create "user:$user"; done
 persona create domain:finance --rank 16
 
-step "update user:alice from her interactions (replay + L2 toward the parent, gated promotion)"
+step "update user:alice from her interactions (replayed past data in every batch, gated promotion)"
 persona update user:alice --data "$EX/alice.jsonl" --epochs 4 --lr 2e-3
 persona show user:alice
 
