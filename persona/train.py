@@ -5,10 +5,11 @@
 1. validates and tokenizes the data first (a bad file trains and writes nothing);
 2. splits a held-out slice of the new data (seeded);
 3. starts from the adapter's ``current`` version, the base loaded once and frozen;
-4. trains only that adapter's LoRA factors, each batch mixing in a fraction of the adapter's replay
-   buffer (rehearsal) and, with ``reg="l2"`` or ``"ewc"``, a penalty pulling the factors toward the
-   parent version (regularization; EWC weighs it by a diagonal Fisher stored beside the parent);
-5. evaluates parent and new weights on the held-out slice and on the replay buffer;
+4. trains only that adapter's LoRA factors (bf16 autocast where the hardware has it), each batch of
+   new rows getting rows from the adapter's replay buffer on top (rehearsal) and, with
+   ``reg="l2"`` or ``"ewc"`` (off by default), a penalty pulling the factors toward the parent
+   version (EWC weighs it by a diagonal Fisher stored beside the parent);
+5. evaluates parent and new weights on the held-out slice and on a seeded sample of the replay buffer;
 6. publishes a new version; the gate makes it ``current`` only if it is better on the new data and
    its replay loss rose by at most ``max_forgetting`` (relative), else it stays ``candidate``, with
    the reason recorded in ``meta.json``. ``force=True`` promotes anyway.
