@@ -141,7 +141,7 @@ def _dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     Same semantics as ``nn.functional.dropout`` (each element zeroed independently, survivors
     scaled by 1/(1-p)), with the drop probability rounded to a multiple of 1/65536. Drawing a
     Bernoulli per element is what makes ``nn.functional.dropout`` costly on a CPU: at LoRA's seven
-    inputs per layer it was about a sixth of a training step; this draws a quarter as many numbers.
+    inputs per layer it was about a fifth of a training step; this draws a quarter as many numbers.
     """
     n = x.numel()
     words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)

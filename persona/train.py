@@ -155,7 +155,8 @@ def training_precision(requested: str, model: torch.nn.Module) -> str:
 
     ``auto`` picks bf16 autocast where matrix products in bf16 are native and faster: CUDA devices
     that support bf16, CPUs with AVX512-BF16 or AMX (measured on this project's 2-core AVX512-BF16
-    machine: a training step about 30% faster). Elsewhere bf16 would be emulated and slower, so
+    machine: a training step 1.4x faster, benchmarks/train_step.py; a whole update 1.28x,
+    benchmarks/update_sweep.py). Elsewhere bf16 would be emulated and slower, so
     ``auto`` is fp32. Only the training forward/backward runs in bf16: the LoRA factors, the
     optimizer state, evaluation, the gate and serving stay fp32.
     """
