@@ -24,19 +24,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import header, table  # noqa: E402
+from _common import header, table, workspace  # noqa: E402
 
 import torch  # noqa: E402
 
-from persona import EMBEDDED_BASE, LoraSettings, Store, load_base  # noqa: E402
+from persona import LoraSettings, Store, load_base  # noqa: E402
 from persona.compose import merge  # noqa: E402
 from persona.data import read_interactions  # noqa: E402
 from persona.layers import Activation, AdapterWeights  # noqa: E402
@@ -65,16 +63,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     args = parser.parse_args()
     header("persona compose benchmark" + (" (QUICK: tiny random model, numbers meaningless)" if args.quick else ""))
-    work = Path(tempfile.mkdtemp(prefix="persona-bench-compose-"))
-    try:
-        base_id = EMBEDDED_BASE
-        if args.quick:
-            from update import make_tiny  # the update benchmark's tiny model
-
-            base_id = make_tiny(work)
+    with workspace("compose", args.quick) as (work, base_id):
         run(work, base_id, 1 if args.quick else args.epochs)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def weights_of(store: Store, ref: str) -> AdapterWeights:

@@ -22,7 +22,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +29,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import temporary_folder  # noqa: E402
 
 import peft  # noqa: E402
 import torch  # noqa: E402
@@ -262,7 +264,7 @@ def main() -> None:
           f"median of {args.repeats} after a warm-up")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
 
-    root = Path(tempfile.mkdtemp(prefix="persona-bench-"))
+    root = temporary_folder("serve")
     store = make_store(root / "adapters", n, args.rank)
     refs = [f"user:u{i}" for i in range(n)]
     base = load_base(EMBEDDED_BASE)  # persona's copy (its linear layers get wrapped)

@@ -13,13 +13,12 @@ import argparse
 import socket
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import header, table  # noqa: E402
+from _common import header, table, temporary_folder  # noqa: E402
 
 import httpx  # noqa: E402
 import torch  # noqa: E402
@@ -42,7 +41,7 @@ def main() -> None:
     header("persona server benchmark")
     import uvicorn
 
-    root = Path(tempfile.mkdtemp(prefix="persona-bench-http-"))
+    root = temporary_folder("http")
     store = Store.init(root / "store", base=EMBEDDED_BASE)
     users = [f"user:u{i:02d}" for i in range(args.users)]
     tokens = {}

@@ -27,18 +27,16 @@ import contextlib
 import dataclasses
 import json
 import math
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import header, table  # noqa: E402
+from _common import header, table, workspace  # noqa: E402
 
 import torch  # noqa: E402
 
-from persona import EMBEDDED_BASE, LoraSettings, Store, load_base  # noqa: E402
+from persona import LoraSettings, Store, load_base  # noqa: E402
 from persona.base import fingerprint  # noqa: E402
 from persona.data import iter_batches, read_interactions  # noqa: E402
 from persona.layers import AdapterWeights  # noqa: E402
@@ -135,28 +133,8 @@ def main() -> None:
     args = parser.parse_args()
     header("persona update benchmark" + (" (QUICK: tiny random model, numbers meaningless)" if args.quick else ""))
 
-    work = Path(tempfile.mkdtemp(prefix="persona-bench-update-"))
-    try:
-        base_id = EMBEDDED_BASE
-        if args.quick:
-            base_id = make_tiny(work)
+    with workspace("update", args.quick) as (work, base_id):
         run(work, base_id, 1 if args.quick else args.epochs, 48 if args.quick else 128)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def make_tiny(work: Path) -> str:
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from persona.base import load_tokenizer
-
-    tok = load_tokenizer(EMBEDDED_BASE)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(work / "tiny")
-    tok.save_pretrained(work / "tiny")
-    return str(work / "tiny")
 
 
 def run(work: Path, base_id: str, epochs: int, pad_to: int) -> None:

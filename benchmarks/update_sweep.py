@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import header, table  # noqa: E402
-from update import EXAMPLES, FILES, make_tiny, persona_updates  # noqa: E402
+from _common import header, table, workspace  # noqa: E402
+from update import EXAMPLES, FILES, persona_updates  # noqa: E402
 
-from persona import EMBEDDED_BASE, LoraSettings, Store, load_base  # noqa: E402
+from persona import LoraSettings, Store, load_base  # noqa: E402
 from persona.data import read_interactions  # noqa: E402
 from persona.layers import AdapterWeights  # noqa: E402
 from persona.train import Trainer, UpdateConfig, split_holdout  # noqa: E402
@@ -44,12 +42,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny random model, 1 epoch: checks the script runs")
     args = parser.parse_args()
     header("persona update sweep" + (" (QUICK: tiny random model, numbers meaningless)" if args.quick else ""))
-    work = Path(tempfile.mkdtemp(prefix="persona-bench-sweep-"))
-    try:
-        base_id = make_tiny(work) if args.quick else EMBEDDED_BASE
+    with workspace("sweep", args.quick) as (work, base_id):
         run(work, base_id, 1 if args.quick else 2)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def run(work: Path, base_id: str, epochs: int) -> None:
