@@ -407,7 +407,10 @@ def test_leaving_a_stream_early_cancels_it_and_close_refuses_more(engine):
     next(stream)
     stream.close()  # the consumer went away: the row stops at its next token
     assert engine.submit(greedy("user:d", n=2)).result(timeout=60).completion_tokens == 2
-    stats = engine.stats()
+    # The worker counts a job just after its handle finishes: wait for the count, do not race it.
+    deadline = time.monotonic() + 30
+    while (stats := engine.stats()).requests < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert (stats.failed, stats.requests, stats.tokens_generated) == (1, 1, 2)
     started = time.monotonic()
     engine.close()

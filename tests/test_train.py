@@ -288,6 +288,18 @@ def test_interrupted_update_publishes_nothing_and_frees_the_lock(store, trainer,
         pass
 
 
+def _wait_until_catching_sigterm(pid: int, timeout: float = 120.0) -> None:
+    """Block until process ``pid`` has a SIGTERM handler installed (bit 15 of SigCgt in /proc)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = Path(f"/proc/{pid}/status").read_text()
+        caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+        if caught & (1 << (signal.SIGTERM - 1)):
+            return
+        time.sleep(0.1)
+    raise AssertionError("the update never installed its SIGTERM handler")
+
+
 def test_sigterm_during_cli_update_publishes_nothing(store, tmp_path):
     data = tmp_path / "many.jsonl"
     data.write_text("".join(json.dumps(i.to_json()) + "\n" for i in alice() * 4))
@@ -296,7 +308,8 @@ def test_sigterm_during_cli_update_publishes_nothing(store, tmp_path):
         [sys.executable, "-m", "persona", "update", "user:alice", "--data", str(data), "--epochs", "50", "--json"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    time.sleep(6)  # imports, base load, and into training
+    _wait_until_catching_sigterm(proc.pid)  # imports done, handler installed (a fixed sleep raced on a busy machine)
+    time.sleep(1)  # and into the base load / training
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode != 0, out
