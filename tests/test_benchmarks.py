@@ -1,0 +1,38 @@
+"""The benchmarks' quick paths: they run end to end on the tiny base (numbers meaningless)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture
+def serve_engine():
+    spec = importlib.util.spec_from_file_location("serve_engine", BENCHMARKS / "serve_engine.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    yield module
+    torch.set_num_threads(threads)  # main() sets --threads for the whole process
+
+
+def test_serve_engine_random_base_options_run_on_cpu_and_rows_match_peft(serve_engine, tiny_base, tmp_path, capsys):
+    """The GPU column's path (--save-arch, --random-base, --device, --adapters, part d), run on the CPU."""
+    arch = tmp_path / "arch"
+    serve_engine.main(["--base", tiny_base, "--save-arch", str(arch)])
+    assert (arch / "config.json").is_file() and (arch / "tokenizer.json").is_file()
+    assert not list(arch.glob("*.safetensors"))  # architecture and tokenizer only: small enough to carry
+
+    serve_engine.main([
+        "--random-base", str(arch), "--device", "cpu", "--threads", "1", "--parts", "dbc",
+        "--adapters", "8,9", "--tokens", "2", "--repeats", "1", "--check-dtypes", "float32,bfloat16",
+    ])
+    out = capsys.readouterr().out
+    assert "RANDOM WEIGHTS" in out  # a random base is never reported as the real one
+    assert "| float32: 8 adapters + base in one batch" in out and "PASS (goal < 1e-4)" in out
+    assert "| bfloat16 vs PEFT float32" in out and "FAIL" not in out
+    assert "mixed batch, 8 adapters x 2 tokens" in out and "mixed batch, 9 adapters x 2 tokens" in out
+    assert "memory for N=9 resident adapters" in out
