@@ -380,7 +380,8 @@ def eval_(ref, data_file, versions, max_length, store_root, as_json) -> None:
         return
     click.echo(f"{'VERSION':10} {'LOSS':>8} {'PPL':>10} {'TOKENS':>8}")
     for r in results:
-        click.echo(f"{r.version:10} {r.loss:8.4f} {r.perplexity:10.2f} {r.tokens:8d}")
+        layer = f"  (over {r.over})" if r.over else ""
+        click.echo(f"{r.version:10} {r.loss:8.4f} {r.perplexity:10.2f} {r.tokens:8d}{layer}")
 
 
 @main.command()

@@ -13,6 +13,9 @@
 - ``domain:auto`` in a stack is replaced, at admission, by the router's ``route_top_k`` best domain
   adapters for the request's prompt, weighted by the router (weights summing to 1, times the auto
   part's own weight); ``GenerationResult.resolved`` shows the stack that ran.
+- A layered adapter (``create --over``) is served as it was trained: ``user:carol`` runs as
+  ``user:carol@v1+domain:finance@v1``, its layer pinned at the version recorded in its meta; the
+  two are one unit (a part's weight scales both), and a stack naming the layer's adapter chooses it.
 - A request's references are pinned to versions when it is admitted (``Store.resolve``); the pinned
   version is what runs, and what is cached (keys are ``kind:name@vN``), so a moved ``current`` is
   picked up by the next request and an old version is never served under the new name. An unknown
@@ -110,7 +113,7 @@ class GenerationResult:
     ``text``) or ``length`` (``max_new_tokens`` or the context length). ``model`` is the request's
     model as sent. ``resolved`` lists the pinned parts that ran, with their weights
     (``("user:alice@v3", "domain:finance@v1*0.5")``; empty for the base); ``domain:auto`` appears as
-    the domains the router chose. Joined with ``+`` it is a model that computes the same row.
+    the domains the router chose, a layered adapter as itself followed by its pinned layer. Joined with ``+`` it is a model that computes the same row.
     """
 
     text: str
@@ -286,6 +289,8 @@ class Engine:
     def resolve(self, model: str) -> tuple[StackPart, ...]:
         """Pin ``model`` to versions: ``user:a+domain:b*0.5`` -> ``(user:a@v3, domain:b@v1*0.5)``; the base -> ``()``.
 
+        A layered adapter brings its pinned layer: ``user:carol`` -> ``(user:carol@v1, domain:finance@v1)``.
+
         Raises ``InvalidReference``, ``AdapterNotFound`` or ``VersionNotFound``; never falls back.
         ``domain:auto`` is refused here: it is chosen per prompt, when a request is admitted.
         """
@@ -308,7 +313,10 @@ class Engine:
         fixed = tuple(p for p in parts if not _is_auto(p.ref))
         if len(parts) > len(fixed):
             self._check_routed_depth(parts)
-        return self._pin(fixed)
+        pinned = self._pin(fixed)
+        if len(parts) > len(fixed) and len(pinned) > len(fixed):  # layers made the fixed part deeper
+            self._check_routed_depth(parts, fixed_depth=len(pinned))
+        return pinned
 
     def _parse(self, model: str) -> tuple[StackPart, ...]:
         return () if model == self.base_name else parse_stack(model)
@@ -318,11 +326,48 @@ class Engine:
             raise InvalidConfig(
                 f"{format_stack(parts)!r} stacks {len(parts)} adapters but max_resident is {self._cache.max_resident}"
             )
-        return tuple(StackPart(self.store.resolve(p.ref), p.weight) for p in parts)
+        pinned = self._with_layers([StackPart(self.store.resolve(p.ref), p.weight) for p in parts])
+        limit = min(MAX_STACK, self._cache.max_resident)
+        if len(pinned) > limit:
+            raise InvalidConfig(
+                f"{format_stack(parts)!r} runs as {format_stack(pinned)!r} with the layers its adapters were trained on: "
+                f"{len(pinned)} adapters, but at most {limit} fit (a stack holds {MAX_STACK}, "
+                f"max_resident is {self._cache.max_resident})"
+            )
+        return pinned
 
-    def _check_routed_depth(self, parts: Sequence[StackPart]) -> None:
-        """Refuse a stack with ``domain:auto`` that top-k routing could grow past the stack or slot limit."""
-        depth = len(parts) - 1 + self.route_top_k
+    def _with_layers(self, parts: Sequence[StackPart]) -> tuple[StackPart, ...]:
+        """Serve a layered adapter (``create --over``) as it was trained: followed by its layer, pinned
+        at the version recorded when it was created (not the layer's moving ``current``).
+
+        The layered adapter and its layer are one unit: a part's weight scales both (the LoRA deltas
+        add, so ``user:carol*0.5`` is ``(carol + finance@v1) * 0.5``). A stack that names the layer's
+        adapter itself chooses its version and weight, and the layer is not added again; so this is
+        idempotent and ``resolved`` computes the same row when sent back. Two parts layered on the
+        same adapter that the stack does not name are refused (a stack applies an adapter once).
+        """
+        named = {p.ref.id for p in parts}
+        carried: dict[str, AdapterRef] = {}
+        out: list[StackPart] = []
+        for part in parts:
+            out.append(part)
+            layer = self.store.version_info(part.ref).over_ref  # versions are immutable: so is their layer
+            if layer is None or layer.id in named:
+                continue
+            if layer.id in carried:
+                raise InvalidReference(
+                    f"{carried[layer.id]} and {part.ref} are both layered on {layer.id}, and a stack applies an adapter "
+                    f"once: name {layer.id} in the stack (with a version, e.g. {layer}) to choose it"
+                )
+            carried[layer.id] = part.ref
+            out.append(StackPart(layer, part.weight))
+        return tuple(out)
+
+    def _check_routed_depth(self, parts: Sequence[StackPart], fixed_depth: int | None = None) -> None:
+        """Refuse a stack with ``domain:auto`` that top-k routing could grow past the stack or slot limit.
+
+        ``fixed_depth``: the pinned depth of the other parts, when layers make it more than they are."""
+        depth = (len(parts) - 1 if fixed_depth is None else fixed_depth) + self.route_top_k
         limit = min(MAX_STACK, self._cache.max_resident)
         if depth > limit:
             raise InvalidReference(
@@ -411,8 +456,8 @@ class Engine:
         parts = self._parse(request.model)
         if not any(_is_auto(p.ref) for p in parts):
             return self.resolve(request.model)
-        self._check_routed_depth(parts)
-        named = {p.ref.id for p in parts}
+        fixed = self.check(request.model)  # pinned, layers included, depth checked
+        named = {p.ref.id for p in parts} | {p.ref.id for p in fixed}  # never route to a layer already served
         # The router runs the base model: never while a batch has adapters routed on it.
         with self._lock, self._tokenizer_lock:
             if self._router is None:
@@ -426,11 +471,12 @@ class Engine:
                 f"domain:auto has no domain adapter left to pick: {request.model!r} already names every routable domain"
             )
         pinned: list[StackPart] = []
+        fixed_parts = iter(p for p in fixed if p.ref.id in {q.ref.id for q in parts})  # as pinned above
         for part in parts:
             if _is_auto(part.ref):
                 pinned.extend(StackPart(c.ref, part.weight * c.weight) for c in choices if part.weight * c.weight > 0)
             else:
-                pinned.append(part)
+                pinned.append(next(fixed_parts))
         return self._pin(pinned)
 
     def _admit(self, request: GenerationRequest, *, streaming: bool = True) -> _Job:

@@ -158,11 +158,13 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
         if scope is not None and not scope.allows(parts):  # every part, whatever its weight
             raise _not_found(model)
         try:
-            engine.check(model)  # pins the named parts; domain:auto is routed per prompt at admission
+            pinned = engine.check(model)  # pins the named parts and their layers; domain:auto is routed at admission
         except (AdapterNotFound, VersionNotFound):
             raise _not_found(model) from None
         except PersonaError as exc:
             raise ApiError(400, f"invalid model {model!r}: {exc}", "invalid_request_error", "invalid_model", "model") from None
+        if scope is not None and not scope.allows(pinned):  # a layered adapter's layer runs too (merged: admin only)
+            raise _not_found(model)
 
     def sampling(body: _Common):
         from .engine import SamplingParams
@@ -290,7 +292,9 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
         created = int(time.time())
         data = [{"id": engine.base_name, "object": "model", "created": created, "owned_by": "persona"}]
         for adapter in store.list():
-            if scope is None or scope.allows(parse_stack(adapter.adapter)):
+            # what the current version runs: the adapter and, if it is layered, its layer
+            runs = [*parse_stack(adapter.adapter), *(v.over_ref for v in adapter.versions if v.version == adapter.current and v.over)]
+            if scope is None or scope.allows(runs):
                 data.append({"id": adapter.adapter, "object": "model", "created": created, "owned_by": "persona",
                              "current_version": adapter.current})
         requests_total.labels("/v1/models", "200").inc()

@@ -135,6 +135,7 @@ class EvalResult:
     perplexity: float
     tokens: int
     examples: int
+    over: str | None = None  # the pinned layer evaluated beneath a layered adapter ("domain:finance@v1")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -248,21 +249,26 @@ class Trainer:
 
     def evaluate(self, ref: str | AdapterRef, interactions: Sequence[Interaction], versions: Sequence[str] | None = None,
                  max_length: int = 512) -> list[EvalResult]:
-        """Held-out loss and perplexity of one or several versions (``"base"``: no adapter) on the data."""
+        """Held-out loss and perplexity of one or several versions (``"base"``: no adapter) on the data.
+
+        A layered adapter's version is evaluated over its pinned layer, as it is trained and served
+        (``EvalResult.over`` names the layer)."""
         ref = parse_ref(ref)
         data = self.tokenize(interactions, max_length)
         out = []
         for selector in versions or [ref.selector]:
             below: list[AdapterWeights] = []
+            over = None
             if selector == "base":
                 weights, label = None, "base"
             else:
                 pinned = self.store.resolve(AdapterRef.parse(f"{ref.id}@{selector}"))
                 loaded = self.store.load(pinned)
                 weights, label = AdapterWeights.from_peft(loaded.tensors, loaded.config), loaded.info.label
-                below = self._layers_below(loaded.info)
+                below = self._layers_below(loaded.info)  # a layered adapter is judged as it is trained and served
+                over = str(loaded.info.over_ref) if loaded.info.over_ref is not None else None
             loss, tokens = self.loss(data.examples, weights, below=below)
-            out.append(EvalResult(ref.id, label, loss, math.exp(min(loss, 50)), tokens, len(data)))
+            out.append(EvalResult(ref.id, label, loss, math.exp(min(loss, 50)), tokens, len(data), over))
         return out
 
     # ------------------------------------------------------------------ training

@@ -1,6 +1,7 @@
 """Layered adapters (--over) and warm starts (--from)."""
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from persona import InvalidReference, LoraSettings, Store
 from persona.data import read_interactions
 from persona.layers import AdapterWeights
+from persona.refs import parse_stack
 from persona.train import Trainer, UpdateConfig
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "interactions"
@@ -95,3 +97,198 @@ def test_cli_create_over_and_from(tiny_base, isolated_store):
     assert json.loads(out.output)["lineage"][0]["relation"] == "from"
     bad = runner.invoke(main, ["create", "user:eve", "--over", "user:alice"])
     assert bad.exit_code == 1 and "another user's adapter" in bad.output
+
+
+# ---------------------------------------------------------------------------- serving a layered adapter
+# Issue 9: training applied the layer, but the engine, the server, `generate` and `eval` served the
+# layered adapter alone. Every adapter here is random (LoRA's default init is the identity, which
+# would hide a missing layer).
+IDS = torch.tensor([[5, 17, 300, 42, 9, 11, 7, 8]])
+
+
+def random_settings(seed: int) -> LoraSettings:
+    return LoraSettings(init="random", rank=4, seed=seed)
+
+
+@pytest.fixture
+def layered(store) -> Store:
+    """carol over domain:finance@v1; finance then moves to v2; dave holds carol's weights, unlayered."""
+    store.create("user:carol", random_settings(5), over="domain:finance")
+    finance = store.load("domain:finance")
+    store.publish_version("domain:finance", {k: v * -3 for k, v in finance.tensors.items()}, finance.config, parent=1)
+    carol = store.load("user:carol")
+    store.create("user:dave", tensors=carol.tensors, adapter_config=carol.config)
+    store.create("domain:cooking", random_settings(7))
+    return store
+
+
+@pytest.fixture
+def engine(layered, tiny_base):
+    from persona.base import load_base
+    from persona.engine import Engine
+
+    with Engine(layered, base=load_base(tiny_base), max_resident=4) as engine:
+        yield engine
+
+
+def test_layered_adapter_served_with_its_layer_engine(engine):
+    from persona.engine import GenerationRequest, SamplingParams
+
+    models = ["user:carol", "user:carol+domain:finance@v1", "user:dave", "user:dave+domain:finance@v1",
+              "user:carol*0.5", "user:dave*0.5+domain:finance@v1*0.5"]
+    carol, explicit, alone, same_math, half, half_explicit = engine.logits(IDS.repeat(len(models), 1), None, models)
+    assert (carol - explicit).abs().max() < 1e-5
+    assert (carol - same_math).abs().max() < 1e-5  # dave holds carol's weights: the layer is the only difference
+    assert (carol - alone).abs().max() > 1e-2  # the bug: carol was served alone
+    # the layered adapter and its layer are one unit: the part's weight scales both
+    assert (half - half_explicit).abs().max() < 1e-5 and (half - carol).abs().max() > 1e-2
+    # the pin recorded at create, not the layer's moving current (v2)
+    assert engine.resolve("user:carol") == tuple(parse_stack("user:carol@v1+domain:finance@v1"))
+    assert engine.resolve("user:carol*0.5") == tuple(parse_stack("user:carol@v1*0.5+domain:finance@v1*0.5"))
+    result = engine.generate([GenerationRequest("user:carol", prompt="Hello", params=SamplingParams(max_new_tokens=4))])[0]
+    assert result.resolved == ("user:carol@v1", "domain:finance@v1")
+    # what `resolved` names computes the same row when sent back
+    again = engine.logits(IDS, None, ["+".join(result.resolved)])[0]
+    assert (again - carol).abs().max() < 1e-5
+    assert engine.stats().resident.count("domain:finance@v1") == 1  # cached under its pin
+
+
+def test_layered_adapter_in_explicit_stacks(engine, layered):
+    assert engine.resolve("user:carol+domain:cooking") == tuple(
+        parse_stack("user:carol@v1+domain:finance@v1+domain:cooking@v1"))
+    # a stack that names the layer's adapter chooses its version and weight; the layer is not added twice
+    assert engine.resolve("user:carol+domain:finance") == tuple(parse_stack("user:carol@v1+domain:finance@v2"))
+    assert engine.resolve("user:carol+domain:finance@v1*0.5") == tuple(parse_stack("user:carol@v1+domain:finance@v1*0.5"))
+    layered.create("user:erin", random_settings(9), over="domain:finance@v1")
+    with pytest.raises(InvalidReference, match="both layered on domain:finance"):
+        engine.resolve("user:carol+user:erin")
+    assert engine.resolve("user:carol+user:erin+domain:finance@v1") == tuple(
+        parse_stack("user:carol@v1+user:erin@v1+domain:finance@v1"))
+
+
+def test_layered_adapter_depth_counts_its_layer(layered, tiny_base):
+    from persona import InvalidConfig
+    from persona.base import load_base
+    from persona.engine import Engine
+
+    with Engine(layered, base=load_base(tiny_base), max_resident=2) as engine:
+        assert len(engine.resolve("user:carol")) == 2
+        with pytest.raises(InvalidConfig, match="with the layers its adapters were trained on"):
+            engine.resolve("user:carol+domain:cooking")
+        with pytest.raises(InvalidReference, match="can become 3 adapters"):
+            engine.check("user:carol+domain:auto")
+
+
+def test_layered_adapter_with_domain_auto_never_routes_to_its_layer(engine, layered):
+    from persona.data import Interaction
+    from persona.engine import GenerationRequest, SamplingParams
+    from persona.replay import ReplayBuffer
+
+    for domain, words in (("finance", "stock bond dividend"), ("cooking", "pasta garlic oven")):
+        items = tuple(Interaction(messages=(("user", f"{words} {i}"), ("assistant", "ok"))) for i in range(4))
+        ReplayBuffer(items, len(items)).write(layered.adapter_dir(f"domain:{domain}"))
+    request = GenerationRequest("user:carol+domain:auto", prompt="stock bond dividend", params=SamplingParams(max_new_tokens=2))
+    assert engine.generate([request])[0].resolved == ("user:carol@v1", "domain:finance@v1", "domain:cooking@v1")
+
+
+def test_layered_adapter_served_with_its_layer_eval(layered, tiny_base):
+    from click.testing import CliRunner
+
+    from persona.cli import main
+
+    trainer = Trainer(layered)
+    data = read_interactions(EXAMPLES / "alice.jsonl")[:6]
+    held = trainer.tokenize(data, 96).examples
+    result = trainer.evaluate("user:carol", data, max_length=96)[0]
+    assert result.over == "domain:finance@v1"
+    layer = weights(layered, "domain:finance@v1")
+    assert result.loss == pytest.approx(trainer.loss(held, weights(layered, "user:carol"), below=[layer])[0], abs=1e-6)
+    assert result.loss != pytest.approx(trainer.loss(held, weights(layered, "user:carol"))[0], abs=1e-3)
+    data_file = EXAMPLES / "alice.jsonl"
+    out = CliRunner().invoke(main, ["eval", "user:carol", "--data", str(data_file), "--max-length", "32", "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)[0]["over"] == "domain:finance@v1"
+
+
+def test_layered_adapter_served_with_its_layer_cli_generate(layered, tiny_base):
+    from click.testing import CliRunner
+
+    from persona.cli import main
+
+    def generate(model):
+        out = CliRunner().invoke(main, ["generate", model, "Hello there", "--json", "--max-new-tokens", "8"])
+        assert out.exit_code == 0, out.output
+        return json.loads(out.output)
+
+    carol, explicit = generate("user:carol"), generate("user:carol+domain:finance@v1")
+    assert carol["resolved"] == ["user:carol@v1", "domain:finance@v1"] == explicit["resolved"]
+    assert carol["text"] == explicit["text"] and carol["text"] != generate("user:dave")["text"]
+
+
+@pytest.fixture
+def server(layered, tiny_base):
+    """The HTTP server on loopback, with carol's token; frank is layered on a merged (admin-only) adapter."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from persona.auth import TokenStore
+    from persona.base import load_base
+    from persona.engine import Engine
+    from persona.server import ServerConfig, create_app
+
+    layered.create("merged:team", random_settings(11))
+    layered.create("user:frank", random_settings(12), over="merged:team")
+    tokens = TokenStore(layered)
+    secrets = {who: tokens.create(subject)[0] for who, subject in
+               (("carol", "user:carol"), ("frank", "user:frank"), ("admin", "admin"))}
+    engine = Engine(layered, base=load_base(tiny_base), max_resident=4)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(engine, ServerConfig(auth=True)), host="127.0.0.1", port=port,
+                                        log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield {"url": f"http://127.0.0.1:{port}", "tokens": secrets, "engine": engine}
+    srv.should_exit = True
+    thread.join(timeout=10)
+    engine.close()
+
+
+def test_layered_adapter_served_with_its_layer_server(server):
+    import httpx
+
+    from persona.engine import GenerationRequest, SamplingParams
+
+    def chat(model, who):
+        return httpx.post(server["url"] + "/v1/chat/completions", timeout=60,
+                          headers={"Authorization": f"Bearer {server['tokens'][who]}"},
+                          json={"model": model, "messages": [{"role": "user", "content": "Hello there"}],
+                                "max_tokens": 8, "temperature": 0})
+
+    def direct(model):
+        request = GenerationRequest(model, messages=({"role": "user", "content": "Hello there"},),
+                                    params=SamplingParams(max_new_tokens=8, temperature=0.0))
+        return server["engine"].generate([request])[0]
+
+    reply = chat("user:carol", "carol")  # a user token reaching its own adapter may use its domain layer
+    assert reply.status_code == 200, reply.text
+    explicit = direct("user:carol+domain:finance@v1")
+    assert reply.json()["choices"][0]["message"]["content"] == explicit.text != direct("user:dave").text
+    assert explicit.resolved == direct("user:carol").resolved == ("user:carol@v1", "domain:finance@v1")
+    # access checks apply to the layer too: a merged adapter may hold other users' data (admin only)
+    assert chat("user:frank", "frank").status_code == 404
+    assert chat("user:frank", "admin").status_code == 200
+    listed = {m["id"] for m in httpx.get(server["url"] + "/v1/models", timeout=30,
+                                         headers={"Authorization": f"Bearer {server['tokens']['frank']}"}).json()["data"]}
+    assert "user:frank" not in listed and "domain:finance" in listed
+    listed = {m["id"] for m in httpx.get(server["url"] + "/v1/models", timeout=30,
+                                         headers={"Authorization": f"Bearer {server['tokens']['carol']}"}).json()["data"]}
+    assert "user:carol" in listed and "user:dave" not in listed
