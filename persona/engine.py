@@ -63,6 +63,7 @@ __all__ = [
 ]
 
 ROLES = ("system", "user", "assistant", "tool")
+LAYER_CACHE = 1 << 16  # pinned versions whose layer (or lack of one) admission remembers
 PREGATHER_BYTES = 512 << 20  # transient memory a decode batch may use for its rows' gathered factors
 FinishReason = Literal["stop", "length"]
 
@@ -278,6 +279,8 @@ class Engine:
         self._residency: dict[str, Any] = {}
         self._snapshot_residency()
         self._router = None  # built on the first domain:auto request
+        self._layers: dict[str, AdapterRef | None] = {}  # pinned ref -> its layer (immutable, like the slots' keys)
+        self._layers_lock = threading.Lock()
         self._worker = BatchWorker(self._run_jobs, max_batch=max_batch, wait_s=batch_wait_s)
 
     # ------------------------------------------------------------------ names and versions
@@ -351,7 +354,7 @@ class Engine:
         out: list[StackPart] = []
         for part in parts:
             out.append(part)
-            layer = self.store.version_info(part.ref).over_ref  # versions are immutable: so is their layer
+            layer = self._layer_of(part.ref)
             if layer is None or layer.id in named:
                 continue
             if layer.id in carried:
@@ -362,6 +365,20 @@ class Engine:
             carried[layer.id] = part.ref
             out.append(StackPart(layer, part.weight))
         return tuple(out)
+
+    def _layer_of(self, pinned: AdapterRef) -> AdapterRef | None:
+        """The layer a pinned version was trained on, read once per version: a version's meta never changes,
+        and admission should not read it again for every request (it costs more than pinning)."""
+        key = str(pinned)
+        with self._layers_lock:
+            if key in self._layers:
+                return self._layers[key]
+        layer = self.store.version_info(pinned).over_ref
+        with self._layers_lock:
+            if len(self._layers) >= LAYER_CACHE:
+                self._layers.pop(next(iter(self._layers)))
+            self._layers[key] = layer
+        return layer
 
     def _check_routed_depth(self, parts: Sequence[StackPart], fixed_depth: int | None = None) -> None:
         """Refuse a stack with ``domain:auto`` that top-k routing could grow past the stack or slot limit.
