@@ -114,7 +114,8 @@ class GenerationResult:
     ``text``) or ``length`` (``max_new_tokens`` or the context length). ``model`` is the request's
     model as sent. ``resolved`` lists the pinned parts that ran, with their weights
     (``("user:alice@v3", "domain:finance@v1*0.5")``; empty for the base); ``domain:auto`` appears as
-    the domains the router chose, a layered adapter as itself followed by its pinned layer. Joined with ``+`` it is a model that computes the same row.
+    the domains the router chose, a layered adapter as itself followed by its pinned layer. Joined
+    with ``+`` it is a model that computes the same row.
     """
 
     text: str
@@ -333,7 +334,8 @@ class Engine:
         limit = min(MAX_STACK, self._cache.max_resident)
         if len(pinned) > limit:
             raise InvalidConfig(
-                f"{format_stack(parts)!r} runs as {format_stack(pinned)!r} with the layers its adapters were trained on: "
+                f"{format_stack(parts)!r} runs as {format_stack(pinned)!r} with the layers its adapters were "
+                f"trained on: "
                 f"{len(pinned)} adapters, but at most {limit} fit (a stack holds {MAX_STACK}, "
                 f"max_resident is {self._cache.max_resident})"
             )
@@ -359,11 +361,11 @@ class Engine:
                 continue
             if layer.id in carried:
                 raise InvalidReference(
-                    f"{carried[layer.id]} and {part.ref} are both layered on {layer.id}, and a stack applies an adapter "
-                    f"once: name {layer.id} in the stack (with a version, e.g. {layer}) to choose it"
+                    f"{carried[layer.id]} and {part.ref} are both layered on {layer.id}, and a stack applies an "
+                    f"adapter once: name {layer.id} in the stack (with a version, e.g. {layer}) to choose it"
                 )
             carried[layer.id] = part.ref
-            out.append(StackPart(layer, part.weight))
+            out.append(StackPart(self.store.resolve(layer), part.weight))  # a missing layer fails at admission
         return tuple(out)
 
     def _layer_of(self, pinned: AdapterRef) -> AdapterRef | None:
@@ -488,7 +490,8 @@ class Engine:
                 f"domain:auto has no domain adapter left to pick: {request.model!r} already names every routable domain"
             )
         pinned: list[StackPart] = []
-        fixed_parts = iter(p for p in fixed if p.ref.id in {q.ref.id for q in parts})  # as pinned above
+        ids = {p.ref.id for p in parts}
+        fixed_parts = iter(p for p in fixed if p.ref.id in ids)  # the named parts, as pinned above (not their layers)
         for part in parts:
             if _is_auto(part.ref):
                 pinned.extend(StackPart(c.ref, part.weight * c.weight) for c in choices if part.weight * c.weight > 0)

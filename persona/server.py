@@ -293,7 +293,8 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
         data = [{"id": engine.base_name, "object": "model", "created": created, "owned_by": "persona"}]
         for adapter in store.list():
             # what the current version runs: the adapter and, if it is layered, its layer
-            runs = [*parse_stack(adapter.adapter), *(v.over_ref for v in adapter.versions if v.version == adapter.current and v.over)]
+            layers = [v.over_ref for v in adapter.versions if v.version == adapter.current and v.over]
+            runs = [*parse_stack(adapter.adapter), *layers]
             if scope is None or scope.allows(runs):
                 data.append({"id": adapter.adapter, "object": "model", "created": created, "owned_by": "persona",
                              "current_version": adapter.current})

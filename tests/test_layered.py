@@ -145,7 +145,8 @@ def test_layered_adapter_served_with_its_layer_engine(engine):
     # the pin recorded at create, not the layer's moving current (v2)
     assert engine.resolve("user:carol") == tuple(parse_stack("user:carol@v1+domain:finance@v1"))
     assert engine.resolve("user:carol*0.5") == tuple(parse_stack("user:carol@v1*0.5+domain:finance@v1*0.5"))
-    result = engine.generate([GenerationRequest("user:carol", prompt="Hello", params=SamplingParams(max_new_tokens=4))])[0]
+    request = GenerationRequest("user:carol", prompt="Hello", params=SamplingParams(max_new_tokens=4))
+    result = engine.generate([request])[0]
     assert result.resolved == ("user:carol@v1", "domain:finance@v1")
     # what `resolved` names computes the same row when sent back
     again = engine.logits(IDS, None, ["+".join(result.resolved)])[0]
@@ -158,7 +159,8 @@ def test_layered_adapter_in_explicit_stacks(engine, layered):
         parse_stack("user:carol@v1+domain:finance@v1+domain:cooking@v1"))
     # a stack that names the layer's adapter chooses its version and weight; the layer is not added twice
     assert engine.resolve("user:carol+domain:finance") == tuple(parse_stack("user:carol@v1+domain:finance@v2"))
-    assert engine.resolve("user:carol+domain:finance@v1*0.5") == tuple(parse_stack("user:carol@v1+domain:finance@v1*0.5"))
+    assert engine.resolve("user:carol+domain:finance@v1*0.5") == tuple(
+        parse_stack("user:carol@v1+domain:finance@v1*0.5"))
     layered.create("user:erin", random_settings(9), over="domain:finance@v1")
     with pytest.raises(InvalidReference, match="both layered on domain:finance"):
         engine.resolve("user:carol+user:erin")
@@ -187,7 +189,8 @@ def test_layered_adapter_with_domain_auto_never_routes_to_its_layer(engine, laye
     for domain, words in (("finance", "stock bond dividend"), ("cooking", "pasta garlic oven")):
         items = tuple(Interaction(messages=(("user", f"{words} {i}"), ("assistant", "ok"))) for i in range(4))
         ReplayBuffer(items, len(items)).write(layered.adapter_dir(f"domain:{domain}"))
-    request = GenerationRequest("user:carol+domain:auto", prompt="stock bond dividend", params=SamplingParams(max_new_tokens=2))
+    request = GenerationRequest("user:carol+domain:auto", prompt="stock bond dividend",
+                                params=SamplingParams(max_new_tokens=2))
     assert engine.generate([request])[0].resolved == ("user:carol@v1", "domain:finance@v1", "domain:cooking@v1")
 
 
@@ -286,9 +289,10 @@ def test_layered_adapter_served_with_its_layer_server(server):
     # access checks apply to the layer too: a merged adapter may hold other users' data (admin only)
     assert chat("user:frank", "frank").status_code == 404
     assert chat("user:frank", "admin").status_code == 200
-    listed = {m["id"] for m in httpx.get(server["url"] + "/v1/models", timeout=30,
-                                         headers={"Authorization": f"Bearer {server['tokens']['frank']}"}).json()["data"]}
-    assert "user:frank" not in listed and "domain:finance" in listed
-    listed = {m["id"] for m in httpx.get(server["url"] + "/v1/models", timeout=30,
-                                         headers={"Authorization": f"Bearer {server['tokens']['carol']}"}).json()["data"]}
-    assert "user:carol" in listed and "user:dave" not in listed
+    def listed(who):
+        reply = httpx.get(server["url"] + "/v1/models", headers={"Authorization": f"Bearer {server['tokens'][who]}"},
+                          timeout=30)
+        return {m["id"] for m in reply.json()["data"]}
+
+    assert "user:frank" not in listed("frank") and "domain:finance" in listed("frank")
+    assert "user:carol" in listed("carol") and "user:dave" not in listed("carol")
