@@ -23,7 +23,7 @@ from typing import Any, Sequence
 from filelock import FileLock
 
 from .errors import InvalidReference, PersonaError
-from .fsutil import atomic_write_json
+from .fsutil import PRIVATE_MODE, atomic_write_json
 from .refs import AdapterRef, StackPart, parse_ref
 
 TOKENS_FILE = "tokens.json"
@@ -90,8 +90,8 @@ class TokenStore:
             return {}
 
     def _write(self, tokens: dict[str, dict[str, str]]) -> None:
-        atomic_write_json(self.path, {"tokens": tokens})
-        self.path.chmod(0o600)
+        # Created 0600 (the temp file too): a chmod after the rename left it 0644 while being written.
+        atomic_write_json(self.path, {"tokens": tokens}, PRIVATE_MODE)
 
     def create(self, subject: str) -> tuple[str, TokenInfo]:
         """Issue a token for ``admin`` or a ``user:NAME`` adapter; the secret is shown once, never stored."""

@@ -137,7 +137,8 @@ def list_(kind, store_root, as_json) -> None:
     adapters = _open(store_root).list(kind)
     if as_json:
         emit(True, [{"adapter": a.adapter, "current": a.current, "versions": len(a.versions),
-                     "aliases": dict(a.aliases), "pending": a.pending} for a in adapters])
+                     "aliases": dict(a.aliases), "pending": a.pending, "damaged": [str(p) for p in a.damaged]}
+                    for a in adapters])
         return
     if not adapters:
         click.echo("no adapters yet: create one with `persona create user:NAME`")
@@ -145,7 +146,8 @@ def list_(kind, store_root, as_json) -> None:
     click.echo(f"{'ADAPTER':32} {'CURRENT':>8} {'VERSIONS':>8} {'PENDING':>8}")
     for a in adapters:
         cur = f"v{a.current}" if a.current else "-"
-        click.echo(f"{a.adapter:32} {cur:>8} {len(a.versions):>8} {a.pending:>8}")
+        damaged = f"  DAMAGED: {a.damaged[0]}" + (f" (+{len(a.damaged) - 1} more)" if len(a.damaged) > 1 else "") if a.damaged else ""
+        click.echo(f"{a.adapter:32} {cur:>8} {len(a.versions):>8} {a.pending:>8}{damaged}")
 
 
 @main.command()
@@ -162,6 +164,8 @@ def show(ref, store_root, as_json) -> None:
     if info.versions and info.versions[-1].over:
         layer = f"  over={info.versions[-1].over['adapter']}@v{info.versions[-1].over['version']}"
     click.echo(f"{info.adapter}  current=v{info.current}  pending={info.pending}  replay={info.replay}{layer}")
+    for problem in info.damaged:
+        click.echo(f"  DAMAGED {problem}")
     for v in info.versions:
         aliases = f" [{', '.join(v.aliases)}]" if v.aliases else ""
         parent = f" parent=v{v.parent}" if v.parent else ""

@@ -28,7 +28,9 @@ Refused before PEFT runs: fewer than two parents, the same parent version twice,
 tensor shapes that do not fit the base, LoRA variants PEFT merges wrongly (rsLoRA, DoRA, LoRA
 bias, per-module rank/alpha patterns: huggingface/peft#3761), unequal ranks for the methods that
 average factors, different target modules for those same methods, a weight count that is not the
-parent count, and ``density``/``rank`` given where the method has no use for them.
+parent count, a weight that is not finite or beyond ``MAX_WEIGHT`` (100) in absolute value, and
+``density``/``rank`` given where the method has no use for them. The store refuses to publish a result
+holding NaN or infinity whatever the inputs.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ FACTOR_METHODS = frozenset({"linear", "ties", "dare_linear", "dare_ties"})
 MIN_PARENTS = 2
 MAX_PARENTS = 16
 MAX_RANK = 1024  # LoraSettings' bound
+# |weight| bound: weights beyond it overflow float32 in PEFT's arithmetic (linear takes sqrt(w), cat
+# and svd scale by w) and published all-NaN adapters (issue 10, item 9); useful weights are O(1).
+MAX_WEIGHT = 100.0
 # PEFT merges these variants silently wrong (the merged config inherits them from the first parent).
 _UNSUPPORTED_VARIANTS = ("use_rslora", "use_dora", "lora_bias", "use_qalora", "rank_pattern", "alpha_pattern")
 
@@ -104,6 +109,8 @@ def plan_merge(
         raise InvalidConfig(f"{len(weights)} weight(s) for {len(refs)} parents: give one weight per parent, in order")
     if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
         raise InvalidConfig(f"weights must be finite numbers, got {list(weights)}")
+    if any(abs(w) > MAX_WEIGHT for w in weights):
+        raise InvalidConfig(f"merge weights must lie in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}], got {list(weights)}")
     if all(w == 0 for w in weights):
         raise InvalidConfig("all weights are 0: the merged adapter would do nothing")
 

@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .errors import InvalidConfig, InvalidInteractions
+from .fsutil import open_private_append
 
 if TYPE_CHECKING:
     import torch
@@ -717,12 +718,13 @@ def data_digest(interactions: Iterable[Interaction]) -> str:
     return h.hexdigest()
 
 
-def append_jsonl(path: str | os.PathLike[str], interactions: Iterable[Interaction]) -> int:
+def append_jsonl(path: str | os.PathLike[str], interactions: Iterable[Interaction], *, private: bool = False) -> int:
     """Append interactions to a JSON Lines file in one write, then fsync; return how many.
 
     If a crash once left the file without a final newline, a newline is written first, so the
     torn line stays a line of its own (and is reported by :func:`read_interactions`) instead of
-    corrupting the first appended one.
+    corrupting the first appended one. ``private=True`` (a store's pending queue) creates the file
+    with mode 0600 and refuses a symlink or anything but a plain file.
 
     >>> append_jsonl("adapters/user/alice/pending.jsonl", [Interaction(text="hi")])  # doctest: +SKIP
     1
@@ -734,7 +736,8 @@ def append_jsonl(path: str | os.PathLike[str], interactions: Iterable[Interactio
     if not items:
         return 0
     data = b"".join(_canonical_line(i) for i in items)
-    with open(path, "a+b", buffering=0) as f:
+    fd = open_private_append(Path(path)) if private else os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    with os.fdopen(fd, "r+b", buffering=0) as f:
         if f.seek(0, os.SEEK_END) > 0:
             f.seek(-1, os.SEEK_END)
             if f.read(1) != b"\n":

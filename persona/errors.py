@@ -57,6 +57,22 @@ class IntegrityError(PersonaError):
     """A published file no longer matches the sha256 recorded when it was written."""
 
 
+class DamagedAdapter(IntegrityError):
+    """A version's ``meta.json`` or an adapter's ``refs.json`` is unreadable, malformed, names a file
+    outside its folder, or claims another adapter or version than the folder it is in.
+
+    Only that adapter is damaged: it is listed as such, refused for loading, and can be deleted.
+    """
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason or message
+
+
+class NonFiniteWeights(PersonaError, ValueError):
+    """Tensors holding NaN or infinity were about to be published; nothing was written."""
+
+
 class BaseMismatch(PersonaError):
     """An adapter (or store) is bound to another base model fingerprint."""
 

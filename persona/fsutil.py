@@ -4,17 +4,27 @@ new one, never a torn file."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
 import secrets
 import shutil
+import stat
 from pathlib import Path
 from typing import Any, Iterable
 
+from .errors import IntegrityError
+
 TMP_PREFIX = ".tmp-"
 _CHUNK = 1 << 20
+# Files holding a person's interactions or secrets (pending and replay queues, tokens) are created
+# with this mode, never widened later: a chmod after the write leaves a window where others read it.
+PRIVATE_MODE = 0o600
+PUBLIC_MODE = 0o644
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 def fsync_dir(path: Path) -> None:
@@ -30,10 +40,13 @@ def temp_sibling(path: Path) -> Path:
     return path.with_name(f"{TMP_PREFIX}{path.name}-{secrets.token_hex(6)}")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, mode: int = PUBLIC_MODE) -> None:
+    """Replace ``path`` with ``data`` in one ``os.replace``; the temp file is created with ``mode``
+    (the umask can only narrow it), so a private file is never readable by others, even mid-write."""
     tmp = temp_sibling(path)
     try:
-        with open(tmp, "xb") as f:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, mode)
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -48,8 +61,57 @@ def dumps_json(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, dumps_json(obj))
+def atomic_write_json(path: Path, obj: Any, mode: int = PUBLIC_MODE) -> None:
+    atomic_write_bytes(path, dumps_json(obj), mode)
+
+
+def read_regular_file(path: Path) -> bytes:
+    """The bytes of ``path``, refusing a symlink (docs/STORE.md: no symlinks under the root) and
+    anything that is not a regular file (a FIFO or device would block or never end).
+
+    Raises ``FileNotFoundError`` when it is missing and :class:`IntegrityError` when it is unsafe.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise IntegrityError(f"{path} is a symlink; the store refuses symlinks (remove it, see `persona verify`)") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IntegrityError(f"{path} is not a regular file; the store holds only regular files and folders")
+        return f.read()
+
+
+def open_private_append(path: Path) -> int:
+    """An ``O_APPEND`` descriptor on ``path``, created with :data:`PRIVATE_MODE`, never through a symlink.
+
+    A file an older persona left wider than private is narrowed at once (it holds interactions).
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | _NOFOLLOW | _CLOEXEC | getattr(os, "O_NONBLOCK", 0),
+                     PRIVATE_MODE)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise IntegrityError(f"{path} is a symlink; refusing to write through it (remove it, see `persona verify`)") from None
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+        os.close(fd)
+        raise IntegrityError(f"{path} is not a plain regular file (a device, pipe or hard link); refusing to write to it")
+    if info.st_mode & 0o077:
+        os.fchmod(fd, PRIVATE_MODE)
+    return fd
+
+
+def symlinks_under(root: Path) -> list[Path]:
+    """Every symlink under ``root`` (not following any), relative to ``root``."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            if os.path.islink(os.path.join(dirpath, name)):
+                found.append(Path(dirpath, name).relative_to(root))
+    return sorted(found)
 
 
 def fsync_tree(root: Path) -> None:

@@ -5,8 +5,8 @@ been trained on: bounded in size, each past interaction equally likely to be kep
 the adapter's versions (``replay.jsonl`` plus ``replay.state.json`` holding how many interactions
 the reservoir has seen) and is only ever read for that adapter. Both files are rewritten atomically.
 
-The pending queue (``pending.jsonl``) holds interactions logged for the next update. ``persona log``
-appends; an update consumes the first N and removes exactly those once its version is published.
+Both hold a person's interactions: they are created with mode 0600 (never widened afterwards). The
+pending queue of interactions logged for the next update is :mod:`persona.pending`.
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .data import Interaction, append_jsonl, parse_interactions
-from .fsutil import atomic_write_bytes, atomic_write_json
+from .data import Interaction, parse_interactions
+from .fsutil import PRIVATE_MODE, atomic_write_bytes, atomic_write_json
 
 REPLAY = "replay.jsonl"
 REPLAY_STATE = "replay.state.json"
-PENDING = "pending.jsonl"
 
 
 def _to_line(i: Interaction) -> str:
@@ -65,32 +64,6 @@ class ReplayBuffer:
 
     def write(self, folder: Path) -> None:
         body = "".join(_to_line(i) + "\n" for i in self.items)
-        atomic_write_bytes(folder / REPLAY, body.encode("utf-8"))
-        atomic_write_json(folder / REPLAY_STATE, {"seen": self.seen, "size": len(self.items)})
+        atomic_write_bytes(folder / REPLAY, body.encode("utf-8"), PRIVATE_MODE)
+        atomic_write_json(folder / REPLAY_STATE, {"seen": self.seen, "size": len(self.items)}, PRIVATE_MODE)
 
-
-def read_pending(folder: Path) -> list[Interaction]:
-    path = folder / PENDING
-    if not path.is_file() or not path.stat().st_size:
-        return []
-    return parse_interactions(path.read_text(encoding="utf-8"), source=str(path))
-
-
-def append_pending(folder: Path, interactions: Sequence[Interaction]) -> int:
-    return append_jsonl(folder / PENDING, interactions)
-
-
-def consume_pending(folder: Path, count: int) -> None:
-    """Drop the first ``count`` interactions of the queue (those an update trained on), atomically."""
-    path = folder / PENDING
-    if count <= 0 or not path.is_file():
-        return
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    kept, skipped = [], 0
-    for line in lines:
-        if skipped < count and line.strip():
-            skipped += 1
-            continue
-        if line.strip():
-            kept.append(line if line.endswith("\n") else line + "\n")
-    atomic_write_bytes(path, "".join(kept).encode("utf-8"))

@@ -29,10 +29,10 @@ import os
 import re
 import shutil
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 from filelock import FileLock, Timeout
 
@@ -41,10 +41,12 @@ from .errors import (
     AdapterExists,
     AdapterNotFound,
     BaseMismatch,
+    DamagedAdapter,
     IntegrityError,
     InvalidName,
     InvalidReference,
     LockTimeout,
+    NonFiniteWeights,
     PersonaError,
     StoreExists,
     StoreNotInitialized,
@@ -57,12 +59,15 @@ from .fsutil import (
     dumps_json,
     fsync_dir,
     fsync_tree,
+    read_regular_file,
     remove_tree,
     sha256_file,
     remove_stale,
+    symlinks_under,
     temp_sibling,
 )
 from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraSettings, init_lora_tensors, lora_shapes, peft_adapter_config, resolve_targets
+from .meta import EXTRA_FILE, VersionInfo, parse_meta
 from .refs import CURRENT, KINDS, RESERVED_NAMES, AdapterRef, format_version, parse_ref, validate_alias
 
 STORE_FORMAT = 1
@@ -72,7 +77,6 @@ REFS = "refs.json"
 REPLAY = "replay.jsonl"
 PENDING = "pending.jsonl"
 _VERSION_DIR = re.compile(r"v([0-9]{4,9})")
-_EXTRA_FILE = re.compile(r"[a-z0-9_]{1,64}\.safetensors")
 
 
 def default_root() -> Path:
@@ -95,56 +99,17 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
-class VersionInfo:
-    """One published version, as recorded in its ``meta.json``."""
+class Problem:
+    """One thing wrong in the store: where (adapter, version, file) and why."""
 
     adapter: str
-    version: int
-    parent: int | None
-    created: str
-    base_fingerprint: str
-    files: Mapping[str, str]
-    lora: Mapping[str, Any]
-    metrics: Mapping[str, Any] = field(default_factory=dict)
-    training: Mapping[str, Any] | None = None
-    data_digest: str | None = None
-    lineage: tuple[Mapping[str, Any], ...] = ()
-    aliases: tuple[str, ...] = ()
-    over: Mapping[str, Any] | None = None  # the pinned adapter this one is layered on
+    version: int | None
+    path: str
+    reason: str
 
-    @property
-    def over_ref(self) -> AdapterRef | None:
-        if not self.over:
-            return None
-        kind, name = self.over["adapter"].split(":", 1)
-        return AdapterRef(kind, name, version=int(self.over["version"]))
-
-    @property
-    def ref(self) -> AdapterRef:
-        kind, name = self.adapter.split(":", 1)
-        return AdapterRef(kind, name, version=self.version)
-
-    @property
-    def label(self) -> str:
-        return format_version(self.version)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "adapter": self.adapter,
-            "version": self.version,
-            "label": self.label,
-            "parent": self.parent,
-            "created": self.created,
-            "base_fingerprint": self.base_fingerprint,
-            "files": dict(self.files),
-            "lora": dict(self.lora),
-            "metrics": dict(self.metrics),
-            "training": self.training,
-            "data_digest": self.data_digest,
-            "lineage": list(self.lineage),
-            "aliases": list(self.aliases),
-            "over": dict(self.over) if self.over else None,
-        }
+    def __str__(self) -> str:
+        where = self.adapter + (f"@{format_version(self.version)}" if self.version else "")
+        return f"{where}: {self.path}: {self.reason}"
 
 
 @dataclass(frozen=True)
@@ -158,10 +123,17 @@ class AdapterInfo:
     aliases: Mapping[str, int]
     pending: int
     replay: int
+    # Why this adapter is damaged (unreadable meta.json or refs.json, a symlink, ...): ``versions``
+    # then holds only its readable versions, and the damaged ones are refused for loading.
+    damaged: tuple[Problem, ...] = ()
 
     @property
     def current(self) -> int | None:
         return self.aliases.get(CURRENT)
+
+    @property
+    def is_damaged(self) -> bool:
+        return bool(self.damaged)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -173,6 +145,7 @@ class AdapterInfo:
             "pending": self.pending,
             "replay": self.replay,
             "versions": [v.to_dict() for v in self.versions],
+            "damaged": [str(p) for p in self.damaged],
         }
 
 
@@ -210,18 +183,6 @@ class Dependent:
 
     def describe(self) -> str:
         return f"{_RELATIONS.get(self.relation, 'derived from')} {self.on}"
-
-
-@dataclass(frozen=True)
-class Problem:
-    adapter: str
-    version: int | None
-    path: str
-    reason: str
-
-    def __str__(self) -> str:
-        where = self.adapter + (f"@{format_version(self.version)}" if self.version else "")
-        return f"{where}: {self.path}: {self.reason}"
 
 
 @dataclass(frozen=True)
@@ -318,10 +279,20 @@ class Store:
         path = (self.root / ref.kind / ref.name).resolve()
         if path.parent != (self.root / ref.kind).resolve() or not path.is_relative_to(self.root):
             raise InvalidName(f"adapter path for {ref.id} resolves outside the store root {self.root}")
+        for link in (self.root / ref.kind, self.root / ref.kind / ref.name):
+            if link.is_symlink():  # even one pointing inside the root would serve one adapter as another
+                raise InvalidName(f"{link} is a symlink; the store refuses symlinks under its root (remove it)")
         return path
 
     def _version_dir(self, ref: AdapterRef, version: int) -> Path:
-        return self.adapter_dir(ref) / format_version(version)
+        folder = self.adapter_dir(ref) / format_version(version)
+        if folder.is_symlink():
+            raise DamagedAdapter(
+                f"{ref.id}@{format_version(version)} is a symlink; the store refuses symlinks under its root. "
+                "Remove it (`persona verify` lists every symlink)",
+                reason="the version folder is a symlink",
+            )
+        return folder
 
     @contextmanager
     def lock(self, ref: str | AdapterRef, purpose: str = "write") -> Iterator[None]:
@@ -352,11 +323,26 @@ class Store:
         return path
 
     def _read_refs(self, path: Path) -> dict[str, int]:
+        """The aliases in ``refs.json``, parsed strictly: :class:`DamagedAdapter` when it is unreadable."""
         try:
-            data = json.loads((path / REFS).read_text())
+            data = json.loads(read_regular_file(path / REFS))
         except FileNotFoundError:
             return {}
-        return {k: int(v) for k, v in data.get("aliases", {}).items()}
+        except (IntegrityError, ValueError, RecursionError) as exc:
+            reason = str(exc) if isinstance(exc, IntegrityError) else f"not valid JSON ({exc.__class__.__name__})"
+            data = {"damaged": reason}
+        aliases = data.get("aliases") if isinstance(data, dict) else None
+        if not isinstance(aliases, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1 for k, v in aliases.items()
+        ):
+            reason = data.get("damaged") if isinstance(data, dict) and "damaged" in data else "'aliases' should map names to version numbers"
+            adapter = f"{path.parent.name}:{path.name}"
+            raise DamagedAdapter(
+                f"{adapter}: refs.json is damaged ({reason}); its aliases cannot be resolved. Pin a version "
+                f"(`{adapter}@vN`), or delete the adapter (`persona delete {adapter}`)",
+                reason=f"damaged refs.json: {reason}",
+            )
+        return dict(aliases)
 
     def version_numbers(self, ref: str | AdapterRef) -> list[int]:
         path = self._require(parse_ref(ref))
@@ -382,57 +368,68 @@ class Store:
         return ref.at(version)
 
     def _read_meta(self, ref: AdapterRef, version: int, aliases: Mapping[str, int] | None = None) -> VersionInfo:
+        """The strictly parsed ``meta.json`` of a version (see :mod:`persona.meta`); :class:`DamagedAdapter` if bad."""
         path = self._version_dir(ref, version) / META
         try:
-            meta = json.loads(path.read_text())
+            raw = read_regular_file(path)
         except FileNotFoundError:
             raise VersionNotFound(f"{ref.id} has no version {format_version(version)}") from None
-        except ValueError as exc:
-            raise IntegrityError(f"{path} is not valid JSON: {exc}") from None
+        except IntegrityError as exc:
+            raise DamagedAdapter(str(exc), reason="meta.json is a symlink or not a regular file") from None
         names = tuple(sorted(a for a, v in (aliases or {}).items() if v == version))
-        return VersionInfo(
-            adapter=meta["adapter"],
-            version=meta["version"],
-            parent=meta.get("parent"),
-            created=meta["created"],
-            base_fingerprint=meta["base_fingerprint"],
-            files=meta["files"],
-            lora=meta.get("lora", {}),
-            metrics=meta.get("metrics", {}),
-            training=meta.get("training"),
-            data_digest=meta.get("data_digest"),
-            lineage=tuple(meta.get("lineage", ())),
-            aliases=names,
-            over=meta.get("over"),
-        )
+        return parse_meta(raw, adapter=ref.unpinned().id, version=version, aliases=names)
 
     def version_info(self, ref: str | AdapterRef) -> VersionInfo:
         pinned = self.resolve(ref)
         return self._read_meta(pinned, pinned.version, self._read_refs(self.adapter_dir(pinned)))
 
     def versions(self, ref: str | AdapterRef) -> list[VersionInfo]:
-        ref = parse_ref(ref)
-        aliases = self.aliases(ref)
-        return [self._read_meta(ref, v, aliases) for v in self.version_numbers(ref)]
+        """Every readable version of an adapter, oldest first (``show`` also reports the damaged ones)."""
+        return list(self.show(ref).versions)
+
+    def _scan_versions(self, ref: AdapterRef, aliases: Mapping[str, int]) -> tuple[list[VersionInfo], list[Problem]]:
+        good, damaged = [], []
+        for number in self.version_numbers(ref):
+            try:
+                good.append(self._read_meta(ref, number, aliases))
+            except DamagedAdapter as exc:
+                damaged.append(Problem(ref.id, number, META, exc.reason))
+        return good, damaged
 
     def _count_lines(self, path: Path) -> int:
         try:
-            with open(path, "rb") as f:
-                return sum(1 for line in f if line.strip())
+            return sum(1 for line in read_regular_file(path).split(b"\n") if line.strip())
         except FileNotFoundError:
             return 0
 
     def show(self, ref: str | AdapterRef) -> AdapterInfo:
-        ref = parse_ref(ref)
+        """An adapter's versions, aliases and queue sizes; a damaged adapter is reported, not raised."""
+        ref = parse_ref(ref).unpinned()
         path = self._require(ref)
+        damaged: list[Problem] = []
+        try:
+            aliases = self._read_refs(path)
+        except DamagedAdapter as exc:
+            aliases = {}
+            damaged.append(Problem(ref.id, None, REFS, exc.reason))
+        versions, bad = self._scan_versions(ref, aliases)
+        damaged += bad
+        counts = {}
+        for name in (PENDING, REPLAY):
+            try:
+                counts[name] = self._count_lines(path / name)
+            except IntegrityError as exc:
+                counts[name] = 0
+                damaged.append(Problem(ref.id, None, name, str(exc).replace(str(path / name), "it")))
         return AdapterInfo(
             adapter=ref.id,
             kind=ref.kind,
             name=ref.name,
-            versions=tuple(self.versions(ref)),
-            aliases=self._read_refs(path),
-            pending=self._count_lines(path / PENDING),
-            replay=self._count_lines(path / REPLAY),
+            versions=tuple(versions),
+            aliases=aliases,
+            pending=counts[PENDING],
+            replay=counts[REPLAY],
+            damaged=tuple(damaged),
         )
 
     def list(self, kind: str | None = None) -> list[AdapterInfo]:
@@ -506,6 +503,7 @@ class Store:
             adapter_config = peft_adapter_config(settings, targets, self.config.base_id)
         elif adapter_config is None:
             raise InvalidReference("create(tensors=...) needs the matching adapter_config")
+        self._check_shared_lineage(ref, lineage, over_meta)
         # A child of another adapter (--from, --over) is published under the lineage lock, after
         # checking its parent still exists, so a concurrent delete cannot miss it.
         derived = [parse_ref(r) for r in (source, over) if r is not None]
@@ -549,16 +547,20 @@ class Store:
         extra_files: Mapping[str, Mapping[str, Any]] | None = None,
         settings: LoraSettings | None = None,
         over: Mapping[str, Any] | None = None,
+        pending: Mapping[str, Any] | None = None,
     ) -> VersionInfo:
         """Publish the next version of an existing adapter and (optionally) point an alias at it.
 
         The version number is allocated under the adapter's lock, so concurrent publishers get
         unique, increasing numbers. ``extra_files`` maps ``name.safetensors`` to tensors stored beside
-        the version (an EWC Fisher estimate, for example).
+        the version (an EWC Fisher estimate, for example). ``pending`` records the head of the
+        pending queue the version was trained on (``{"rows": N, "digest": ...}``, see
+        :mod:`persona.pending`), so a crash before the queue is consumed does not train it twice.
         """
         ref = parse_ref(ref).unpinned()
         if set_alias is not None:
             validate_alias(set_alias)
+        self._check_shared_lineage(ref, lineage, over)
         with self.lock(ref):
             path = self._require(ref)
             remove_stale(path)  # left by a crashed writer; we hold the lock
@@ -574,7 +576,7 @@ class Store:
                 self._write_version(
                     staging, ref, version, tensors, adapter_config,
                     parent=parent, metrics=metrics, training=training, data_digest=data_digest,
-                    lineage=lineage, extra_files=extra_files, settings=settings, over=over,
+                    lineage=lineage, extra_files=extra_files, settings=settings, over=over, pending=pending,
                 )
                 fsync_tree(staging)
                 os.replace(staging, final)
@@ -601,15 +603,17 @@ class Store:
         extra_files: Mapping[str, Mapping[str, Any]] | None = None,
         settings: LoraSettings | None = None,
         over: Mapping[str, Any] | None = None,
+        pending: Mapping[str, Any] | None = None,
     ) -> VersionInfo:
         from safetensors.torch import save_file
 
+        _check_finite(ref, version, tensors, extra_files)
         folder.mkdir()
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (folder / ADAPTER_CONFIG).write_bytes(dumps_json(dict(adapter_config)))
         for name, extra in (extra_files or {}).items():
-            if not _EXTRA_FILE.fullmatch(name) or name == ADAPTER_WEIGHTS:
-                raise InvalidName(f"extra version file {name!r} must match {_EXTRA_FILE.pattern}")
+            if not EXTRA_FILE.fullmatch(name) or name == ADAPTER_WEIGHTS:
+                raise InvalidName(f"extra version file {name!r} must match {EXTRA_FILE.pattern}")
             save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, str(folder / name), metadata={"format": "pt"})
         files = {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
         lora = settings.to_dict() if settings else _settings_from_peft(adapter_config)
@@ -628,13 +632,13 @@ class Store:
             "data_digest": data_digest,
             "lineage": list(lineage),
             "over": dict(over) if over else None,
+            "pending": dict(pending) if pending else None,
         }
-        (folder / META).write_bytes(dumps_json(meta))
-        return VersionInfo(
-            adapter=ref.id, version=version, parent=parent, created=meta["created"],
-            base_fingerprint=meta["base_fingerprint"], files=files, lora=lora, metrics=meta["metrics"],
-            training=meta["training"], data_digest=data_digest, lineage=tuple(lineage), over=meta["over"],
-        )
+        raw = dumps_json(meta)
+        # What is published must read back: the same strict parser every reader uses checks it now.
+        info = parse_meta(raw, adapter=ref.id, version=version)
+        (folder / META).write_bytes(raw)
+        return info
 
     def _layer_target(self, ref: AdapterRef, over: str | AdapterRef) -> dict[str, Any]:
         """Pin the adapter ``ref`` will be layered on, checking the layering rules."""
@@ -755,38 +759,97 @@ class Store:
         visit(root)
         return order
 
+    def _user_ancestry(self, sources: Sequence[tuple[AdapterRef, str]]) -> list[str] | None:
+        """A lineage path from one of ``sources`` (pinned versions) to a user adapter, else None.
+
+        Follows every edge a version was built from: merge parents and ``--from`` sources (its
+        lineage), the layer it sits on (``over``) and the version it was trained from (``parent``).
+        A link that cannot be read (deleted, damaged) cannot be shown to be user-free: refused.
+        """
+        stack = [(ref, relation, [f"{ref} ({relation})"]) for ref, relation in sources]
+        seen: set[AdapterRef] = set()
+        while stack:
+            ref, relation, path = stack.pop()
+            if ref.kind == "user":
+                return path
+            if ref in seen:
+                continue
+            seen.add(ref)
+            try:
+                info = self._read_meta(ref, ref.version)
+            except (AdapterNotFound, VersionNotFound, DamagedAdapter, InvalidName) as exc:
+                raise InvalidReference(
+                    f"cannot show that {ref} holds no user's data: {exc}".rstrip(".")
+                ) from None
+            nxt = list(info.sources())
+            if info.parent is not None:
+                nxt.append((ref.at(info.parent), "parent"))
+            stack += [(r, rel, path + [f"{r} ({rel})"]) for r, rel in nxt]
+        return None
+
+    def _check_shared_lineage(self, ref: AdapterRef, lineage: Sequence[Mapping[str, Any]],
+                              over: Mapping[str, Any] | None) -> None:
+        """A domain adapter reaches every user's token: refuse one built, by any path, from a user adapter."""
+        if ref.kind != "domain":
+            return
+        probe = VersionInfo(adapter=ref.id, version=1, parent=None, created="", base_fingerprint="", files={}, lora={},
+                            lineage=tuple(lineage), over=over)
+        try:
+            sources = probe.sources()
+        except (PersonaError, KeyError, TypeError, ValueError):
+            raise InvalidReference(f"{ref.id}: every lineage entry needs an adapter name and a version number") from None
+        path = self._user_ancestry(sources)
+        if path:
+            raise InvalidReference(
+                f"{ref.id} is a shared domain adapter (every user's token reaches it) and cannot descend from a user "
+                f"adapter: {ref.id} <- {' <- '.join(path)}. Build it from domain adapters only"
+            )
+
     # ----------------------------------------------------------------- integrity
     def _version_problems(self, ref: AdapterRef, version: int) -> tuple[list[Problem], int]:
+        try:
+            info = self._read_meta(ref, version)  # strict: also checks the version is where it claims
+        except DamagedAdapter as exc:
+            return [Problem(ref.id, version, META, exc.reason)], 0
         folder = self._version_dir(ref, version)
         problems: list[Problem] = []
-        try:
-            meta = json.loads((folder / META).read_text())
-            recorded: dict[str, str] = dict(meta["files"])
-            fp = meta["base_fingerprint"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            return [Problem(ref.id, version, META, f"unreadable metadata ({exc.__class__.__name__})")], 0
+        fp = info.base_fingerprint
         if fp != self.config.base_fingerprint:
             problems.append(Problem(ref.id, version, META, f"bound to another base ({fp[:19]}), store base is {self.config.base_fingerprint[:19]}"))
         present = {p.name for p in folder.iterdir()} - {META}
-        for name in sorted(present - set(recorded)):
+        for name in sorted(present - set(info.files)):
             kind = "pickle weight file (never loaded)" if name.endswith(PICKLE_SUFFIXES) else "unexpected file"
             problems.append(Problem(ref.id, version, name, kind))
-        for name, digest in sorted(recorded.items()):
+        for name, digest in sorted(info.files.items()):
             if name not in present:
                 problems.append(Problem(ref.id, version, name, "missing"))
+            elif (folder / name).is_symlink():
+                continue  # reported by the store-wide symlink scan
             elif sha256_file(folder / name) != digest:
                 problems.append(Problem(ref.id, version, name, "sha256 mismatch: the file changed after it was published"))
-        return problems, len(recorded)
+        if ref.kind == "domain":
+            path = self._user_ancestry(info.sources())
+            if path:
+                problems.append(Problem(ref.id, version, META, f"a shared domain adapter descends from a user adapter: {' <- '.join(path)}"))
+        return problems, len(info.files)
 
     def verify(self, ref: str | AdapterRef | None = None) -> VerifyReport:
-        """Re-hash every file of every version (of one adapter, or all) and report each mismatch."""
+        """Re-hash every file of every version (of one adapter, or all) and report each mismatch,
+        damaged metadata, version in the wrong folder, symlink, and domain adapter descending from a user."""
+        problems: list[Problem] = []
         if ref is None:
             adapters = [AdapterRef(a.kind, a.name) for a in self.list()]
+            scan = self.root
         else:
             parsed = parse_ref(ref)
             self._require(parsed)
             adapters = [parsed.unpinned()]
-        problems: list[Problem] = []
+            scan = self.adapter_dir(parsed)
+        for link in symlinks_under(scan):
+            where = link.parts
+            owner = f"{where[0]}:{where[1]}" if scan == self.root and len(where) >= 2 and where[0] in KINDS else (
+                parse_ref(ref).unpinned().id if ref is not None else "store")
+            problems.append(Problem(owner, None, str(link), "symlink (the store refuses symlinks under its root; remove it)"))
         n_versions = n_files = 0
         for adapter in adapters:
             numbers = self.version_numbers(adapter)
@@ -796,7 +859,12 @@ class Store:
                 problems += found
                 n_versions += 1
                 n_files += files
-            for alias, version in self._read_refs(self.adapter_dir(adapter)).items():
+            try:
+                aliases = self._read_refs(self.adapter_dir(adapter))
+            except DamagedAdapter as exc:
+                problems.append(Problem(adapter.id, None, REFS, exc.reason))
+                continue
+            for alias, version in aliases.items():
                 if version not in numbers:
                     problems.append(Problem(adapter.id, None, REFS, f"alias {alias!r} points at missing version {format_version(version)}"))
         return VerifyReport(len(adapters), n_versions, n_files, tuple(problems))
@@ -810,7 +878,7 @@ class Store:
         from safetensors.torch import load as load_safetensors
 
         pinned = self.resolve(ref)
-        folder = self._version_dir(pinned, pinned.version)
+        folder = self._version_dir(pinned, pinned.version)  # DamagedAdapter for a symlinked version
         pickles = [p.name for p in folder.iterdir() if p.name.endswith(PICKLE_SUFFIXES)]
         if pickles:
             raise UnsafeWeightFile(
@@ -828,7 +896,7 @@ class Store:
         for name, digest in info.files.items():
             if not name.endswith((".json", ".safetensors")):
                 raise UnsafeWeightFile(f"{pinned}: {name} is not a JSON or safetensors file")
-            data = (folder / name).read_bytes()
+            data = self._read_version_file(pinned, folder, name)
             if hashlib.sha256(data).hexdigest() != digest:
                 raise IntegrityError(
                     f"{pinned}: {name} does not match the sha256 recorded at publish time; it was modified or "
@@ -839,6 +907,17 @@ class Store:
         tensors = load_safetensors(blobs[ADAPTER_WEIGHTS])
         return LoadedAdapter(info=info, config=config, tensors=tensors)
 
+    def _read_version_file(self, pinned: AdapterRef, folder: Path, name: str) -> bytes:
+        """A file named in a version's meta.json: only inside that folder (containment), never a symlink."""
+        path = (folder / name).resolve()
+        if path.parent != folder.resolve() or path.name != name:
+            raise DamagedAdapter(f"{pinned}: meta.json names {name!r}, which is not a file of the version folder",
+                                 reason=f"names {name!r}, outside the version folder")
+        try:
+            return read_regular_file(folder / name)
+        except FileNotFoundError:
+            raise IntegrityError(f"{pinned}: {name} is missing; run `persona verify` and roll back to a good version") from None
+
     def load_extra(self, ref: str | AdapterRef, name: str) -> dict[str, Any] | None:
         """Read an extra ``*.safetensors`` file stored beside a version (None when absent), hash-checked."""
         from safetensors.torch import load as load_safetensors
@@ -846,10 +925,27 @@ class Store:
         info = self.version_info(ref)
         if name not in info.files:
             return None
-        data = (self._version_dir(info.ref, info.version) / name).read_bytes()
+        data = self._read_version_file(info.ref, self._version_dir(info.ref, info.version), name)
         if hashlib.sha256(data).hexdigest() != info.files[name]:
             raise IntegrityError(f"{info.ref}: {name} does not match its recorded sha256")
         return load_safetensors(data)
+
+
+def _check_finite(ref: AdapterRef, version: int, tensors: Mapping[str, Any],
+                  extra_files: Mapping[str, Mapping[str, Any]] | None) -> None:
+    """Refuse NaN or infinity in anything about to be published (issue 10, item 9): every path
+    (create, create from tensors, --from, update, merge) ends here, before a file is written."""
+    import torch
+
+    groups = [(ADAPTER_WEIGHTS, tensors)] + list((extra_files or {}).items())
+    bad = [f"{key}" for _, group in groups for key, t in group.items()
+           if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise NonFiniteWeights(
+            f"refusing to publish {ref.id}@{format_version(version)}: {len(bad)} tensor(s) hold NaN or infinity "
+            f"(first: {bad[0]}); nothing was written. For an update lower the learning rate; for a merge use "
+            "smaller weights"
+        )
 
 
 def _settings_from_peft(adapter_config: Mapping[str, Any]) -> dict[str, Any]:

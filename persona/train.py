@@ -43,7 +43,8 @@ from .data import (
 from .errors import BaseMismatch, InvalidConfig, InvalidInteractions
 from .layers import Activation, AdapterWeights, LoraRuntime
 from .refs import CANDIDATE, CURRENT, AdapterRef, parse_ref
-from .replay import ReplayBuffer, append_pending, consume_pending, read_pending
+from . import pending as pending_queue
+from .replay import ReplayBuffer
 from .store import Store, VersionInfo
 
 FISHER_FILE = "fisher.safetensors"
@@ -283,16 +284,19 @@ class Trainer:
         """Train ``ref``'s current version on ``interactions`` (None: its pending queue) and publish.
 
         With ``interactions=None`` the pending queue is consumed: the interactions trained on are
-        removed from it only after the new version is published.
+        removed from it only after the new version is published, and the version records them, so
+        a crash in between does not train them again (see :mod:`persona.pending`).
         """
         config = config or UpdateConfig()
         ref = parse_ref(ref).unpinned()
         folder = self.store.adapter_dir(ref)
         with self.store.lock(ref, purpose="update"):
             from_pending = interactions is None
+            batch = None
             if from_pending:
-                interactions = read_pending(self.store.adapter_dir(ref)) if self.store.exists(ref) else []
                 self.store.show(ref)  # AdapterNotFound before "nothing pending"
+                batch = pending_queue.take(self.store, ref)
+                interactions = list(batch.interactions)
                 if not interactions:
                     raise InvalidInteractions(
                         f"{ref.id} has no pending interactions: pass --data FILE, or log some with `persona log {ref.id} --data FILE`"
@@ -300,14 +304,14 @@ class Trainer:
             interactions = list(interactions)
             if not interactions:
                 raise InvalidInteractions("no interactions to train on")
-            result = self._train_and_publish(ref, folder, interactions, config, progress)
-            if from_pending:
-                with self.store.lock(ref):
-                    consume_pending(folder, len(interactions))
+            result = self._train_and_publish(ref, folder, interactions, config, progress,
+                                             pending=batch.record() if batch else None)
+            if batch is not None:
+                pending_queue.consume(self.store, ref, batch, result.version.version)
         return result
 
     def _train_and_publish(self, ref: AdapterRef, folder: Path, interactions: list[Interaction], config: UpdateConfig,
-                           progress: bool) -> UpdateResult:
+                           progress: bool, pending: Mapping[str, Any] | None = None) -> UpdateResult:
         started = time.perf_counter()
         parent_info = self.store.version_info(ref)
         parent = self.store.load(parent_info.ref)
@@ -381,6 +385,7 @@ class Trainer:
             data_digest=data_digest(interactions),
             extra_files=extra,
             settings=None,
+            pending=pending,
         )
         if promoted and config.replay_capacity:
             # Only data a current version learned joins the reservoir; a rejected candidate's does not.
@@ -520,7 +525,8 @@ class Trainer:
         """Update every adapter that has pending interactions, with the base loaded once."""
         results = []
         for adapter in self.store.list():
-            if adapter.pending:
+            # Rows a published version consumed before a crash are not pending any more.
+            if adapter.pending and adapter.pending > pending_queue.drop_consumed(self.store, AdapterRef(adapter.kind, adapter.name)):
                 results.append(self.update(AdapterRef(adapter.kind, adapter.name), None, config, progress=progress))
         return results
 
@@ -530,4 +536,4 @@ def log_interactions(store: Store, ref: str | AdapterRef, interactions: Sequence
     ref = parse_ref(ref).unpinned()
     store.show(ref)  # AdapterNotFound when missing
     with store.lock(ref):
-        return append_pending(store.adapter_dir(ref), list(interactions))
+        return pending_queue.append(store.adapter_dir(ref), list(interactions))

@@ -1,0 +1,211 @@
+"""A version's ``meta.json``: the typed record and its one strict parser.
+
+Every reader of a version goes through :func:`parse_meta`. A ``meta.json`` that is not JSON, lacks a
+required key, holds a value of the wrong type, names a file that is not a plain file name of the
+version folder, or claims another adapter or version than the folder it sits in raises
+:class:`~persona.errors.DamagedAdapter` (issue 10, items 5-7): that adapter is damaged, never the
+store. Keys added after format 1 was first written (``over``, ``pending``) are optional, so older
+stores keep loading; unknown keys are ignored, so a newer persona's additions do not damage a version.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import DamagedAdapter, PersonaError
+from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from .refs import AdapterRef, format_version, parse_ref
+
+META_FORMAT = 1
+# The only file names a version folder may hold besides meta.json: PEFT's two, and extra
+# ``*.safetensors`` (an EWC Fisher estimate). No separator, no dot-dot, nothing hidden.
+EXTRA_FILE = re.compile(r"[a-z0-9_]{1,64}\.safetensors")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def is_version_file_name(name: str) -> bool:
+    """Whether ``name`` may appear in a version's ``files``: a plain name of the folder, nothing more."""
+    return name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) or bool(EXTRA_FILE.fullmatch(name))
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One published version, as recorded in its ``meta.json``."""
+
+    adapter: str
+    version: int
+    parent: int | None
+    created: str
+    base_fingerprint: str
+    files: Mapping[str, str]
+    lora: Mapping[str, Any]
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    training: Mapping[str, Any] | None = None
+    data_digest: str | None = None
+    lineage: tuple[Mapping[str, Any], ...] = ()
+    aliases: tuple[str, ...] = ()
+    over: Mapping[str, Any] | None = None  # the pinned adapter this one is layered on
+    # The head of the pending queue this version was trained on, {"rows": N, "digest": sha256}:
+    # what the next update skips if a crash left those rows in the queue (issue 10, item 11).
+    pending: Mapping[str, Any] | None = None
+
+    @property
+    def over_ref(self) -> AdapterRef | None:
+        if not self.over:
+            return None
+        kind, name = self.over["adapter"].split(":", 1)
+        return AdapterRef(kind, name, version=int(self.over["version"]))
+
+    @property
+    def ref(self) -> AdapterRef:
+        kind, name = self.adapter.split(":", 1)
+        return AdapterRef(kind, name, version=self.version)
+
+    @property
+    def label(self) -> str:
+        return format_version(self.version)
+
+    def sources(self) -> list[tuple[AdapterRef, str]]:
+        """The other adapter versions this one was built from: (pinned ref, relation), lineage then layer."""
+        out = [(parse_ref(e["adapter"]).at(int(e["version"])), str(e.get("relation") or "lineage")) for e in self.lineage]
+        if self.over_ref is not None:
+            out.append((self.over_ref, "over"))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "adapter": self.adapter,
+            "version": self.version,
+            "label": self.label,
+            "parent": self.parent,
+            "created": self.created,
+            "base_fingerprint": self.base_fingerprint,
+            "files": dict(self.files),
+            "lora": dict(self.lora),
+            "metrics": dict(self.metrics),
+            "training": self.training,
+            "data_digest": self.data_digest,
+            "lineage": list(self.lineage),
+            "aliases": list(self.aliases),
+            "over": dict(self.over) if self.over else None,
+            "pending": dict(self.pending) if self.pending else None,
+        }
+
+
+class _Bad(Exception):
+    """One reason a meta.json is damaged."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _get(meta: Mapping[str, Any], key: str, kind: type | tuple[type, ...], *, required: bool = False,
+         nullable: bool = False, default: Any = None) -> Any:
+    if key not in meta:
+        if required:
+            raise _Bad(f"missing key {key!r}")
+        return default
+    value = meta[key]
+    if value is None and nullable:
+        return None
+    if kind is int:
+        ok = _is_int(value)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise _Bad(f"{key!r} should be {names}{' or null' if nullable else ''}, not {type(value).__name__}")
+    return value
+
+
+def _pinned(entry: Any, where: str) -> dict[str, Any]:
+    """An ``{"adapter": "kind:name", "version": N, ...}`` entry of the lineage or the layer."""
+    if not isinstance(entry, dict):
+        raise _Bad(f"{where} should be an object, not {type(entry).__name__}")
+    adapter = _get(entry, "adapter", str, required=True)
+    version = _get(entry, "version", int, required=True)
+    try:
+        ref = parse_ref(adapter)
+    except PersonaError:
+        raise _Bad(f"{where} names {adapter!r}, which is not an adapter name") from None
+    if ref.id != adapter or version < 1:
+        raise _Bad(f"{where} names {adapter!r} version {version}, which is not a published version")
+    return entry
+
+
+def _parse(meta: Any, adapter: str, version: int) -> dict[str, Any]:
+    if not isinstance(meta, dict):
+        raise _Bad(f"should hold a JSON object, not {type(meta).__name__}")
+    fmt = _get(meta, "format", int, default=META_FORMAT)
+    if fmt != META_FORMAT:
+        raise _Bad(f"has format {fmt}; this persona reads format {META_FORMAT}")
+    claimed = _get(meta, "adapter", str, required=True)
+    number = _get(meta, "version", int, required=True)
+    if (claimed, number) != (adapter, version):
+        # A version folder copied from another adapter (or renamed) must not be served as this one.
+        raise _Bad(f"claims to be {claimed}@{format_version(number) if number > 0 else number}, "
+                   f"but it is in the folder of {adapter}@{format_version(version)}")
+    parent = _get(meta, "parent", int, nullable=True)
+    if parent is not None and not 1 <= parent < version:
+        raise _Bad(f"parent {parent} is not an earlier version")
+    files = _get(meta, "files", dict, required=True)
+    for name, digest in files.items():
+        if not is_version_file_name(name):
+            raise _Bad(f"'files' names {name!r}, which is not a file a version folder may hold")
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise _Bad(f"'files' gives {name} a sha256 that is not 64 hex digits")
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if name not in files:
+            raise _Bad(f"'files' lacks {name}")
+    lineage = _get(meta, "lineage", list, nullable=True, default=[]) or []
+    over = _get(meta, "over", dict, nullable=True)
+    if over is not None:
+        _pinned(over, "'over'")
+        if over["adapter"].startswith("user:"):
+            raise _Bad("'over' names a user adapter; only domain and merged adapters are layered under others")
+    pending = _get(meta, "pending", dict, nullable=True)
+    if pending is not None:
+        rows, digest = _get(pending, "rows", int, required=True), _get(pending, "digest", str, required=True)
+        if rows < 1 or not _SHA256.fullmatch(digest):
+            raise _Bad("'pending' should hold a positive row count and a sha256")
+    return {
+        "adapter": claimed,
+        "version": number,
+        "parent": parent,
+        "created": _get(meta, "created", str, required=True),
+        "base_fingerprint": _get(meta, "base_fingerprint", str, required=True),
+        "files": dict(files),
+        "lora": _get(meta, "lora", dict, default={}),
+        "metrics": _get(meta, "metrics", dict, nullable=True, default={}) or {},
+        "training": _get(meta, "training", dict, nullable=True),
+        "data_digest": _get(meta, "data_digest", str, nullable=True),
+        "lineage": tuple(_pinned(e, f"'lineage' entry {i}") for i, e in enumerate(lineage)),
+        "over": over,
+        "pending": pending,
+    }
+
+
+def parse_meta(raw: bytes, *, adapter: str, version: int, aliases: tuple[str, ...] = ()) -> VersionInfo:
+    """The :class:`VersionInfo` of ``adapter@version`` from its ``meta.json`` bytes, or :class:`DamagedAdapter`.
+
+    >>> parse_meta(b"{}", adapter="user:alice", version=1)   # doctest: +SKIP
+    DamagedAdapter: user:alice@v0001: meta.json is damaged (missing key 'adapter') ...
+    """
+    where = f"{adapter}@{format_version(version)}"
+    try:
+        try:
+            meta = json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            raise _Bad(f"not valid JSON ({exc.__class__.__name__})") from None
+        fields = _parse(meta, adapter, version)
+    except _Bad as bad:
+        raise DamagedAdapter(
+            f"{where}: meta.json is damaged ({bad}); this version cannot be loaded. Roll back to another version "
+            f"(`persona rollback {adapter} vN`) or delete the adapter (`persona delete {adapter}`)",
+            reason=f"damaged meta.json: {bad}",
+        ) from None
+    return VersionInfo(aliases=aliases, **fields)
