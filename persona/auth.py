@@ -23,7 +23,7 @@ from typing import Any, Sequence
 from filelock import FileLock
 
 from .errors import InvalidReference, PersonaError
-from .fsutil import PRIVATE_MODE, atomic_write_json
+from .fsutil import PRIVATE_MODE, atomic_write_json, read_regular_file
 from .refs import AdapterRef, StackPart, parse_ref
 
 TOKENS_FILE = "tokens.json"
@@ -85,7 +85,7 @@ class TokenStore:
         import json
 
         try:
-            return json.loads(self.path.read_text())["tokens"]
+            return json.loads(read_regular_file(self.path))["tokens"]  # never through a planted symlink
         except FileNotFoundError:
             return {}
 

@@ -88,6 +88,8 @@ def append(folder: Path, interactions: Sequence[Interaction]) -> int:
 def read(folder: Path) -> PendingBatch:
     """The whole queue as one batch (lines parsed and digested from the same bytes)."""
     lines = _lines(folder)
+    if not lines:
+        return PendingBatch((), _digest(()))
     try:
         text = [line.decode("utf-8") for line in lines]
     except UnicodeDecodeError:

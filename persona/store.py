@@ -344,6 +344,13 @@ class Store:
             )
         return dict(aliases)
 
+    def _alias_names(self, ref: AdapterRef) -> dict[str, int]:
+        """Aliases, only to name a pinned version's aliases: a damaged refs.json names none."""
+        try:
+            return self._read_refs(self.adapter_dir(ref))
+        except DamagedAdapter:
+            return {}
+
     def version_numbers(self, ref: str | AdapterRef) -> list[int]:
         path = self._require(parse_ref(ref))
         return sorted(int(m.group(1)) for p in path.iterdir() if (m := _VERSION_DIR.fullmatch(p.name)) and p.is_dir())
@@ -381,7 +388,7 @@ class Store:
 
     def version_info(self, ref: str | AdapterRef) -> VersionInfo:
         pinned = self.resolve(ref)
-        return self._read_meta(pinned, pinned.version, self._read_refs(self.adapter_dir(pinned)))
+        return self._read_meta(pinned, pinned.version, self._alias_names(pinned))
 
     def versions(self, ref: str | AdapterRef) -> list[VersionInfo]:
         """Every readable version of an adapter, oldest first (``show`` also reports the damaged ones)."""
@@ -885,7 +892,7 @@ class Store:
                 f"{pinned}: refusing to load: {', '.join(pickles)} is a pickle-format file; persona reads "
                 "safetensors only. Remove the file (`persona verify` lists such files)"
             )
-        info = self._read_meta(pinned, pinned.version, self._read_refs(self.adapter_dir(pinned)))
+        info = self._read_meta(pinned, pinned.version, self._alias_names(pinned))
         expected = base_fingerprint or self.config.base_fingerprint
         if info.base_fingerprint != expected:
             raise BaseMismatch(
