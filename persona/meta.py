@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
-from .errors import DamagedAdapter, PersonaError
+from .errors import DamagedAdapter, InvalidReference, PersonaError
 from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from .refs import AdapterRef, format_version, parse_ref
 
@@ -70,10 +70,7 @@ class VersionInfo:
 
     def sources(self) -> list[tuple[AdapterRef, str]]:
         """The other adapter versions this one was built from: (pinned ref, relation), lineage then layer."""
-        out = [(parse_ref(e["adapter"]).at(int(e["version"])), str(e.get("relation") or "lineage")) for e in self.lineage]
-        if self.over_ref is not None:
-            out.append((self.over_ref, "over"))
-        return out
+        return lineage_sources(self.lineage, self.over)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -93,6 +90,19 @@ class VersionInfo:
             "over": dict(self.over) if self.over else None,
             "pending": dict(self.pending) if self.pending else None,
         }
+
+
+def lineage_sources(lineage: Sequence[Mapping[str, Any]], over: Mapping[str, Any] | None) -> list[tuple[AdapterRef, str]]:
+    """(pinned ref, relation) of each lineage entry and of the layer; ``InvalidReference`` if one is malformed."""
+    out = []
+    for entry in [*lineage, *([over] if over else [])]:
+        try:
+            _pinned(entry, "a lineage entry")
+        except _Bad as bad:
+            raise InvalidReference(f"{bad}: every lineage entry needs an adapter name and a version number") from None
+        relation = "over" if entry is over else str(entry.get("relation") or "lineage")
+        out.append((parse_ref(entry["adapter"]).at(entry["version"]), relation))
+    return out
 
 
 class _Bad(Exception):

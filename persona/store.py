@@ -67,7 +67,7 @@ from .fsutil import (
     temp_sibling,
 )
 from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraSettings, init_lora_tensors, lora_shapes, peft_adapter_config, resolve_targets
-from .meta import EXTRA_FILE, VersionInfo, parse_meta
+from .meta import EXTRA_FILE, VersionInfo, lineage_sources, parse_meta
 from .refs import CURRENT, KINDS, RESERVED_NAMES, AdapterRef, format_version, parse_ref, validate_alias
 
 STORE_FORMAT = 1
@@ -262,13 +262,17 @@ class Store:
                 ) from None
             except ValueError as exc:
                 raise PersonaError(f"{path} is not valid JSON ({exc}); the store is damaged") from None
-            if data.get("format") != STORE_FORMAT:
-                raise PersonaError(f"{path} has store format {data.get('format')!r}; this persona reads format {STORE_FORMAT}")
+            if not isinstance(data, dict) or data.get("format") != STORE_FORMAT:
+                found = data.get("format") if isinstance(data, dict) else None
+                raise PersonaError(f"{path} has store format {found!r}; this persona reads format {STORE_FORMAT}")
+            base = data.get("base")
+            if not (isinstance(base, dict) and isinstance(base.get("id"), str) and isinstance(base.get("fingerprint"), str)):
+                raise PersonaError(f"{path} lacks the base's id and fingerprint; the store is damaged")
             self._config = StoreConfig(
                 format=data["format"],
-                base_id=data["base"]["id"],
-                base_fingerprint=data["base"]["fingerprint"],
-                created=data.get("created", ""),
+                base_id=base["id"],
+                base_fingerprint=base["fingerprint"],
+                created=str(data.get("created", "")),
             )
         return self._config
 
@@ -567,7 +571,7 @@ class Store:
         ref = parse_ref(ref).unpinned()
         if set_alias is not None:
             validate_alias(set_alias)
-        self._check_shared_lineage(ref, lineage, over)
+        self._check_shared_lineage(ref, lineage, over, parent)
         with self.lock(ref):
             path = self._require(ref)
             remove_stale(path)  # left by a crashed writer; we hold the lock
@@ -643,7 +647,10 @@ class Store:
         }
         raw = dumps_json(meta)
         # What is published must read back: the same strict parser every reader uses checks it now.
-        info = parse_meta(raw, adapter=ref.id, version=version)
+        try:
+            info = parse_meta(raw, adapter=ref.id, version=version)
+        except DamagedAdapter as exc:
+            raise InvalidReference(f"refusing to publish {ref.id}@{format_version(version)}: its {exc.reason}") from None
         (folder / META).write_bytes(raw)
         return info
 
@@ -795,16 +802,13 @@ class Store:
         return None
 
     def _check_shared_lineage(self, ref: AdapterRef, lineage: Sequence[Mapping[str, Any]],
-                              over: Mapping[str, Any] | None) -> None:
+                              over: Mapping[str, Any] | None, parent: int | None = None) -> None:
         """A domain adapter reaches every user's token: refuse one built, by any path, from a user adapter."""
         if ref.kind != "domain":
             return
-        probe = VersionInfo(adapter=ref.id, version=1, parent=None, created="", base_fingerprint="", files={}, lora={},
-                            lineage=tuple(lineage), over=over)
-        try:
-            sources = probe.sources()
-        except (PersonaError, KeyError, TypeError, ValueError):
-            raise InvalidReference(f"{ref.id}: every lineage entry needs an adapter name and a version number") from None
+        sources = lineage_sources(lineage, over)
+        if parent is not None:
+            sources.append((ref.unpinned().at(parent), "parent"))
         path = self._user_ancestry(sources)
         if path:
             raise InvalidReference(

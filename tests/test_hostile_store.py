@@ -244,6 +244,9 @@ def test_verify_reports_a_domain_that_already_descends_from_a_user(merged_from_b
     edit_meta(store, "domain:finance", lambda m: m.update(lineage=[{"adapter": "merged:m", "version": 1, "relation": "from"}]))
     problems = [p for p in store.verify().problems if p.adapter == "domain:finance"]
     assert problems and "descends from a user adapter" in problems[0].reason and "user:bob" in problems[0].reason
+    loaded = store.load("domain:finance")  # and its next version (an update) is refused: the parent path
+    with pytest.raises(InvalidReference, match=r"domain:finance@v1 \(parent\) <- merged:m@v1 \(from\) <- user:bob"):
+        store.publish_version("domain:finance", loaded.tensors, loaded.config, parent=1)
 
 
 # ---------------------------------------------------------------- item 9: no NaN publishes
