@@ -736,7 +736,7 @@ def append_jsonl(path: str | os.PathLike[str], interactions: Iterable[Interactio
     if not items:
         return 0
     data = b"".join(_canonical_line(i) for i in items)
-    fd = open_private_append(Path(path)) if private else os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = open_private_append(Path(path)) if private else os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
     with os.fdopen(fd, "r+b", buffering=0) as f:
         if f.seek(0, os.SEEK_END) > 0:
             f.seek(-1, os.SEEK_END)
