@@ -13,12 +13,14 @@ import queue
 import threading
 import time
 from concurrent.futures import CancelledError
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from .errors import PersonaError
 
 if TYPE_CHECKING:
     from .engine import GenerationRequest, GenerationResult
+    from .sampling import TokenLogprob
 
 _END = object()
 _STOP = object()
@@ -26,6 +28,18 @@ _STOP = object()
 
 class EngineClosed(PersonaError, RuntimeError):
     """The engine was closed; it takes no more requests."""
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A piece of streamed text with the logprobs of the tokens that produced it (empty unless asked for).
+
+    Text is held back while it could still turn into a stop string, so one delta may carry several
+    tokens' entries, and the last one may carry entries with no text.
+    """
+
+    text: str
+    logprobs: "tuple[TokenLogprob, ...]" = ()
 
 
 class Handle:
@@ -74,10 +88,12 @@ class Handle:
         assert self._result is not None
         return self._result
 
-    def stream(self, timeout: float | None = None) -> Iterator[str]:
+    def stream(self, timeout: float | None = None, *, with_logprobs: bool = False) -> Iterator[Any]:
         """Yield text deltas as tokens are produced; raise the request's error at the end, if any.
 
-        ``timeout`` bounds the wait for each next delta (``TimeoutError``).
+        ``timeout`` bounds the wait for each next delta (``TimeoutError``). ``with_logprobs=True``
+        yields :class:`Delta` objects instead of strings (with the tokens' logprobs, when the request
+        records them).
         """
         finished = False
         try:
@@ -89,7 +105,10 @@ class Handle:
                 if item is _END:
                     finished = True
                     break
-                yield item
+                if with_logprobs != isinstance(item, Delta):
+                    item = Delta(item) if with_logprobs else item.text
+                if item:
+                    yield item
         finally:
             if not finished:
                 self.cancel()
@@ -97,9 +116,9 @@ class Handle:
             raise self._error
 
     # ------------------------------------------------------------------ the worker's side
-    def emit(self, text: str) -> None:
+    def emit(self, text: str, logprobs: "tuple[TokenLogprob, ...] | None" = None) -> None:
         if self._streaming:
-            self._events.put(text)
+            self._events.put(text if logprobs is None else Delta(text, logprobs))
 
     def finish(self, result: "GenerationResult") -> None:
         if self._done.is_set():

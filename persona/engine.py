@@ -45,11 +45,12 @@ import torch
 
 from .base import BaseModel, load_base
 from .batching import BatchWorker, EngineClosed, Handle
+from .constrain import RowGrammar, Vocabulary
 from .detokenize import TextStream
 from .errors import AdapterNotFound, BaseMismatch, InvalidConfig, InvalidReference
 from .layers import LoraRuntime
 from .refs import MAX_STACK, RESERVED_NAMES, AdapterRef, StackPart, format_stack, parse_stack
-from .sampling import SamplingParams, choose_tokens, make_generator
+from .sampling import SamplingParams, TokenLogprob, choose_tokens, make_generator, token_logprob
 from .slots import AdapterCache, SlotBank, distinct_keys, group_rows
 
 __all__ = [
@@ -62,7 +63,7 @@ __all__ = [
     "SamplingParams",
 ]
 
-ROLES = ("system", "user", "assistant", "tool")
+ROLES = ("system", "developer", "user", "assistant", "tool")  # developer: OpenAI's newer name for system
 LAYER_CACHE = 1 << 16  # pinned versions whose layer (or lack of one) admission remembers
 PREGATHER_BYTES = 512 << 20  # transient memory a decode batch may use for its rows' gathered factors
 FinishReason = Literal["stop", "length"]
@@ -76,7 +77,8 @@ class GenerationRequest:
     (``user:alice+domain:finance``), optionally weighted per part (``user:alice+domain:finance*0.5``)
     and with ``domain:auto`` for the router's choice, or ``Engine.base_name``. Exactly one of ``prompt`` (raw text,
     tokenized as is) and ``messages`` (OpenAI-style ``{"role", "content"}`` dicts, rendered with the
-    base tokenizer's chat template and a generation prompt) is given.
+    base tokenizer's chat template and a generation prompt) is given. A message may carry a ``name``
+    (passed to the template, which may ignore it); the ``developer`` role is rendered as ``system``.
     """
 
     model: str
@@ -96,11 +98,16 @@ class GenerationRequest:
                 raise InvalidConfig("messages must be a non-empty sequence of {'role': ..., 'content': ...} dicts")
             checked = []
             for i, m in enumerate(self.messages):
-                if not isinstance(m, Mapping) or set(m) != {"role", "content"}:
-                    raise InvalidConfig(f"message {i} must have exactly the keys 'role' and 'content'")
+                if not isinstance(m, Mapping) or not {"role", "content"} <= set(m) <= {"role", "content", "name"}:
+                    raise InvalidConfig(f"message {i} must have the keys 'role' and 'content' (and optionally 'name')")
                 if m["role"] not in ROLES or not isinstance(m["content"], str):
                     raise InvalidConfig(f"message {i}: role must be one of {', '.join(ROLES)} and content a string")
-                checked.append({"role": m["role"], "content": m["content"]})
+                message = {"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
+                if "name" in m:
+                    if not isinstance(m["name"], str) or not m["name"]:
+                        raise InvalidConfig(f"message {i}: name must be a non-empty string")
+                    message["name"] = m["name"]
+                checked.append(message)
             object.__setattr__(self, "messages", tuple(checked))
         if not isinstance(self.params, SamplingParams):
             raise InvalidConfig(f"params must be SamplingParams, got {type(self.params).__name__}")
@@ -116,6 +123,8 @@ class GenerationResult:
     (``("user:alice@v3", "domain:finance@v1*0.5")``; empty for the base); ``domain:auto`` appears as
     the domains the router chose, a layered adapter as itself followed by its pinned layer. Joined
     with ``+`` it is a model that computes the same row.
+    ``logprobs`` (when the request's ``params.logprobs`` is set) has one entry per generated token,
+    the end-of-sequence token excepted.
     """
 
     text: str
@@ -124,6 +133,7 @@ class GenerationResult:
     completion_tokens: int
     model: str
     resolved: tuple[str, ...]
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -161,6 +171,7 @@ class _Job:
     prompt_ids: list[int]
     max_new_tokens: int
     handle: Handle
+    grammar: RowGrammar | None = None  # the row's response_format state, built at admission
 
     @property
     def refs(self) -> tuple[AdapterRef, ...]:
@@ -179,25 +190,46 @@ class _Row:
         self.tokens = 0
         self.done = False
         self._engine = engine
+        self.grammar = job.grammar
+        self.logprobs: list[TokenLogprob] | None = [] if self.params.logprobs is not None else None
+        self._unsent = 0  # logprobs entries not yet handed out with a text delta
+        self.shapes_logits = self.params.shapes_logits
+        self.bias: tuple[torch.Tensor, torch.Tensor] | None = None
+        if self.params.logit_bias:
+            ids, values = zip(*self.params.logit_bias, strict=True)
+            self.bias = (torch.tensor(ids, device=engine.device), torch.tensor(values, device=engine.device))
 
-    def push(self, token: int) -> None:
+    def push(self, token: int, logprobs: torch.Tensor | None = None) -> None:
+        """Take the chosen token (with this step's raw log-probabilities when the row records them)."""
         self.tokens += 1
         if token in self.eos:
             return self._finish("stop")
+        if self.logprobs is not None and logprobs is not None:
+            self.logprobs.append(token_logprob(logprobs, token, self.params.logprobs or 0, self._engine.vocabulary.token_bytes))
+        if self.grammar is not None:
+            self.grammar.advance(token)
         with self._engine._tokenizer_lock:
             delta = self.text.add(token)
         if delta:
-            self.job.handle.emit(delta)
+            self._emit(delta)
         if self.text.stopped:
+            self._finish("stop")
+        elif self.grammar is not None and self.grammar.complete:  # the JSON is closed: nothing may follow
             self._finish("stop")
         elif self.tokens >= self.job.max_new_tokens:
             self._finish("length")
 
+    def _emit(self, text: str) -> None:
+        if self.logprobs is None:
+            return self.job.handle.emit(text)
+        self.job.handle.emit(text, tuple(self.logprobs[self._unsent :]))
+        self._unsent = len(self.logprobs)
+
     def _finish(self, reason: FinishReason) -> None:
         with self._engine._tokenizer_lock:
             rest = self.text.finish()
-        if rest:
-            self.job.handle.emit(rest)
+        if rest or (self.logprobs is not None and self._unsent < len(self.logprobs)):
+            self._emit(rest)
         self.done = True
         self.job.handle.finish(
             GenerationResult(
@@ -207,6 +239,7 @@ class _Row:
                 completion_tokens=self.tokens,
                 model=self.job.request.model,
                 resolved=tuple(str(p) for p in self.job.parts),
+                logprobs=tuple(self.logprobs) if self.logprobs is not None else None,
             )
         )
 
@@ -268,6 +301,7 @@ class Engine:
         self._cache = AdapterCache(store, bank, max_resident=max_resident, cpu_cache=cpu_cache)
         self.context_length = _context_length(self.model.config)
         self.eos_token_ids = _eos_ids(self.model, self.tokenizer)
+        self.vocabulary = Vocabulary(self.tokenizer, _vocab_size(self.model, self.tokenizer), self.eos_token_ids)
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else min(self.eos_token_ids, default=0)
         params = inspect.signature(self.model.forward).parameters
@@ -519,8 +553,13 @@ class Engine:
         room = self.context_length - len(ids)
         if room < 1:
             raise InvalidConfig(f"the prompt has {len(ids)} tokens; the base's context holds {self.context_length}")
+        params = request.params
+        if params.logit_bias and params.logit_bias[-1][0] >= self.vocabulary.vocab_size:
+            raise InvalidConfig(f"logit_bias names token {params.logit_bias[-1][0]}; this base's vocabulary has "
+                                f"{self.vocabulary.vocab_size} tokens")
+        grammar = self.vocabulary.matcher(params.response_format) if params.response_format is not None else None
         handle = Handle(request, tuple(str(p) for p in parts), streaming=streaming)
-        return _Job(request, parts, list(ids), min(request.params.max_new_tokens, room), handle)
+        return _Job(request, parts, list(ids), min(request.params.max_new_tokens, room), handle, grammar)
 
     # ------------------------------------------------------------------ generation
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
@@ -625,13 +664,14 @@ class Engine:
         logits = self._forward(ids, mask, positions, cache=cache, last_only=True)
         next_pos = positions[:, -1:] + 1
         while True:
+            raw = _shape_logits(logits, rows)
             tokens = choose_tokens(logits, [r.params for r in rows], [r.generator for r in rows])
-            for row, token in zip(rows, tokens.tolist(), strict=False):
+            for i, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=False)):
                 if row.job.handle.cancelled:
                     row.done = True
                     row.job.handle.fail(_cancelled())
                 else:
-                    row.push(token)
+                    row.push(token, raw.get(i))
             keep = [i for i, row in enumerate(rows) if not row.done]
             if not keep:
                 return
@@ -667,6 +707,32 @@ class Engine:
         with self._stats_lock:
             for key, value in increments.items():
                 self._counts[key] += value
+
+
+def _shape_logits(logits: torch.Tensor, rows: Sequence[_Row]) -> dict[int, torch.Tensor]:
+    """Per-row logit work, paid only by rows that ask for it (others are not touched).
+
+    Returns the raw log-softmax of the rows that record logprobs (taken before anything shapes the
+    choice, as OpenAI reports them), then adds ``logit_bias`` and applies the grammar mask in place.
+    """
+    raw: dict[int, torch.Tensor] = {}
+    for i, row in enumerate(rows):
+        if row.logprobs is not None:
+            raw[i] = torch.log_softmax(logits[i].float(), dim=-1)
+        if row.shapes_logits:
+            if row.bias is not None:
+                ids, values = row.bias
+                logits[i, ids] += values.to(logits.dtype)
+            if row.grammar is not None:
+                row.grammar.mask_(logits[i])
+    return raw
+
+
+def _vocab_size(model, tokenizer) -> int:
+    """Width of the logits (models often pad their vocabulary past the tokenizer's)."""
+    embeddings = model.get_output_embeddings()
+    weight = getattr(embeddings, "weight", None)
+    return int(weight.shape[0]) if weight is not None else max(int(model.config.vocab_size), len(tokenizer))
 
 
 def _is_auto(ref: AdapterRef) -> bool:

@@ -29,6 +29,10 @@ class InvalidConfig(PersonaError, ValueError):
     """A configuration has an unknown key or a value out of range."""
 
 
+class InvalidResponseFormat(InvalidConfig):
+    """A ``response_format`` (JSON schema) that constrained decoding cannot follow."""
+
+
 class InvalidInteractions(PersonaError, ValueError):
     """An interactions file has a bad line; the message names the file, the line and the reason."""
 

@@ -13,11 +13,14 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from .constrain import ResponseFormat
 from .errors import InvalidConfig
 
 MAX_NEW_TOKENS = 4096
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
+MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300  # entries; OpenAI's own limit
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,13 @@ class SamplingParams:
     ``temperature=0`` is greedy decoding (``top_p`` and ``seed`` then have no effect). A row ends at
     the model's end-of-sequence token, at the first stop string (the text before it is returned), or
     after ``max_new_tokens`` (further capped by the base's context length).
+
+    ``logprobs=K`` records, for every generated token, its log-probability and the ``K`` most likely
+    alternatives (0..20; None records nothing). They are the model's log-softmax of the raw logits,
+    before temperature, top-p, ``logit_bias`` or a grammar shaped the choice (what OpenAI reports).
+    ``logit_bias`` adds a bias in [-100, 100] to given token ids' logits before choosing
+    (``((token_id, bias), ...)`` or a mapping). ``response_format`` constrains the output to JSON
+    (``persona.constrain``).
     """
 
     max_new_tokens: int = 128
@@ -37,6 +47,9 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    logprobs: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    response_format: ResponseFormat | None = None
 
     def __post_init__(self) -> None:
         n = self.max_new_tokens
@@ -64,9 +77,20 @@ class SamplingParams:
         seed = self.seed
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
             raise InvalidConfig(f"seed must be an integer in [0, 2**63) or None, got {seed!r}")
+        k = self.logprobs
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_TOP_LOGPROBS):
+            raise InvalidConfig(f"logprobs must be None or an integer in 0..{MAX_TOP_LOGPROBS} (alternatives per token), got {k!r}")
+        if self.response_format is not None and not isinstance(self.response_format, ResponseFormat):
+            raise InvalidConfig(f"response_format must be a ResponseFormat or None, got {type(self.response_format).__name__}")
         object.__setattr__(self, "temperature", float(t))
         object.__setattr__(self, "top_p", float(p))
         object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
+
+    @property
+    def shapes_logits(self) -> bool:
+        """Whether this row's logits are changed before choosing (bias or grammar): other rows skip that work."""
+        return bool(self.logit_bias) or self.response_format is not None
 
     @property
     def greedy(self) -> bool:
@@ -80,6 +104,70 @@ class SamplingParams:
         if unknown:
             raise InvalidConfig(f"unknown sampling setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**data)
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise InvalidConfig(f"logit_bias must map token ids to biases, got {type(value).__name__}")
+    pairs: dict[int, float] = {}
+    for item in items:
+        token, bias = item if isinstance(item, (list, tuple)) and len(item) == 2 else (None, None)
+        if isinstance(token, str) and token.isascii() and token.isdigit():  # JSON object keys are strings
+            token = int(token)
+        if (
+            isinstance(token, bool) or not isinstance(token, int) or token < 0
+            or isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100
+        ):
+            raise InvalidConfig(f"logit_bias maps token ids (non-negative integers) to numbers in [-100, 100], got {item!r}")
+        pairs[token] = float(bias)
+    if len(pairs) > MAX_LOGIT_BIAS:
+        raise InvalidConfig(f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens, got {len(pairs)}")
+    return tuple(sorted(pairs.items()))
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    """One candidate token at a step: its text, raw bytes and log-probability."""
+
+    token: str
+    bytes: bytes
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token with its log-probability and the most likely alternatives at that step."""
+
+    token_id: int
+    token: str
+    bytes: bytes
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+def token_logprob(
+    logprobs: torch.Tensor, token: int, k: int, token_bytes
+) -> TokenLogprob:
+    """The entry for ``token`` from one row's log-softmax ``logprobs`` (``[vocab]``), with its ``k`` best.
+
+    ``token_bytes(id) -> bytes`` spells a token; its text is those bytes as UTF-8 (a token that ends
+    inside a character shows U+FFFD, the bytes stay exact).
+    """
+
+    def spell(i: int) -> tuple[str, bytes]:
+        raw = token_bytes(i)
+        return raw.decode("utf-8", errors="replace"), raw
+
+    top: tuple[TopLogprob, ...] = ()
+    if k:
+        values, ids = logprobs.topk(k)
+        top = tuple(TopLogprob(*spell(i), float(v)) for v, i in zip(values.tolist(), ids.tolist(), strict=True))
+    text, raw = spell(token)
+    return TokenLogprob(token, text, raw, float(logprobs[token]), top)
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:

@@ -1,7 +1,9 @@
 """The OpenAI-compatible HTTP server: ``persona serve``.
 
 Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (JSON or SSE streaming),
-``GET /v1/models``, ``GET /healthz`` (no auth), ``GET /metrics`` (Prometheus text format).
+``GET /v1/models``, ``GET /v1/models/{model}``, ``GET /healthz`` (no auth), ``GET /metrics``
+(Prometheus text format). What the server does with each OpenAI request field (supported, refused
+with a 400 naming it, or ignored by design) is the table in ``persona.openai_schema``.
 
 ``model`` names what serves the request: an adapter reference (``user:alice``, ``user:alice@v2``), a
 stack (``user:alice+domain:finance``), weighted per part (``user:alice+domain:finance*0.5``), with
@@ -14,10 +16,13 @@ engine, and formats OpenAI-shaped responses and errors.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import queue
+import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator, Literal
 
 from fastapi import FastAPI, Request
@@ -28,22 +33,73 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .auth import AuthError, Scope, TokenStore
-from .errors import AdapterNotFound, InvalidConfig, InvalidInteractions, InvalidReference, PersonaError, VersionNotFound
+from .errors import (
+    AdapterNotFound,
+    InvalidConfig,
+    InvalidInteractions,
+    InvalidReference,
+    InvalidResponseFormat,
+    PersonaError,
+    VersionNotFound,
+)
+from .openai_schema import chat_logprobs, completion_logprobs, refusal
 from .refs import parse_stack
 
 MAX_TOKENS_LIMIT = 4096
+MAX_N = 16  # choices per request: n rows of the batch
 
 
 # ---------------------------------------------------------------------------------------- schemas
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]]
+    name: str | None = Field(default=None, min_length=1, max_length=256)
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts(cls, v):
+        if isinstance(v, str):
+            return v
+        texts = []
+        for j, part in enumerate(v):
+            if part.get("type") != "text" or not isinstance(part.get("text"), str) or set(part) != {"type", "text"}:
+                raise ValueError(f"content part {j} is {part.get('type')!r}: only text parts "
+                                 "({\"type\": \"text\", \"text\": ...}) are supported")
+            texts.append(part["text"])
+        return "\n".join(texts)  # as vLLM joins them
+
+    def for_engine(self) -> dict[str, str]:
+        message = {"role": self.role, "content": self.content}
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = None  # ignored: no padding is added to chunks
+
+
+class JsonSchemaSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # output always follows the schema, strict or not
+
+
+class ResponseFormatBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
 
 
 class _Common(BaseModel):
-    # OpenAI clients send optional fields persona does not use (user, stream_options, ...): ignored.
-    model_config = ConfigDict(extra="ignore")
+    # Fields outside the declared ones are checked against persona.openai_schema.REQUEST_FIELDS:
+    # refused with a 400 naming them, or ignored by design; never silently dropped.
+    model_config = ConfigDict(extra="allow")
     model: str = Field(min_length=1, max_length=1024)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -51,8 +107,10 @@ class _Common(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     seed: int | None = None
-    n: int = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    logit_bias: dict[str, float] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -68,10 +126,14 @@ class _Common(BaseModel):
 
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: ResponseFormatBody | None = None
 
 
 class CompletionRequest(_Common):
     prompt: str
+    logprobs: int | None = Field(default=None, ge=0, le=5)
 
 
 # ---------------------------------------------------------------------------------------- errors
@@ -172,19 +234,73 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
         if body.limit() > config.max_tokens_limit:
             raise ApiError(400, f"max_tokens is {body.limit()}; this server allows at most {config.max_tokens_limit}",
                            "invalid_request_error", "max_tokens_too_large", "max_tokens")
+        if isinstance(body, ChatRequest):
+            logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        else:
+            logprobs = body.logprobs
         try:
             return SamplingParams(max_new_tokens=body.limit(), temperature=body.temperature, top_p=body.top_p,
-                                  stop=tuple(body.stop or ()), seed=body.seed)
+                                  stop=tuple(body.stop or ()), seed=body.seed, logprobs=logprobs,
+                                  logit_bias=tuple((body.logit_bias or {}).items()), response_format=response_format(body))
         except InvalidConfig as exc:
-            raise ApiError(400, str(exc), "invalid_request_error") from None
+            first = str(exc).split(" ", 1)[0]
+            raise ApiError(400, str(exc), "invalid_request_error", param=first if first in type(body).model_fields else None) from None
+
+    def response_format(body: _Common):
+        from .constrain import ResponseFormat
+
+        fmt = getattr(body, "response_format", None)
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return ResponseFormat.json_object()
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise ApiError(400, "response_format of type json_schema needs json_schema.schema", "invalid_request_error",
+                           param="response_format")
+        try:
+            return ResponseFormat.from_schema(fmt.json_schema.schema_)
+        except InvalidConfig as exc:
+            raise ApiError(400, str(exc), "invalid_request_error", param="response_format") from None
+
+    def refuse_unsupported(body: _Common, endpoint: Literal["chat", "completions"]) -> None:
+        """A 400 naming the first field persona does not implement (see openai_schema.REQUEST_FIELDS)."""
+        for name, value in (body.model_extra or {}).items():
+            why = refusal(endpoint, name, value)
+            if why is not None:
+                raise ApiError(400, why, "invalid_request_error", "unsupported_parameter", name)
+        if body.stream_options is not None and not body.stream:
+            raise ApiError(400, "stream_options is only allowed with stream: true", "invalid_request_error",
+                           param="stream_options")
+        if isinstance(body, ChatRequest) and body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", "invalid_request_error", param="top_logprobs")
+        vocab = engine.vocabulary.vocab_size
+        for token in body.logit_bias or {}:
+            if not token.isascii() or not token.isdigit() or int(token) >= vocab:
+                raise ApiError(400, f"logit_bias: {token!r} is not a token id of this base (0..{vocab - 1})",
+                               "invalid_request_error", param="logit_bias")
 
     def submit(request_obj):
         try:
             return engine.submit(request_obj)
         except (AdapterNotFound, VersionNotFound):
             raise _not_found(request_obj.model) from None
+        except InvalidResponseFormat as exc:
+            raise ApiError(400, str(exc), "invalid_request_error", param="response_format") from None
         except PersonaError as exc:
             raise ApiError(400, str(exc), "invalid_request_error") from None
+
+    def submit_choices(gen, n: int) -> list:
+        """n rows of the same request (one per choice); with a seed, choice i > 0 gets a derived seed."""
+        handles = []
+        try:
+            for i in range(n):
+                params = gen.params if i == 0 or gen.params.seed is None else replace(gen.params, seed=_derived_seed(gen.params.seed, i))
+                handles.append(submit(replace(gen, params=params)))
+        except BaseException:
+            for handle in handles:
+                handle.cancel()
+            raise
+        return handles
 
     def log_chat(model: str, messages: list[dict[str, str]], answer: str) -> None:
         if not config.log_interactions or not answer.strip():
@@ -207,34 +323,46 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
 
         started = time.perf_counter()
         scope = authorize(request)
+        refuse_unsupported(body, "chat" if chat else "completions")
         check(body.model, scope)
         params = sampling(body)
-        messages = [m.model_dump() for m in body.messages] if chat else None
+        messages = [m.for_engine() for m in body.messages] if chat else None
         gen = GenerationRequest(model=body.model, prompt=None if chat else body.prompt,
                                 messages=tuple(messages) if chat else None, params=params)
-        handle = submit(gen)
+        handles = submit_choices(gen, body.n)
+        if chat:  # the interaction log keeps OpenAI's plain form: developer as system, no names
+            messages = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]} for m in messages]
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                _sse(handle, rid, created, body.model, chat, route, started, messages),
+                _sse(handles, rid, created, body.model, chat, route, started, messages, usage),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
             )
         try:
-            result = await run_in_threadpool(handle.result)
+            results = await run_in_threadpool(lambda: [h.result() for h in handles])
         except PersonaError as exc:
+            for handle in handles:
+                handle.cancel()
             raise ApiError(400, str(exc), "invalid_request_error") from None
-        record(route, "200", started, result)
+        total = _total(results)
+        record(route, "200", started, total)
         if chat:
-            log_chat(body.model, messages, result.text)
-            choice = {"index": 0, "message": {"role": "assistant", "content": result.text}, "finish_reason": result.finish_reason}
-        else:
-            choice = {"index": 0, "text": result.text, "finish_reason": result.finish_reason, "logprobs": None}
+            log_chat(body.model, messages, results[0].text)  # one interaction per request, whatever n
+        choices = []
+        for i, result in enumerate(results):
+            logprobs = None
+            if result.logprobs is not None:
+                logprobs = chat_logprobs(result.logprobs) if chat else completion_logprobs(result.logprobs)
+            if chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": result.text},
+                                "logprobs": logprobs, "finish_reason": result.finish_reason})
+            else:
+                choices.append({"index": i, "text": result.text, "finish_reason": result.finish_reason, "logprobs": logprobs})
         return {
             "id": rid, "object": "chat.completion" if chat else "text_completion", "created": created, "model": body.model,
-            "choices": [choice],
-            "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-                      "total_tokens": result.prompt_tokens + result.completion_tokens},
+            "choices": choices, "usage": _usage(total),
         }
 
     def record(route: str, status: str, started: float, result=None) -> None:
@@ -244,27 +372,44 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
             tokens_total.labels("prompt").inc(result.prompt_tokens)
             tokens_total.labels("completion").inc(result.completion_tokens)
 
-    def _sse(handle, rid, created, model, chat, route, started, messages) -> Iterator[str]:
+    def _sse(handles, rid, created, model, chat, route, started, messages, include_usage=False) -> Iterator[str]:
         kind = "chat.completion.chunk" if chat else "text_completion"
+        offsets = [0] * len(handles)  # legacy logprobs: text_offset runs on across a choice's chunks
 
-        def chunk(delta_text: str | None, finish: str | None, first: bool = False) -> str:
+        def chunk(index: int, delta_text: str | None, finish: str | None, first: bool = False, entries=None) -> str:
+            logprobs = None
             if chat:
                 delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else ({"content": delta_text} if delta_text else {})
-                choice = {"index": 0, "delta": delta, "finish_reason": finish}
+                if entries is not None:
+                    logprobs = chat_logprobs(entries)
+                choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             else:
-                choice = {"index": 0, "text": delta_text or "", "finish_reason": finish, "logprobs": None}
-            return "data: " + json.dumps({"id": rid, "object": kind, "created": created, "model": model, "choices": [choice]}) + "\n\n"
+                if entries is not None:
+                    logprobs = completion_logprobs(entries, offsets[index])
+                    offsets[index] += sum(len(e.token) for e in entries)
+                choice = {"index": index, "text": delta_text or "", "finish_reason": finish, "logprobs": logprobs}
+            body = {"id": rid, "object": kind, "created": created, "model": model, "choices": [choice]}
+            if include_usage:
+                body["usage"] = None  # as OpenAI: null on every chunk but the last
+            return "data: " + json.dumps(body) + "\n\n"
 
         pieces: list[str] = []
         try:
             if chat:
-                yield chunk(None, None, first=True)
-            for delta in handle.stream():
-                pieces.append(delta)
-                yield chunk(delta, None)
-            result = handle.result()
-            yield chunk(None, result.finish_reason)
-            record(route, "200", started, result)
+                for i in range(len(handles)):
+                    yield chunk(i, None, None, first=True)
+            for i, delta in _merged(handles):
+                if delta is None:  # choice i is done
+                    yield chunk(i, None, handles[i].result().finish_reason)
+                    continue
+                if i == 0:
+                    pieces.append(delta.text)
+                yield chunk(i, delta.text, None, entries=delta.logprobs if handles[i].request.params.logprobs is not None else None)
+            total = _total([h.result() for h in handles])
+            if include_usage:
+                yield "data: " + json.dumps({"id": rid, "object": kind, "created": created, "model": model,
+                                             "choices": [], "usage": _usage(total)}) + "\n\n"
+            record(route, "200", started, total)
             if chat:
                 log_chat(model, messages, "".join(pieces))
         except PersonaError as exc:
@@ -301,6 +446,21 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
         requests_total.labels("/v1/models", "200").inc()
         return {"object": "list", "data": data}
 
+    @app.get("/v1/models/{model:path}")
+    async def model_info(model: str, request: Request):
+        # Same scoping as /v1/models: an adapter the token may not reach is a 404, like an unknown one.
+        scope = authorize(request)
+        created = int(time.time())
+        if model == engine.base_name:
+            requests_total.labels("/v1/models/{model}", "200").inc()
+            return {"id": model, "object": "model", "created": created, "owned_by": "persona"}
+        for adapter in store.list():
+            if adapter.adapter == model and (scope is None or scope.allows(parse_stack(adapter.adapter))):
+                requests_total.labels("/v1/models/{model}", "200").inc()
+                return {"id": adapter.adapter, "object": "model", "created": created, "owned_by": "persona",
+                        "current_version": adapter.current}
+        raise _not_found(model)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
         return await complete("/v1/chat/completions", body, request, chat=True)
@@ -322,6 +482,60 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
         return await call_next(request)
 
     return app
+
+
+def _derived_seed(seed: int, index: int) -> int:
+    """Choice ``index``'s seed: a hash of (seed, index), so choices differ and each is reproducible."""
+    digest = hashlib.sha256(f"persona-choice:{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1  # in [0, 2**63)
+
+
+def _total(results):
+    """One result carrying the request's usage: the prompt once, every choice's completion tokens."""
+    return replace(results[0], completion_tokens=sum(r.completion_tokens for r in results))
+
+
+def _usage(result) -> dict[str, int]:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens}
+
+
+def _merged(handles) -> Iterator[tuple[int, Any]]:
+    """``(choice, Delta)`` from every handle as it is produced, and ``(choice, None)`` when one ends.
+
+    One choice is read in this thread; more are read by one thread each. Closing the generator
+    (a client that went away) cancels every choice; a choice's error is raised here.
+    """
+    if len(handles) == 1:
+        for delta in handles[0].stream(with_logprobs=True):
+            yield 0, delta
+        yield 0, None
+        return
+    events: queue.SimpleQueue = queue.SimpleQueue()
+
+    def pump(i: int, handle) -> None:
+        try:
+            for delta in handle.stream(with_logprobs=True):
+                events.put((i, delta))
+            events.put((i, None))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer's thread
+            events.put((i, exc))
+
+    threads = [threading.Thread(target=pump, args=(i, h), daemon=True) for i, h in enumerate(handles)]
+    for thread in threads:
+        thread.start()
+    open_choices = len(handles)
+    try:
+        while open_choices:
+            i, item = events.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is None:
+                open_choices -= 1
+            yield i, item
+    finally:
+        for handle in handles:
+            handle.cancel()
 
 
 def serve(engine, host: str = "127.0.0.1", port: int = 8000, config: ServerConfig | None = None) -> None:

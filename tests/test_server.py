@@ -166,7 +166,7 @@ def test_every_route_but_healthz_needs_a_token(server):
     ({**CHAT, "model": "user:alice*0"}, None, "invalid model"),
     ({**CHAT, "model": "user:alice**2"}, None, "invalid model"),
     ({**CHAT, "model": "user:alice*nan"}, None, "plain decimal"),
-    ({**CHAT, "model": "user:alice", "n": 3}, None, "n"),
+    ({**CHAT, "model": "user:alice", "n": 17}, None, "n"),
     ({"model": "user:alice", "messages": []}, None, "messages"),
     ({"model": "user:alice", "messages": [{"role": "wizard", "content": "hi"}]}, None, "role"),
     ({**CHAT, "model": "user:alice", "temperature": 9}, None, "temperature"),
