@@ -34,7 +34,8 @@ from .lora import LoraSettings
 from .refs import AdapterRef, StackPart, format_stack, parse_ref, parse_stack
 from .compose import METHODS as MERGE_METHODS, merge
 from .engine import Engine, EngineClosed, EngineStats, GenerationRequest, GenerationResult, Handle
-from .sampling import SamplingParams
+from .constrain import ResponseFormat
+from .sampling import SamplingParams, TokenLogprob, TopLogprob
 from .route import RouteChoice, RouteScore, Router
 from .store import (
     AdapterHasDependents,
@@ -60,6 +61,9 @@ __all__ = [
     "GenerationResult",
     "Handle",
     "SamplingParams",
+    "ResponseFormat",
+    "TokenLogprob",
+    "TopLogprob",
     "MERGE_METHODS",
     "AdapterHasDependents",
     "Dependent",

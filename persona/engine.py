@@ -25,7 +25,9 @@
   scales that row's update at that depth (one slot serves an adapter at any weight).
 - Generation runs its own decode loop over a KV cache, with left padding, per-row sampling
   (``persona.sampling``), incremental detokenization and stop strings (``persona.detokenize``).
-  Finished rows leave the batch.
+  Finished rows leave the batch. A row may also record logprobs, bias its logits (``logit_bias``)
+  or follow a JSON grammar (``response_format``, ``persona.constrain``); rows that ask for none of
+  these are not touched.
 - ``generate`` runs in the caller's thread; ``submit``/``stream`` go through one worker thread
   that gathers concurrent requests into mixed batches (``persona.batching``).
 

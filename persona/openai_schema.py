@@ -46,7 +46,7 @@ REQUEST_FIELDS: tuple[RequestField, ...] = (
                  "string or a list of text parts (joined with newlines); `name` accepted (the chat template decides "
                  "whether to render it)", [{"role": "user", "content": "Hi"}]),
     RequestField("prompt", COMPLETIONS, "supported", "a string (a list of prompts or token ids is a 400)", "Hi"),
-    RequestField("max_tokens", BOTH, "supported", "up to the server's limit (`--max-tokens-limit`)", 4),
+    RequestField("max_tokens", BOTH, "supported", "up to the server's limit (4096 by default); default 256", 4),
     RequestField("max_completion_tokens", CHAT, "supported", "as max_tokens (wins when both are set)", 4),
     RequestField("temperature", BOTH, "supported", "0 is greedy", 0.5),
     RequestField("top_p", BOTH, "supported", "nucleus sampling", 0.9),
@@ -91,7 +91,7 @@ REQUEST_FIELDS: tuple[RequestField, ...] = (
     RequestField("frequency_penalty", BOTH, "refused", "not implemented (0 is accepted)", 0.5, neutral=(0, 0.0)),
     RequestField("presence_penalty", BOTH, "refused", "not implemented (0 is accepted)", 0.5, neutral=(0, 0.0)),
     RequestField("prediction", CHAT, "refused", "no predicted outputs", {"type": "content", "content": "x"}),
-    RequestField("reasoning_effort", CHAT, "refused", "the base is not a reasoning model", "low"),
+    RequestField("reasoning_effort", CHAT, "refused", "no reasoning controls", "low"),
     RequestField("verbosity", CHAT, "refused", "no verbosity control", "low"),
     RequestField("web_search_options", CHAT, "refused", "no web search", {}),
     RequestField("moderation", CHAT, "refused", "no moderation", {"model": "omni-moderation-latest"}),
