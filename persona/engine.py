@@ -52,7 +52,7 @@ from .detokenize import TextStream
 from .errors import AdapterNotFound, BaseMismatch, InvalidConfig, InvalidReference
 from .layers import LoraRuntime
 from .refs import MAX_STACK, RESERVED_NAMES, AdapterRef, StackPart, format_stack, parse_stack
-from .sampling import SamplingParams, TokenLogprob, choose_tokens, make_generator, token_logprob
+from .sampling import SamplingParams, TokenLogprob, choose_tokens, make_generator, token_logprobs
 from .slots import AdapterCache, SlotBank, distinct_keys, group_rows
 
 __all__ = [
@@ -201,13 +201,13 @@ class _Row:
             ids, values = zip(*self.params.logit_bias, strict=True)
             self.bias = (torch.tensor(ids, device=engine.device), torch.tensor(values, device=engine.device))
 
-    def push(self, token: int, logprobs: torch.Tensor | None = None) -> None:
-        """Take the chosen token (with this step's raw log-probabilities when the row records them)."""
+    def push(self, token: int, logprob: TokenLogprob | None = None) -> None:
+        """Take the chosen token (with its logprobs entry when the row records them)."""
         self.tokens += 1
         if token in self.eos:
             return self._finish("stop")
-        if self.logprobs is not None and logprobs is not None:
-            self.logprobs.append(token_logprob(logprobs, token, self.params.logprobs or 0, self._engine.vocabulary.token_bytes))
+        if self.logprobs is not None and logprob is not None:
+            self.logprobs.append(logprob)
         if self.grammar is not None:
             self.grammar.advance(token)
         with self._engine._tokenizer_lock:
@@ -666,14 +666,15 @@ class Engine:
         logits = self._forward(ids, mask, positions, cache=cache, last_only=True)
         next_pos = positions[:, -1:] + 1
         while True:
-            raw = _shape_logits(logits, rows)
+            recorded, raw = _shape_logits(logits, rows)
             tokens = choose_tokens(logits, [r.params for r in rows], [r.generator for r in rows])
+            entries = self._logprobs(recorded, raw, tokens, rows)
             for i, (row, token) in enumerate(zip(rows, tokens.tolist(), strict=False)):
                 if row.job.handle.cancelled:
                     row.done = True
                     row.job.handle.fail(_cancelled())
                 else:
-                    row.push(token, raw.get(i))
+                    row.push(token, entries.get(i))
             keep = [i for i, row in enumerate(rows) if not row.done]
             if not keep:
                 return
@@ -686,6 +687,15 @@ class Engine:
             mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
             logits = self._forward(tokens.view(-1, 1), mask, next_pos, cache=cache, last_only=True)
             next_pos = next_pos + 1
+
+    def _logprobs(self, recorded: list[int], raw: torch.Tensor | None, tokens: torch.Tensor, rows) -> dict[int, TokenLogprob]:
+        """The logprobs entries of the rows that record them, for this step's chosen tokens."""
+        if not recorded:
+            return {}
+        chosen = tokens[recorded].tolist()
+        top = [rows[i].params.logprobs or 0 for i in recorded]
+        entries = token_logprobs(raw, chosen, top, self.vocabulary.token_bytes)
+        return dict(zip(recorded, entries, strict=True))
 
     # ------------------------------------------------------------------ observability
     def stats(self) -> EngineStats:
@@ -711,23 +721,23 @@ class Engine:
                 self._counts[key] += value
 
 
-def _shape_logits(logits: torch.Tensor, rows: Sequence[_Row]) -> dict[int, torch.Tensor]:
+def _shape_logits(logits: torch.Tensor, rows: Sequence[_Row]) -> tuple[list[int], torch.Tensor | None]:
     """Per-row logit work, paid only by rows that ask for it (others are not touched).
 
-    Returns the raw log-softmax of the rows that record logprobs (taken before anything shapes the
-    choice, as OpenAI reports them), then adds ``logit_bias`` and applies the grammar mask in place.
+    Copies the raw logits of the rows that record logprobs (before anything shapes the choice: the
+    log-probabilities OpenAI reports), then adds ``logit_bias`` and applies the grammar mask in place.
+    Returns those rows' indices and their raw logits.
     """
-    raw: dict[int, torch.Tensor] = {}
+    recorded = [i for i, row in enumerate(rows) if row.logprobs is not None]
+    raw = logits[recorded].float() if recorded else None  # indexing with a list copies
     for i, row in enumerate(rows):
-        if row.logprobs is not None:
-            raw[i] = torch.log_softmax(logits[i].float(), dim=-1)
         if row.shapes_logits:
             if row.bias is not None:
                 ids, values = row.bias
                 logits[i, ids] += values.to(logits.dtype)
             if row.grammar is not None:
                 row.grammar.mask_(logits[i])
-    return raw
+    return recorded, raw
 
 
 def _vocab_size(model, tokenizer) -> int:

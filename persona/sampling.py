@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -149,25 +149,34 @@ class TokenLogprob:
     top: tuple[TopLogprob, ...] = ()
 
 
-def token_logprob(
-    logprobs: torch.Tensor, token: int, k: int, token_bytes
-) -> TokenLogprob:
-    """The entry for ``token`` from one row's log-softmax ``logprobs`` (``[vocab]``), with its ``k`` best.
+def token_logprobs(
+    logits: torch.Tensor, tokens: Sequence[int], top: Sequence[int], token_bytes: Callable[[int], bytes]
+) -> list[TokenLogprob]:
+    """Entries for the chosen ``tokens`` of some rows, from those rows' raw ``logits`` (``[rows, vocab]``).
 
-    ``token_bytes(id) -> bytes`` spells a token; its text is those bytes as UTF-8 (a token that ends
-    inside a character shows U+FFFD, the bytes stay exact).
+    Row j gets its token's log-probability (log-softmax of the logits) and its ``top[j]`` most likely
+    alternatives. One batched pass for all rows. ``token_bytes(id) -> bytes`` spells a token; its
+    text is those bytes as UTF-8 (a token that ends inside a character shows U+FFFD, the bytes stay
+    exact).
     """
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(list(tokens), device=logprobs.device).view(-1, 1)).view(-1).tolist()
+    k = max(top, default=0)
+    best_values, best_ids = logprobs.topk(k, dim=-1) if k else (None, None)
+    best_values = best_values.tolist() if k else None
+    best_ids = best_ids.tolist() if k else None
 
     def spell(i: int) -> tuple[str, bytes]:
         raw = token_bytes(i)
         return raw.decode("utf-8", errors="replace"), raw
 
-    top: tuple[TopLogprob, ...] = ()
-    if k:
-        values, ids = logprobs.topk(k)
-        top = tuple(TopLogprob(*spell(i), float(v)) for v, i in zip(values.tolist(), ids.tolist(), strict=True))
-    text, raw = spell(token)
-    return TokenLogprob(token, text, raw, float(logprobs[token]), top)
+    entries = []
+    for j, (token, logprob) in enumerate(zip(tokens, chosen, strict=True)):
+        alternatives = ()
+        if top[j]:
+            alternatives = tuple(TopLogprob(*spell(i), v) for i, v in zip(best_ids[j][: top[j]], best_values[j][: top[j]], strict=True))
+        entries.append(TokenLogprob(int(token), *spell(int(token)), logprob, alternatives))
+    return entries
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
