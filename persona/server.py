@@ -455,7 +455,11 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
             requests_total.labels("/v1/models/{model}", "200").inc()
             return {"id": model, "object": "model", "created": created, "owned_by": "persona"}
         for adapter in store.list():
-            if adapter.adapter == model and (scope is None or scope.allows(parse_stack(adapter.adapter))):
+            if adapter.adapter != model:
+                continue
+            # as /v1/models: what the current version runs, the adapter and, if it is layered, its layer
+            layers = [v.over_ref for v in adapter.versions if v.version == adapter.current and v.over]
+            if scope is None or scope.allows([*parse_stack(adapter.adapter), *layers]):
                 requests_total.labels("/v1/models/{model}", "200").inc()
                 return {"id": adapter.adapter, "object": "model", "created": created, "owned_by": "persona",
                         "current_version": adapter.current}

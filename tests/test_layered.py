@@ -296,3 +296,15 @@ def test_layered_adapter_served_with_its_layer_server(server):
 
     assert "user:frank" not in listed("frank") and "domain:finance" in listed("frank")
     assert "user:carol" in listed("carol") and "user:dave" not in listed("carol")
+
+
+def test_models_retrieve_checks_the_layer_too(server):
+    from openai import NotFoundError, OpenAI
+
+    def api(who):
+        return OpenAI(base_url=server["url"] + "/v1", api_key=server["tokens"][who], max_retries=0)
+
+    with pytest.raises(NotFoundError):  # frank's own adapter runs over a merged (admin-only) layer
+        api("frank").models.retrieve("user:frank")
+    assert api("admin").models.retrieve("user:frank").id == "user:frank"
+    assert api("carol").models.retrieve("user:carol").id == "user:carol"
