@@ -121,9 +121,13 @@ class Vocabulary:
                 import llguidance.hf
 
                 try:
-                    self._ll = llguidance.hf.from_tokenizer(self._tokenizer, n_vocab=self.vocab_size, eos_token=self._eos)
+                    self._ll = llguidance.hf.from_tokenizer(
+                        self._tokenizer, n_vocab=self.vocab_size, eos_token=self._eos
+                    )
                 except ValueError as exc:  # a slow (Python) tokenizer
-                    raise InvalidConfig(f"this base's tokenizer cannot drive constrained decoding or logprobs: {exc}") from None
+                    raise InvalidConfig(
+                        f"this base's tokenizer cannot drive constrained decoding or logprobs: {exc}"
+                    ) from None
             return self._ll
 
     def matcher(self, fmt: ResponseFormat) -> RowGrammar:

@@ -688,7 +688,9 @@ class Engine:
             logits = self._forward(tokens.view(-1, 1), mask, next_pos, cache=cache, last_only=True)
             next_pos = next_pos + 1
 
-    def _logprobs(self, recorded: list[int], raw: torch.Tensor | None, tokens: torch.Tensor, rows) -> dict[int, TokenLogprob]:
+    def _logprobs(
+        self, recorded: list[int], raw: torch.Tensor | None, tokens: torch.Tensor, rows: Sequence[_Row]
+    ) -> dict[int, TokenLogprob]:
         """The logprobs entries of the rows that record them, for this step's chosen tokens."""
         if not recorded:
             return {}

@@ -79,9 +79,13 @@ class SamplingParams:
             raise InvalidConfig(f"seed must be an integer in [0, 2**63) or None, got {seed!r}")
         k = self.logprobs
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_TOP_LOGPROBS):
-            raise InvalidConfig(f"logprobs must be None or an integer in 0..{MAX_TOP_LOGPROBS} (alternatives per token), got {k!r}")
+            raise InvalidConfig(
+                f"logprobs must be None or an integer in 0..{MAX_TOP_LOGPROBS} (alternatives per token), got {k!r}"
+            )
         if self.response_format is not None and not isinstance(self.response_format, ResponseFormat):
-            raise InvalidConfig(f"response_format must be a ResponseFormat or None, got {type(self.response_format).__name__}")
+            raise InvalidConfig(
+                f"response_format must be a ResponseFormat or None, got {type(self.response_format).__name__}"
+            )
         object.__setattr__(self, "temperature", float(t))
         object.__setattr__(self, "top_p", float(p))
         object.__setattr__(self, "stop", stop)
@@ -122,7 +126,9 @@ def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
             isinstance(token, bool) or not isinstance(token, int) or token < 0
             or isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100
         ):
-            raise InvalidConfig(f"logit_bias maps token ids (non-negative integers) to numbers in [-100, 100], got {item!r}")
+            raise InvalidConfig(
+                f"logit_bias maps token ids (non-negative integers) to numbers in [-100, 100], got {item!r}"
+            )
         pairs[token] = float(bias)
     if len(pairs) > MAX_LOGIT_BIAS:
         raise InvalidConfig(f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens, got {len(pairs)}")
@@ -174,7 +180,8 @@ def token_logprobs(
     for j, (token, logprob) in enumerate(zip(tokens, chosen, strict=True)):
         alternatives = ()
         if top[j]:
-            alternatives = tuple(TopLogprob(*spell(i), v) for i, v in zip(best_ids[j][: top[j]], best_values[j][: top[j]], strict=True))
+            pairs = zip(best_ids[j][: top[j]], best_values[j][: top[j]], strict=True)
+            alternatives = tuple(TopLogprob(*spell(i), v) for i, v in pairs)
         entries.append(TokenLogprob(int(token), *spell(int(token)), logprob, alternatives))
     return entries
 

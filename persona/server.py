@@ -241,10 +241,12 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
         try:
             return SamplingParams(max_new_tokens=body.limit(), temperature=body.temperature, top_p=body.top_p,
                                   stop=tuple(body.stop or ()), seed=body.seed, logprobs=logprobs,
-                                  logit_bias=tuple((body.logit_bias or {}).items()), response_format=response_format(body))
+                                  logit_bias=tuple((body.logit_bias or {}).items()),
+                                  response_format=response_format(body))
         except InvalidConfig as exc:
             first = str(exc).split(" ", 1)[0]
-            raise ApiError(400, str(exc), "invalid_request_error", param=first if first in type(body).model_fields else None) from None
+            param = first if first in type(body).model_fields else None  # messages start with the field's name
+            raise ApiError(400, str(exc), "invalid_request_error", param=param) from None
 
     def response_format(body: _Common):
         from .constrain import ResponseFormat
@@ -255,8 +257,8 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
         if fmt.type == "json_object":
             return ResponseFormat.json_object()
         if fmt.json_schema is None or fmt.json_schema.schema_ is None:
-            raise ApiError(400, "response_format of type json_schema needs json_schema.schema", "invalid_request_error",
-                           param="response_format")
+            raise ApiError(400, "response_format of type json_schema needs json_schema.schema",
+                           "invalid_request_error", param="response_format")
         try:
             return ResponseFormat.from_schema(fmt.json_schema.schema_)
         except InvalidConfig as exc:
@@ -294,7 +296,9 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
         handles = []
         try:
             for i in range(n):
-                params = gen.params if i == 0 or gen.params.seed is None else replace(gen.params, seed=_derived_seed(gen.params.seed, i))
+                params = gen.params
+                if i > 0 and params.seed is not None:
+                    params = replace(params, seed=_derived_seed(params.seed, i))
                 handles.append(submit(replace(gen, params=params)))
         except BaseException:
             for handle in handles:
@@ -331,7 +335,8 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
                                 messages=tuple(messages) if chat else None, params=params)
         handles = submit_choices(gen, body.n)
         if chat:  # the interaction log keeps OpenAI's plain form: developer as system, no names
-            messages = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]} for m in messages]
+            messages = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
+                        for m in messages]
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         if body.stream:
@@ -359,7 +364,8 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
                 choices.append({"index": i, "message": {"role": "assistant", "content": result.text},
                                 "logprobs": logprobs, "finish_reason": result.finish_reason})
             else:
-                choices.append({"index": i, "text": result.text, "finish_reason": result.finish_reason, "logprobs": logprobs})
+                choices.append({"index": i, "text": result.text, "finish_reason": result.finish_reason,
+                                "logprobs": logprobs})
         return {
             "id": rid, "object": "chat.completion" if chat else "text_completion", "created": created, "model": body.model,
             "choices": choices, "usage": _usage(total),
@@ -404,7 +410,8 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
                     continue
                 if i == 0:
                     pieces.append(delta.text)
-                yield chunk(i, delta.text, None, entries=delta.logprobs if handles[i].request.params.logprobs is not None else None)
+                records = handles[i].request.params.logprobs is not None
+                yield chunk(i, delta.text, None, entries=delta.logprobs if records else None)
             total = _total([h.result() for h in handles])
             if include_usage:
                 yield "data: " + json.dumps({"id": rid, "object": kind, "created": created, "model": model,
