@@ -3,9 +3,9 @@
 >>> fmt = ResponseFormat.from_schema({"type": "object", "properties": {"n": {"type": "integer"}}})
 >>> SamplingParams(max_new_tokens=64, response_format=fmt)            # doctest: +SKIP
 
-The grammar engine is llguidance (https://github.com/guidance-ai/llguidance), the library vLLM and
-SGLang use for structured output: a matcher per row, advanced one token at a time, gives the set of
-allowed next tokens as a bitmask in about a millisecond, which fits the engine's per-row decode loop
+The grammar engine is llguidance (https://github.com/guidance-ai/llguidance), one of vLLM's and
+SGLang's structured-output backends: a matcher per row, advanced one token at a time, gives the set of
+allowed next tokens as a bitmask in well under a millisecond, which fits the engine's per-row decode loop
 (``docs/SERVING.md`` says why it was chosen). Only rows that ask for a format pay for it; a row
 without one never reaches this module.
 

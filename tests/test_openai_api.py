@@ -146,7 +146,7 @@ def test_json_schema_response_is_valid_json(server):
 def test_unconstrained_output_is_not_json_so_the_schema_test_means_something(server):
     reply = client(server).chat.completions.create(model="user:alice", messages=[{"role": "user", "content": "Describe someone"}],
                                                    max_tokens=30, temperature=0)
-    with pytest.raises(ValueError):
+    with pytest.raises((ValueError, AssertionError)):  # not JSON, or not this schema's
         assert_valid(json.loads(reply.choices[0].message.content))
 
 
