@@ -54,6 +54,7 @@ from .errors import (
     VersionNotFound,
 )
 from .fsutil import (
+    PRIVATE_MODE,
     TMP_PREFIX,
     atomic_write_json,
     dumps_json,
@@ -76,6 +77,7 @@ META = "meta.json"
 REFS = "refs.json"
 REPLAY = "replay.jsonl"
 PENDING = "pending.jsonl"
+RETIRED = ".retired.json"  # last version number of each deleted adapter, keyed by a hash of its id
 _VERSION_DIR = re.compile(r"v([0-9]{4,9})")
 
 
@@ -86,6 +88,11 @@ def default_root() -> Path:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _id_digest(ref: AdapterRef) -> str:
+    """An adapter's id as a file-name-safe hash (lock files, the retired-version record)."""
+    return hashlib.sha256(ref.id.encode()).hexdigest()[:24]
 
 
 @dataclass(frozen=True)
@@ -298,6 +305,44 @@ class Store:
             )
         return folder
 
+    # A version label (``user:alice@v0003``) names one set of weights forever: engines, the router's
+    # cache and a vLLM resolver all cache by it. So a deleted adapter's numbers are never handed out
+    # again: a re-created ``user:alice`` starts after the last version the deleted one had. The record
+    # keys adapters by a hash of their id, so deleting a user leaves no file with their name.
+    def _retired_path(self) -> Path:
+        return self.root / RETIRED
+
+    def _retired(self) -> dict[str, int]:
+        path = self._retired_path()
+        if not path.exists():
+            return {}
+        try:
+            record = json.loads(read_regular_file(path))
+            if not isinstance(record, dict) or not all(
+                isinstance(k, str) and type(v) is int and v > 0 for k, v in record.items()
+            ):
+                raise ValueError("not an object of positive version numbers")
+        except (OSError, ValueError) as exc:
+            raise IntegrityError(
+                f"{path} is damaged ({exc}); it records the version numbers of deleted adapters so that they are "
+                "never reused. Restore it from a backup, or remove it only if no engine has served a deleted adapter"
+            ) from None
+        return record
+
+    def _first_version(self, ref: AdapterRef) -> int:
+        """1 for a new name; for a re-created one, one past the last version its deleted namesake had."""
+        return self._retired().get(_id_digest(ref), 0) + 1
+
+    def _retire(self, refs: Sequence[AdapterRef]) -> None:
+        """Record the last version number of adapters about to be deleted (under the lineage lock)."""
+        record = self._retired()
+        for ref in refs:
+            numbers = self.version_numbers(ref)
+            if numbers:
+                key = _id_digest(ref)
+                record[key] = max(record.get(key, 0), max(numbers))
+        atomic_write_json(self._retired_path(), record, PRIVATE_MODE)
+
     @contextmanager
     def lock(self, ref: str | AdapterRef, purpose: str = "write") -> Iterator[None]:
         """Hold one lock of an adapter: ``write`` serializes short writes (publish, alias, log);
@@ -305,7 +350,7 @@ class Store:
         ref = parse_ref(ref)
         locks = self.root / ".locks"
         locks.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256(ref.id.encode()).hexdigest()[:24]
+        digest = _id_digest(ref)
         suffix = "" if purpose == "write" else f".{purpose}"
         try:
             with FileLock(str(locks / f"{digest}{suffix}.lock"), timeout=self.lock_timeout):
@@ -472,7 +517,8 @@ class Store:
         over: str | AdapterRef | None = None,
         source: str | AdapterRef | None = None,
     ) -> VersionInfo:
-        """Create an adapter and publish its version v0001.
+        """Create an adapter and publish its first version: v0001 (or, for a name deleted before, the number
+        after the deleted adapter's last version, so that no version label ever names two sets of weights).
 
         By default the weights are a fresh LoRA for the store's base (B = 0, so the base's outputs
         are unchanged); ``tensors`` + ``adapter_config`` start it from given weights instead, and
@@ -528,14 +574,15 @@ class Store:
             remove_stale(path.parent, ref.name)  # a crashed create's or delete's staging
             if path.exists():  # leftovers of a crashed create: never published, safe to clear
                 remove_tree(path)
+            first = self._first_version(ref)
             staging = temp_sibling(path)
             staging.mkdir()
             try:
                 info = self._write_version(
-                    staging / format_version(1), ref, 1, tensors, adapter_config, settings=settings, lineage=lineage,
-                    over=over_meta,
+                    staging / format_version(first), ref, first, tensors, adapter_config, settings=settings,
+                    lineage=lineage, over=over_meta,
                 )
-                (staging / REFS).write_bytes(dumps_json({"aliases": {CURRENT: 1}}))
+                (staging / REFS).write_bytes(dumps_json({"aliases": {CURRENT: first}}))
                 fsync_tree(staging)
                 os.replace(staging, path)
                 fsync_dir(path.parent)
@@ -716,6 +763,7 @@ class Store:
                     f"delete them too with `persona delete {ref.id} --cascade`",
                     tuple(d.adapter for d in dependents),
                 )
+            self._retire([parse_ref(d.adapter) for d in dependents] + [ref])
             # Most derived first: a crash part-way leaves the source, never a merge whose source is gone.
             for dependent in dependents:
                 with self.lock(dependent.adapter):

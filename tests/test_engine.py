@@ -417,3 +417,18 @@ def test_leaving_a_stream_early_cancels_it_and_close_refuses_more(engine):
     assert time.monotonic() - started < 30
     with pytest.raises(EngineClosed):
         engine.submit(greedy("user:a"))
+
+
+def test_engine_serves_a_recreated_adapter_not_its_deleted_namesake(store, engine):
+    """Regression: the engine caches by ``kind:name@vN``; a deleted and re-created adapter used to
+    get v1 again, so a running engine served the deleted adapter's weights under the new name."""
+    old = engine.logits(IDS[:1], models=["user:a"])
+    engine.preload("user:a")  # resident in a slot and in the CPU tier
+    store.delete("user:a")
+    store.create("user:a", LoraSettings(init="random", seed=99, rank=4))
+    assert engine.resolve("user:a")[0].ref.version == 2
+    new = engine.logits(IDS[:1], models=["user:a"])
+    with Engine(store, base=engine.base) as fresh:
+        expected = fresh.logits(IDS[:1], models=["user:a"])
+    assert not torch.allclose(new, old, atol=1e-3)
+    torch.testing.assert_close(new, expected, atol=1e-5, rtol=0)

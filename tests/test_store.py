@@ -264,3 +264,31 @@ def test_show_and_list_report_versions(store):
     info = store.show("user:alice")
     assert info.current == 1 and len(info.versions) == 1 and info.pending == 0
     assert info.to_dict()["versions"][0]["label"] == "v0001"
+
+
+def test_recreated_adapter_never_reuses_a_version_label(store):
+    """A version label names one set of weights forever (engines and caches key on it), so a
+    re-created adapter starts after its deleted namesake's last version, and no file names it."""
+    store.create("user:alice", LoraSettings(init="random", seed=1))
+    store.publish_version("user:alice", *_weights_of(store, "user:alice"), parent=1)
+    store.delete("user:alice")
+    assert not any("alice" in p for p in tree(store.root))
+    info = store.create("user:alice", LoraSettings(init="random", seed=2))
+    assert (info.version, store.version_numbers("user:alice")) == (3, [3])
+    assert store.load("user:alice").info.version == 3 and store.verify().ok
+    store.create("user:bob")
+    assert store.version_numbers("user:bob") == [1]  # other names are unaffected
+
+
+def test_damaged_retired_record_is_refused_not_ignored(store):
+    store.create("user:alice")
+    store.delete("user:alice")
+    (store.root / ".retired.json").write_text("[1, 2")
+    with pytest.raises(IntegrityError, match="never reused"):
+        store.create("user:alice")
+    assert not store.exists("user:alice")
+
+
+def _weights_of(store, ref):
+    loaded = store.load(ref)
+    return dict(loaded.tensors), dict(loaded.config)
