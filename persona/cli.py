@@ -8,28 +8,38 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from typing import Any
 
 import click
 
 from . import __version__
 from .base import EMBEDDED_BASE, base_info
-from .errors import PersonaError, StoreNotInitialized
+from .cli_errors import JSON_FLAG, to_cli_error
+from .errors import StoreNotInitialized
 from .lora import LoraSettings
 from .refs import parse_ref, parse_version
 from .store import Store
 
+_ARGV = "persona.argv"
+
 
 class PersonaGroup(click.Group):
-    """Turns every PersonaError into a one-line message (click prints ``Error: ...``, exit 1)."""
+    """Turns every failure into one line on stderr and a non-zero exit (see ``cli_errors``)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta.setdefault(_ARGV, list(args))  # the group's own parse: every argument, before the command's
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except PersonaError as exc:
-            raise click.ClickException(str(exc)) from None
-        except KeyboardInterrupt:
-            raise click.ClickException("interrupted; nothing was published") from None
+        except (click.exceptions.Exit, click.Abort):  # a normal exit, or click's own "Aborted!"
+            raise
+        except (Exception, KeyboardInterrupt) as exc:
+            # --json as the command parsed it; before its options were parsed, as it was typed
+            as_json = ctx.meta.get(JSON_FLAG, "--json" in ctx.meta.get(_ARGV, ()))
+            raise to_cli_error(exc, as_json) from None
 
 
 def store_option(f):
@@ -44,8 +54,14 @@ def store_option(f):
     )(f)
 
 
+def _remember_json(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    ctx.meta[JSON_FLAG] = value  # meta is shared with the group, which prints errors as JSON then
+    return value
+
+
 def json_option(f):
-    return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")(f)
+    return click.option("--json", "as_json", is_flag=True, callback=_remember_json,
+                        help="Print machine-readable JSON on stdout (errors: {\"error\": {...}} on stderr).")(f)
 
 
 def emit(as_json: bool, data: Any, text: str | None = None) -> None:
@@ -88,7 +104,13 @@ def main() -> None:
 @store_option
 @json_option
 def init(base: str, store_root: str | None, as_json: bool) -> None:
-    """Create a store bound to one base model (its id and weight fingerprint)."""
+    """Create a store bound to one base model (its id and weight fingerprint).
+
+    \b
+    Examples:
+      persona init
+      persona init --store /data/adapters --base ./my-base-model
+    """
     store = Store.init(store_root, base=base)
     cfg = store.config
     emit(as_json, {"store": str(store.root), "base": cfg.base_id, "fingerprint": cfg.base_fingerprint},
@@ -125,7 +147,8 @@ def create(ref, rank, alpha, dropout, targets, init_, seed, over, source, store_
         target_modules=tuple(t.strip() for t in targets.split(",") if t.strip()) if targets else None,
     )
     info = _open(store_root).create(parse_ref(ref), settings, over=over, source=source)
-    emit(as_json, info.to_dict(), f"created {info.adapter}@{info.label} (rank {rank}; adapts {', '.join(info.lora.get('target_modules') or [])})")
+    emit(as_json, info.to_dict(), f"created {info.adapter}@{info.label} (rank {info.lora.get('rank')}; "
+                                  f"adapts {', '.join(info.lora.get('target_modules') or [])})")
 
 
 @main.command("list")
@@ -133,7 +156,13 @@ def create(ref, rank, alpha, dropout, targets, init_, seed, over, source, store_
 @store_option
 @json_option
 def list_(kind, store_root, as_json) -> None:
-    """List the adapters in the store."""
+    """List the adapters in the store.
+
+    \b
+    Examples:
+      persona list
+      persona list --kind domain --json
+    """
     adapters = _open(store_root).list(kind)
     if as_json:
         emit(True, [{"adapter": a.adapter, "current": a.current, "versions": len(a.versions),
@@ -155,8 +184,19 @@ def list_(kind, store_root, as_json) -> None:
 @store_option
 @json_option
 def show(ref, store_root, as_json) -> None:
-    """Show an adapter's versions, aliases and metrics."""
-    info = _open(store_root).show(parse_ref(ref))
+    """Show an adapter's versions, aliases and metrics (REF@vN or REF@alias: that version only).
+
+    \b
+    Examples:
+      persona show user:alice
+      persona show user:alice@v2 --json
+      persona show user:alice@candidate
+    """
+    store, parsed = _open(store_root), parse_ref(ref)
+    info = store.show(parsed)
+    if parsed.version is not None or parsed.alias is not None:  # user:alice@v9 is an error, not all of alice
+        pinned = store.resolve(parsed).version
+        info = replace(info, versions=tuple(v for v in info.versions if v.version == pinned))
     if as_json:
         emit(True, info.to_dict())
         return
@@ -196,7 +236,13 @@ def _fmt(value: Any) -> str:
 @store_option
 @json_option
 def alias(ref, name, version, remove, store_root, as_json) -> None:
-    """Point alias NAME of adapter REF at VERSION (e.g. `persona alias user:alice stable v3`)."""
+    """Point alias NAME of adapter REF at VERSION.
+
+    \b
+    Examples:
+      persona alias user:alice stable v3
+      persona alias user:alice stable --remove
+    """
     store = _open(store_root)
     if remove:
         store.remove_alias(parse_ref(ref), name)
@@ -215,7 +261,12 @@ def alias(ref, name, version, remove, store_root, as_json) -> None:
 @store_option
 @json_option
 def rollback(ref, version, store_root, as_json) -> None:
-    """Move REF's current alias to VERSION (e.g. `persona rollback user:alice v2`)."""
+    """Move REF's current alias to VERSION.
+
+    \b
+    Examples:
+      persona rollback user:alice v2
+    """
     _open(store_root).rollback(parse_ref(ref), version)
     number = parse_version(version)
     emit(as_json, {"adapter": parse_ref(ref).id, "current": number}, f"{parse_ref(ref).id}@current -> v{number}")
@@ -232,6 +283,11 @@ def delete(ref, yes, cascade, store_root, as_json) -> None:
 
     An adapter others were derived from is refused (the error lists them) unless --cascade,
     so deleting a person's adapter cannot leave their data inside a merge.
+
+    \b
+    Examples:
+      persona delete user:alice --yes
+      persona delete domain:finance --yes --cascade
     """
     parsed = parse_ref(ref)
     store = _open(store_root)
@@ -252,7 +308,13 @@ def delete(ref, yes, cascade, store_root, as_json) -> None:
 @store_option
 @json_option
 def verify(ref, store_root, as_json) -> None:
-    """Re-hash every published file (of REF, or of the whole store); exit 1 on any mismatch."""
+    """Re-hash every published file (of REF, or of the whole store); exit 1 on any mismatch.
+
+    \b
+    Examples:
+      persona verify
+      persona verify user:alice --json
+    """
     report = _open(store_root).verify(parse_ref(ref) if ref else None)
     if as_json:
         emit(True, report.to_dict())
@@ -308,6 +370,12 @@ def update(ref, data_file, all_, epochs, max_steps, lr, batch_size, seed, holdou
     The new version becomes `current` only if its held-out loss beats the parent's and its loss on
     the replay buffer rose by at most --max-forgetting; otherwise it is published as `candidate`
     and the reason is recorded (see `persona show REF`). Ctrl-C or SIGTERM publishes nothing.
+
+    \b
+    Examples:
+      persona update user:alice --data examples/interactions/alice.jsonl
+      persona update user:alice                 (train on the pending queue of `persona log`)
+      persona update --all --max-steps 50
     """
     from .data import read_interactions
     from .train import Trainer, UpdateConfig
@@ -350,7 +418,12 @@ def update(ref, data_file, all_, epochs, max_steps, lr, batch_size, seed, holdou
 @store_option
 @json_option
 def log(ref, data_file, store_root, as_json) -> None:
-    """Append interactions to REF's pending queue, for the next `persona update REF`."""
+    """Append interactions to REF's pending queue, for the next `persona update REF`.
+
+    \b
+    Examples:
+      persona log user:alice --data examples/interactions/alice-2.jsonl
+    """
     from .data import read_interactions
     from .train import log_interactions
 
@@ -369,7 +442,13 @@ def log(ref, data_file, store_root, as_json) -> None:
 @store_option
 @json_option
 def eval_(ref, data_file, versions, max_length, store_root, as_json) -> None:
-    """Loss and perplexity of REF (or of several versions) on interactions."""
+    """Loss and perplexity of REF (or of several versions) on interactions.
+
+    \b
+    Examples:
+      persona eval user:alice --data examples/interactions/alice-3.jsonl
+      persona eval user:alice --data examples/interactions/alice-3.jsonl --versions v1,v2,base --json
+    """
     from .data import read_interactions
     from .train import Trainer
 
@@ -393,7 +472,13 @@ def eval_(ref, data_file, versions, max_length, store_root, as_json) -> None:
 @store_option
 @json_option
 def base(base_id, store_root, as_json) -> None:
-    """Show the base model: id, local path, fingerprint, architecture."""
+    """Show the base model: id, local path, fingerprint, architecture.
+
+    \b
+    Examples:
+      persona base
+      persona base --base smollm2-135m-instruct --json
+    """
     if base_id is None:
         try:
             base_id = Store.open(store_root).config.base_id

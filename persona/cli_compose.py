@@ -32,11 +32,12 @@ def _weights(ctx, param, value: str | None) -> list[float] | None:
 def merge(parents, into, method, weights, density, rank, seed, store_root, as_json) -> None:
     """Merge adapters REF REF... into a new version of merged:NAME.
 
+    The new version's lineage names each parent's version and sha256 (see `persona show`).
+
     \b
     Examples:
       persona merge user:alice domain:finance --into merged:alice-fin --method cat --weights 1,0.5
       persona merge domain:a domain:b --into merged:ab --method ties --density 0.5
-    The new version's lineage names each parent's version and sha256 (see `persona show`).
     """
     from .compose import merge as merge_adapters
 

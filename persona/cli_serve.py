@@ -96,6 +96,11 @@ def chat(model, system, route_top_k, max_new_tokens, temperature, top_p, seed, s
     \b
     MODEL is what `persona generate` takes, weighted stacks included. With domain:auto the
     router picks again at every turn, from the conversation's user turns so far.
+
+    \b
+    Examples:
+      persona chat user:alice
+      persona chat user:alice+domain:auto --system "Answer briefly."
     """
     from .engine import GenerationRequest
 
@@ -143,6 +148,11 @@ def serve(host, port, max_resident, max_batch, no_auth, log_interactions, route_
     (--route-top-k domains), or the base's name. Clients authenticate with
     `Authorization: Bearer <token>` from `persona token create user:NAME` (or --admin);
     a user token reaches a stack only if it reaches every part.
+
+    \b
+    Examples:
+      persona serve --port 8000
+      persona serve --port 8000 --route-top-k 2 --log-interactions
     """
     from .server import ServerConfig, serve as run_server
 
@@ -158,7 +168,14 @@ def serve(host, port, max_resident, max_batch, no_auth, log_interactions, route_
 
 @click.group()
 def token() -> None:
-    """Bearer tokens for `persona serve` (stored hashed in the store)."""
+    """Bearer tokens for `persona serve` (stored hashed in the store).
+
+    \b
+    Examples:
+      persona token create user:alice
+      persona token list
+      persona token revoke 1a2b3c4d5e6f
+    """
 
 
 @token.command("create")
@@ -167,7 +184,13 @@ def token() -> None:
 @store_option
 @json_option
 def token_create(ref, admin, store_root, as_json) -> None:
-    """Issue a token for user adapter REF (its own adapters + shared domains), or --admin."""
+    """Issue a token for user adapter REF (its own adapters + shared domains), or --admin.
+
+    \b
+    Examples:
+      persona token create user:alice
+      persona token create --admin --json
+    """
     from .auth import ADMIN, TokenStore
 
     if bool(ref) == bool(admin):
@@ -181,7 +204,12 @@ def token_create(ref, admin, store_root, as_json) -> None:
 @store_option
 @json_option
 def token_list(store_root, as_json) -> None:
-    """List issued tokens (ids and scopes, never secrets)."""
+    """List issued tokens (ids and scopes, never secrets).
+
+    \b
+    Examples:
+      persona token list --json
+    """
     from .auth import TokenStore
 
     infos = TokenStore(_open(store_root)).list()
@@ -199,7 +227,12 @@ def token_list(store_root, as_json) -> None:
 @store_option
 @json_option
 def token_revoke(token_id, store_root, as_json) -> None:
-    """Revoke the token with TOKEN_ID (see `persona token list`)."""
+    """Revoke the token with TOKEN_ID (see `persona token list`).
+
+    \b
+    Examples:
+      persona token revoke 1a2b3c4d5e6f
+    """
     from .auth import TokenStore
 
     TokenStore(_open(store_root)).revoke(token_id)

@@ -15,7 +15,11 @@ Decisions:
 - A bad line is reported as ``{file}:{line}: {reason}``. All bad lines are counted; the first
   :data:`MAX_REPORTED_ERRORS` are listed in one message whose first line gives the count.
 - Refused: bytes that are not UTF-8; NUL bytes (a binary file: reading stops there); a line over
-  :data:`MAX_LINE_BYTES`; text that is not JSON; JSON that is not an object; duplicate keys;
+  :data:`MAX_LINE_BYTES` (1 MB; past :data:`MAX_SKIPPED_BYTES` without a newline reading stops, so
+  ``--data /dev/zero`` or an endless pipe ends with an error instead of hanging); text that is not
+  JSON; JSON nested deeper than Python's recursion limit or holding an integer of more digits than
+  ``sys.get_int_max_str_digits()``; strings holding a lone surrogate (``"\\ud800"``: not Unicode text,
+  so it could never be written back as UTF-8); JSON that is not an object; duplicate keys;
   unknown keys (named, with the allowed ones); keys of two formats in one object; ``prompt``
   without ``completion`` (or the reverse); content that is not a string (``null``, a number, or
   OpenAI's list of content parts); content that is empty or only whitespace; a role other than
@@ -80,6 +84,7 @@ __all__ = [
 ]
 
 MAX_LINE_BYTES = 1_000_000
+MAX_SKIPPED_BYTES = 16 * MAX_LINE_BYTES
 MAX_REPORTED_ERRORS = 20
 GROUP_BATCHES = 50
 IGNORE_INDEX = -100
@@ -100,7 +105,11 @@ class _LineError(Exception):
     """A reason a line is bad; turned into ``file:line: reason`` by the caller."""
 
 
-class _BinaryLine(_LineError):
+class _StopReading(_LineError):
+    """A reason the rest of the file is not worth reading (reported, and reading stops there)."""
+
+
+class _BinaryLine(_StopReading):
     """A NUL byte: the file is binary, and reading stops at the first one."""
 
 
@@ -247,6 +256,18 @@ def _fields_from_json(obj: Any) -> dict[str, Any]:
     return {"text": _string(obj["text"], "'text'")}
 
 
+def _check_text(value: str, where: str) -> None:
+    """Refuse a lone surrogate (JSON's ``"\\ud800"``): it is not text, and could never be written as UTF-8."""
+    if value.isascii():
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _LineError(
+            f"{where} holds a lone surrogate (\\u{ord(value[e.start]):04x} at character {e.start + 1}): not valid Unicode text"
+        ) from None
+
+
 def _check_interaction(i: Interaction) -> None:
     """The invariants of an Interaction, whoever built it (a file, the server, a test)."""
     given = [name for name in ("messages", "prompt", "completion", "text") if getattr(i, name) is not None]
@@ -267,6 +288,7 @@ def _check_interaction(i: Interaction) -> None:
                 raise _LineError(f"messages[{n}] is a system message: only the first message may be 'system'")
             if not content.strip():
                 raise _LineError(f"messages[{n}].content is empty")
+            _check_text(content, f"messages[{n}].content")
         if not any(role == "assistant" for role, _ in i.messages):
             raise _LineError("the chat has no assistant turn, so there is nothing to learn from it")
         return
@@ -276,6 +298,7 @@ def _check_interaction(i: Interaction) -> None:
             raise _LineError(f"'{name}' must be a string, got {_type_name(value)}")
         if not value.strip():
             raise _LineError(f"'{name}' is empty")
+        _check_text(value, f"'{name}'")
     if (i.prompt is None) != (i.completion is None):
         raise _LineError("'prompt' and 'completion' go together")
 
@@ -300,6 +323,10 @@ def _parse_line(text: str) -> dict[str, Any]:
         obj = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
     except json.JSONDecodeError as e:
         raise _LineError(f"not valid JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:  # issue 10: a line of 200,000 nested arrays
+        raise _LineError("JSON nested too deeply: an interaction is an object of strings") from None
+    except ValueError as e:  # issue 10: Python's limit on digits of an integer (e.g. 5,000 of them)
+        raise _LineError(f"not usable JSON ({str(e).split(':')[0].strip().lower()})") from None
     return _fields_from_json(obj)
 
 
@@ -307,8 +334,9 @@ def _too_long(size: int) -> str:
     return f"line is {size:,} bytes, over the limit of {MAX_LINE_BYTES:,} bytes a line; shorten or split it"
 
 
-def _iter_file_lines(f: BinaryIO) -> Iterator[tuple[bytes | None, int]]:
-    """Yield ``(line, size)``, size without the newline; ``line`` is None when over the limit."""
+def _iter_file_lines(f: BinaryIO) -> Iterator[tuple[bytes | _LineError | None, int]]:
+    """Yield ``(line, size)``, size without the newline; ``line`` is None when over the limit, or
+    the reason reading stops (a binary file, a line without end)."""
     while True:
         chunk = f.readline(MAX_LINE_BYTES + 1)
         if not chunk:
@@ -317,7 +345,15 @@ def _iter_file_lines(f: BinaryIO) -> Iterator[tuple[bytes | None, int]]:
         if size <= MAX_LINE_BYTES:
             yield chunk, size
             continue
+        if b"\x00" in chunk:  # /dev/zero or any binary file: no need to find the line's end
+            yield _BinaryLine(_BINARY), size
+            return
         while not chunk.endswith(b"\n"):  # skip the rest of the long line without holding it
+            if size > MAX_SKIPPED_BYTES:  # an endless stream (a pipe, a device) must not hang us
+                yield _StopReading(
+                    f"line is over {MAX_SKIPPED_BYTES:,} bytes without a newline: not JSON Lines; reading stopped"
+                ), size
+                return
             chunk = f.readline(1 << 20)
             size += len(chunk.rstrip(b"\r\n"))
             if not chunk:
@@ -325,7 +361,7 @@ def _iter_file_lines(f: BinaryIO) -> Iterator[tuple[bytes | None, int]]:
         yield None, size
 
 
-def _collect(items: Iterable[tuple[int, bytes | str | None, int]], source: str) -> list[Interaction]:
+def _collect(items: Iterable[tuple[int, bytes | str | _LineError | None, int]], source: str) -> list[Interaction]:
     """Validate numbered lines; return every interaction or raise one error listing the bad lines."""
     interactions: list[Interaction] = []
     errors: list[str] = []
@@ -334,6 +370,8 @@ def _collect(items: Iterable[tuple[int, bytes | str | None, int]], source: str) 
         try:
             if raw is None:
                 raise _LineError(_too_long(size))
+            if isinstance(raw, _LineError):
+                raise raw
             if isinstance(raw, bytes):
                 if b"\x00" in raw:
                     raise _BinaryLine(_BINARY)
@@ -352,7 +390,7 @@ def _collect(items: Iterable[tuple[int, bytes | str | None, int]], source: str) 
             reason = str(e).removeprefix(f"{source}:{number}: ")
             if len(errors) < MAX_REPORTED_ERRORS:
                 errors.append(f"{source}:{number}: {reason}")
-            if isinstance(e, _BinaryLine):  # the rest of a binary file is noise
+            if isinstance(e, _StopReading):  # the rest of a binary file is noise
                 break
     if bad == 1:
         raise InvalidInteractions(errors[0])
