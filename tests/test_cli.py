@@ -101,3 +101,42 @@ def test_help_teaches(cli):
     out = cli("--help").output
     assert "KIND:NAME" in out and "persona create user:alice" in out
     assert "--targets" in cli("create", "--help").output
+
+
+def test_create_from_prints_the_source_adapters_rank_not_the_options(cli):
+    cli("create", "domain:finance", "--rank", 16)
+    line = cli("create", "user:x", "--from", "domain:finance").output
+    assert "(rank 16;" in line, line
+    assert json.loads(cli("show", "user:x", "--json").output)["versions"][0]["lora"]["rank"] == 16
+
+
+def _all_commands(group, prefix=()):
+    import click
+
+    for name, command in sorted(group.commands.items()):
+        yield prefix + (name,), command
+        if isinstance(command, click.Group):
+            yield from _all_commands(command, prefix + (name,))
+
+
+def test_every_command_help_has_examples(cli):
+    commands = list(_all_commands(main))
+    assert len(commands) >= 21  # 18 commands, token's 3 subcommands
+    missing = [" ".join(path) for path, _ in commands if "Examples:" not in cli(*path, "--help").output]
+    assert missing == []
+
+
+def test_json_errors_are_a_json_object_on_stderr(cli, tmp_path):
+    for args, error_type, fragment in [
+        (("show", "user:nobody", "--json"), "AdapterNotFound", "persona create user:nobody"),
+        (("log", "user:nobody", "--data", tmp_path / "missing.jsonl", "--json"), "FileNotFoundError", "missing.jsonl"),
+        (("rollback", "user:nobody", "--json"), "MissingParameter", "VERSION"),
+        (("create", "User:Alice", "--json"), "InvalidReference", "kind must be one of"),
+    ]:
+        result = cli(*args, ok=False)
+        assert result.exit_code != 0 and result.stdout == "", result.output
+        error = json.loads(result.stderr)["error"]
+        assert set(error) == {"type", "message"}
+        assert error["type"] == error_type and fragment in error["message"], error
+    plain = cli("show", "user:nobody", ok=False)
+    assert plain.stderr.startswith("Error: ") and "{" not in plain.stderr
