@@ -466,3 +466,14 @@ def test_sample_users_repeat_their_facts(name, facts):
     answers = " ".join(i.messages[-1][1] if i.messages else i.completion for i in interactions)
     for fact in facts:
         assert answers.count(fact) >= 5, fact
+
+
+@pytest.mark.parametrize("fields", [{"text": "hi \ud800"}, {"prompt": "\udfff", "completion": "ok"},
+                                    {"messages": (("user", "hi"), ("assistant", "a \ud83d b"))}])
+def test_interaction_with_a_lone_surrogate_is_refused_however_it_is_built(fields):
+    with pytest.raises(InvalidInteractions, match="lone surrogate"):
+        Interaction(**fields)
+
+
+def test_interaction_with_a_paired_astral_character_is_accepted():
+    assert Interaction(text="dog \U0001f415").text == "dog \U0001f415"
