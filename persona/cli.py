@@ -142,6 +142,12 @@ def create(ref, rank, alpha, dropout, targets, init_, seed, over, source, store_
       persona create user:alice --over domain:finance
       persona create user:newbie --from merged:cohort-a
     """
+    if source:  # a warm start copies the source's LoRA settings: an option that would be ignored is refused
+        ctx = click.get_current_context()
+        given = [f"--{name.rstrip('_')}" for name in ("rank", "alpha", "dropout", "targets", "init_", "seed")
+                 if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+        if given:
+            raise click.UsageError(f"--from copies {source}'s LoRA settings; {', '.join(given)} does not apply")
     settings = None if source else LoraSettings(
         rank=rank, alpha=alpha, dropout=dropout, init=init_, seed=seed,
         target_modules=tuple(t.strip() for t in targets.split(",") if t.strip()) if targets else None,

@@ -108,6 +108,8 @@ def test_create_from_prints_the_source_adapters_rank_not_the_options(cli):
     line = cli("create", "user:x", "--from", "domain:finance").output
     assert "(rank 16;" in line, line
     assert json.loads(cli("show", "user:x", "--json").output)["versions"][0]["lora"]["rank"] == 16
+    refused = cli("create", "user:y", "--from", "domain:finance", "--rank", 4, ok=False)
+    assert refused.exit_code == 2 and "--rank does not apply" in refused.output
 
 
 def _all_commands(group, prefix=()):
