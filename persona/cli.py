@@ -15,11 +15,11 @@ import click
 
 from . import __version__
 from .base import EMBEDDED_BASE, base_info
-from .cli_errors import JSON_FLAG, to_cli_error
+from .cli_errors import JSON_FLAG, STORE_ROOT, to_cli_error
 from .errors import StoreNotInitialized
 from .lora import LoraSettings
 from .refs import parse_ref, parse_version
-from .store import Store
+from .store import Store, default_root
 
 _ARGV = "persona.argv"
 
@@ -39,7 +39,12 @@ class PersonaGroup(click.Group):
         except (Exception, KeyboardInterrupt) as exc:
             # --json as the command parsed it; before its options were parsed, as it was typed
             as_json = ctx.meta.get(JSON_FLAG, "--json" in ctx.meta.get(_ARGV, ()))
-            raise to_cli_error(exc, as_json) from None
+            raise to_cli_error(exc, as_json, store_root=ctx.meta.get(STORE_ROOT)) from None
+
+
+def _remember_store(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    ctx.meta[STORE_ROOT] = value or str(default_root())  # named by an error whose OSError names no file
+    return value
 
 
 def store_option(f):
@@ -50,6 +55,7 @@ def store_option(f):
         type=click.Path(file_okay=False),
         default=None,
         show_envvar=True,
+        callback=_remember_store,
         help="Store root folder. Default: ./adapters.",
     )(f)
 

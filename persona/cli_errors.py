@@ -28,6 +28,9 @@ from .fsutil import TMP_PREFIX
 
 JSON_FLAG = "persona.json"
 """``ctx.meta`` key: whether the running command was given ``--json`` (set by its option)."""
+STORE_ROOT = "persona.store"
+"""``ctx.meta`` key: the store root the running command uses (set by its ``--store`` option)."""
+_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 _REMEDY = {
     errno.ENOSPC: "the disk is full: free some space and run the command again",
@@ -64,10 +67,15 @@ def _shown_path(name: Any) -> str:
     return f"cannot write in {path.parent}" if path.name.startswith(TMP_PREFIX) else str(path)
 
 
-def describe_os_error(exc: OSError) -> str:
-    """``/store/user/alice/pending.jsonl: the disk is full: free some space ...``, in one line."""
+def describe_os_error(exc: OSError, store_root: str | None = None) -> str:
+    """``/store/user/alice/pending.jsonl: the disk is full: free some space ...``, in one line.
+
+    A failed ``write(2)`` names no file; then a write error names the store the command writes to.
+    """
     what = _REMEDY.get(exc.errno) or (exc.strerror or str(exc) or type(exc).__name__)
     where = _shown_path(exc.filename) if exc.filename is not None else None
+    if where is None and store_root and exc.errno in _WRITE_ERRORS:
+        where = f"cannot write in the store {store_root}"
     if where and exc.filename2 is not None:
         where = f"{where} -> {_shown_path(exc.filename2)}"
     return " ".join((f"{where}: {what}" if where else what).split())
@@ -95,7 +103,7 @@ def write_traceback(exc: BaseException) -> Path | None:
     return None
 
 
-def to_cli_error(exc: BaseException, as_json: bool) -> click.ClickException:
+def to_cli_error(exc: BaseException, as_json: bool, store_root: str | None = None) -> click.ClickException:
     """Turn any exception a command raised into the one-line error that is shown."""
     if isinstance(exc, click.ClickException):
         if not as_json:
@@ -106,7 +114,7 @@ def to_cli_error(exc: BaseException, as_json: bool) -> click.ClickException:
     if isinstance(exc, KeyboardInterrupt):
         return CliError("interrupted; nothing was published", "Interrupted", as_json=as_json, exit_code=130)
     if isinstance(exc, OSError):
-        return CliError(describe_os_error(exc), type(exc).__name__, as_json=as_json)
+        return CliError(describe_os_error(exc, store_root), type(exc).__name__, as_json=as_json)
     saved = write_traceback(exc)
     where = f"full traceback in {saved}" if saved else "the traceback could not be saved (no writable folder)"
     summary = " ".join(str(exc).split())[:300]
