@@ -9,6 +9,7 @@ the worker itself keeps serving.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -63,6 +64,8 @@ class Handle:
         self._cancel = threading.Event()
         self._result: "GenerationResult | None" = None
         self._error: BaseException | None = None
+        self._callbacks: list[Callable[["Handle"], None]] = []
+        self._callbacks_lock = threading.Lock()
 
     # ------------------------------------------------------------------ the caller's side
     def done(self) -> bool:
@@ -78,6 +81,24 @@ class Handle:
     @property
     def cancelled(self) -> bool:
         return self._cancel.is_set()
+
+    @property
+    def error(self) -> BaseException | None:
+        """The request's error once it is done (``CancelledError`` for a cancelled one), else None."""
+        return self._error
+
+    def add_done_callback(self, callback: Callable[["Handle"], None]) -> None:
+        """Call ``callback(handle)`` once, when the request finishes or fails (at once if it already has).
+
+        It runs in the thread that ends the request (usually the engine's worker): keep it short and
+        thread-safe, e.g. ``loop.call_soon_threadsafe(...)``, so an async caller can await a request
+        without holding a thread for it.
+        """
+        with self._callbacks_lock:
+            if not self._done.is_set():
+                self._callbacks.append(callback)
+                return
+        callback(self)
 
     def result(self, timeout: float | None = None) -> "GenerationResult":
         """Wait for the whole result; re-raise the request's error; ``TimeoutError`` after ``timeout`` s."""
@@ -126,6 +147,7 @@ class Handle:
         self._result = result
         self._done.set()
         self._events.put(_END)
+        self._run_callbacks()
 
     def fail(self, error: BaseException) -> None:
         if self._done.is_set():
@@ -133,6 +155,16 @@ class Handle:
         self._error = error
         self._done.set()
         self._events.put(_END)
+        self._run_callbacks()
+
+    def _run_callbacks(self) -> None:
+        with self._callbacks_lock:
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            try:
+                callback(self)
+            except Exception:  # noqa: BLE001 - a watcher's bug must not break the worker
+                logging.getLogger(__name__).exception("a done-callback of a request failed")
 
 
 class BatchWorker:

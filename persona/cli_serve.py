@@ -8,6 +8,8 @@ import click
 from .cli import _open, emit, json_option, store_option
 from .refs import MAX_STACK
 
+MAX_BODY_BYTES = 4 << 20  # persona.server.MAX_BODY_BYTES, without importing FastAPI for every command
+
 
 def _engine(store_root, max_resident: int = 16, max_batch: int = 8, route_top_k: int = 1):
     from .engine import Engine
@@ -136,9 +138,18 @@ def chat(model, system, route_top_k, max_new_tokens, temperature, top_p, seed, s
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 256), help="Requests batched into one forward pass.")
 @click.option("--no-auth", is_flag=True, help="Serve without tokens (local use only): every adapter is reachable by anyone.")
 @click.option("--log-interactions", is_flag=True, help="Append completed chats to the user's pending queue for the next `persona update`.")
+@click.option("--max-body-bytes", default=MAX_BODY_BYTES, show_default=True, type=click.IntRange(1024),
+              help="Largest request body accepted; a larger one is refused (413) before it is read.")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(1),
+              help="Requests in the engine at once (running or waiting); more get 429 with Retry-After.")
+@click.option("--max-per-token", default=8, show_default=True, type=click.IntRange(1),
+              help="Requests in the engine at once per token; more get 429 (not applied with --no-auth).")
+@click.option("--drain-timeout", default=5.0, show_default=True, type=click.FloatRange(0, 3600),
+              help="On SIGTERM or Ctrl-C: seconds in-flight requests may finish before they are cancelled.")
 @route_top_k_option
 @store_option
-def serve(host, port, max_resident, max_batch, no_auth, log_interactions, route_top_k, store_root) -> None:
+def serve(host, port, max_resident, max_batch, no_auth, log_interactions, max_body_bytes, max_queue, max_per_token,
+          drain_timeout, route_top_k, store_root) -> None:
     """Serve adapters over an OpenAI-compatible HTTP API.
 
     \b
@@ -148,6 +159,12 @@ def serve(host, port, max_resident, max_batch, no_auth, log_interactions, route_
     (--route-top-k domains), or the base's name. Clients authenticate with
     `Authorization: Bearer <token>` from `persona token create user:NAME` (or --admin);
     a user token reaches a stack only if it reaches every part.
+
+    \b
+    Limits (docs/SECURITY.md): bodies over --max-body-bytes get 413; past --max-queue
+    requests in flight, or --max-per-token for one token, 429 with Retry-After; a client
+    that disconnects stops its generation at the next token; SIGTERM drains for
+    --drain-timeout seconds, then cancels what is left and exits.
 
     \b
     Examples:
@@ -161,9 +178,11 @@ def serve(host, port, max_resident, max_batch, no_auth, log_interactions, route_
                     f"{host}:{port} can use every adapter, including every user's.", fg="red", bold=True, err=True)
     engine = _engine(store_root, max_resident=max_resident, max_batch=max_batch, route_top_k=route_top_k)
     try:
-        run_server(engine, host, port, ServerConfig(auth=not no_auth, log_interactions=log_interactions))
+        run_server(engine, host, port, ServerConfig(
+            auth=not no_auth, log_interactions=log_interactions, max_body_bytes=max_body_bytes, max_queue=max_queue,
+            max_per_token=max_per_token, drain_timeout_s=drain_timeout))
     finally:
-        engine.close()
+        engine.close(timeout=drain_timeout)
 
 
 @click.group()

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+from concurrent.futures import CancelledError as _CancelledError
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Mapping, Sequence
 
@@ -151,6 +152,7 @@ class EngineStats:
     evictions: int  # slots given to another adapter
     requests: int  # requests finished (generate, submit, stream)
     failed: int  # requests that ended in an error
+    cancelled: int  # submitted requests stopped by Handle.cancel() (e.g. their HTTP client went away)
     prompt_tokens: int
     tokens_generated: int
     batches: int  # forward batches run (generate chunks and worker batches)
@@ -312,7 +314,7 @@ class Engine:
         self._lock = threading.RLock()  # the model and the slots
         self._tokenizer_lock = threading.Lock()  # fast tokenizers are not safe to share across threads
         self._stats_lock = threading.Lock()  # counters and a snapshot of residency: stats() never waits on a batch
-        self._counts = dict(requests=0, failed=0, prompt_tokens=0, tokens_generated=0, batches=0, largest_batch=0)
+        self._counts = dict(requests=0, failed=0, cancelled=0, prompt_tokens=0, tokens_generated=0, batches=0, largest_batch=0)
         self._residency: dict[str, Any] = {}
         self._snapshot_residency()
         self._router = None  # built on the first domain:auto request
@@ -582,6 +584,7 @@ class Engine:
     def submit(self, request: GenerationRequest) -> Handle:
         """Queue a request for the batching worker; bad requests raise here, in the caller's thread."""
         job = self._admit(request)
+        job.handle.add_done_callback(self._count_cancelled)
         self._worker.put(job)
         return job.handle
 
@@ -716,6 +719,11 @@ class Engine:
         )
         with self._stats_lock:
             self._residency = snapshot
+
+    def _count_cancelled(self, handle: Handle) -> None:
+        # Counted wherever the cancel lands: in the queue, before a batch, or at a decode step.
+        if handle.cancelled and isinstance(handle.error, _CancelledError):
+            self._count(cancelled=1)
 
     def _count(self, **increments: int) -> None:
         with self._stats_lock:

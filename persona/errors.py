@@ -91,3 +91,7 @@ class BaseModelUnavailable(PersonaError, FileNotFoundError):
 
 class LockTimeout(PersonaError, TimeoutError):
     """Another writer holds the adapter's lock for longer than the timeout."""
+
+
+class Overloaded(PersonaError, RuntimeError):
+    """A limit on work in flight is reached (the server's queue, or one token's concurrent requests); retry later."""

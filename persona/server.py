@@ -16,22 +16,28 @@ engine, and formats OpenAI-shaped responses and errors.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
+import logging
 import queue
 import threading
 import time
 import uuid
+from concurrent.futures import CancelledError
 from dataclasses import dataclass, replace
 from typing import Any, Iterator, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
+from .admission import AdmissionGate
 from .auth import AuthError, Scope, TokenStore
 from .errors import (
     AdapterNotFound,
@@ -39,6 +45,7 @@ from .errors import (
     InvalidInteractions,
     InvalidReference,
     InvalidResponseFormat,
+    Overloaded,
     PersonaError,
     VersionNotFound,
 )
@@ -47,6 +54,8 @@ from .refs import parse_stack
 
 MAX_TOKENS_LIMIT = 4096
 MAX_N = 16  # choices per request: n rows of the batch
+MAX_BODY_BYTES = 4 << 20  # 4 MiB: far above any prompt the embedded base's context holds (issue 10)
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------- schemas
@@ -138,13 +147,23 @@ class CompletionRequest(_Common):
 
 # ---------------------------------------------------------------------------------------- errors
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str, code: str | None = None, param: str | None = None):
+    def __init__(self, status: int, message: str, type_: str, code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+        self.headers = headers
 
 
-def _error_body(status: int, message: str, type_: str, code: str | None = None, param: str | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": type_, "param": param, "code": code}})
+class _AsciiJSON(JSONResponse):
+    # An error message may quote the client's input, lone surrogates included: escaped, it always encodes.
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def _error_body(status: int, message: str, type_: str, code: str | None = None, param: str | None = None,
+                headers: dict[str, str] | None = None) -> JSONResponse:
+    return _AsciiJSON(status_code=status, content={"error": {"message": message, "type": type_, "param": param, "code": code}},
+                      headers=headers)
 
 
 def _not_found(model: str) -> ApiError:
@@ -157,11 +176,16 @@ class ServerConfig:
     auth: bool = True
     log_interactions: bool = False
     max_tokens_limit: int = MAX_TOKENS_LIMIT
+    max_body_bytes: int = MAX_BODY_BYTES  # a larger body is a 413, refused before it is read
+    max_queue: int = 64  # requests in the engine (running or waiting); one more is a 429 with Retry-After
+    max_per_token: int = 8  # requests in the engine per token (not applied with auth off)
+    retry_after_s: int = 1  # the Retry-After of a 429
+    drain_timeout_s: float = 5.0  # on SIGTERM: how long in-flight requests may finish before they are cancelled
 
 
 def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
     """The ASGI app over an :class:`~persona.engine.Engine` (which holds the store and the base)."""
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 
     config = config or ServerConfig()
     store = engine.store
@@ -173,19 +197,18 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
     tokens_total = Counter("persona_tokens", "Tokens processed", ["kind"], registry=registry)
     latency = Histogram("persona_request_seconds", "Request latency (completion routes)", ["route"], registry=registry,
                         buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120))
-    resident = Gauge("persona_resident_adapters", "Adapters resident in engine slots", registry=registry)
-    loads = Gauge("persona_adapter_loads", "Adapter loads from disk since start", registry=registry)
-    evictions = Gauge("persona_adapter_evictions", "Adapter slot evictions since start", registry=registry)
-    cpu_hits = Gauge("persona_adapter_cpu_hits", "Adapter loads served by the CPU tier", registry=registry)
+    gate = AdmissionGate(config.max_queue, config.max_per_token)
+    app.state.gate = gate
+    registry.register(_EngineCollector(engine, gate))  # engine totals are read at scrape time, as counters
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        requests_total.labels(request.url.path, str(exc.status)).inc()
-        return _error_body(exc.status, exc.message, exc.type, exc.code, exc.param)
+        requests_total.labels(_route_label(request.scope), str(exc.status)).inc()
+        return _error_body(exc.status, exc.message, exc.type, exc.code, exc.param, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        requests_total.labels(request.url.path, "400").inc()
+        requests_total.labels(_route_label(request.scope), "400").inc()
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request body")
@@ -195,7 +218,7 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        requests_total.labels(request.url.path, str(exc.status_code)).inc()
+        requests_total.labels(_route_label(request.scope), str(exc.status_code)).inc()
         return _error_body(exc.status_code, str(exc.detail), "invalid_request_error")
 
     def authorize(request: Request) -> Scope | None:
@@ -306,6 +329,102 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
             raise
         return handles
 
+    # ------------------------------------------------------------------ limits (issue 10)
+    longest_token: list[int] = []  # characters of the vocabulary's longest token, read on first use
+
+    def max_token_chars() -> int:
+        if not longest_token:
+            longest_token.append(max((len(t) for t in engine.tokenizer.get_vocab()), default=1))
+        return longest_token[0]
+
+    def refuse_unencodable(body: _Common) -> None:
+        """A lone surrogate (valid JSON: ``"\\ud800"``) is no text a tokenizer can take: 400 naming where."""
+        where = _lone_surrogate(body.model_dump(exclude_none=True))
+        if where is not None:
+            raise ApiError(400, f"{where} holds a lone UTF-16 surrogate, which is not valid Unicode text: "
+                                "send well-formed UTF-8", "invalid_request_error", "invalid_unicode", where)
+
+    def check_prompt_size(body: _Common, chat: bool) -> None:
+        """Refuse a prompt that cannot fit the context before tokenizing it (issue 10: a 20 MB chat
+        once held the tokenizer for seconds). No token covers more than ``max_token_chars()``
+        characters, so more than ``context x max_token_chars()`` characters is more tokens than fit."""
+        chars = _prompt_chars(body.model_dump(exclude_none=True)["messages"] if chat else body.prompt)
+        if chars > engine.context_length * max_token_chars():
+            raise ApiError(400, f"the prompt has {chars} characters: more than the base's context of "
+                                f"{engine.context_length} tokens can hold", "invalid_request_error",
+                           "context_length_exceeded", "messages" if chat else "prompt")
+
+    limiters: dict[str, Any] = {}
+
+    def limiter(name: str, tokens: int):
+        import anyio
+
+        if name not in limiters:  # made on first use: a limiter belongs to the running event loop
+            limiters[name] = anyio.CapacityLimiter(tokens)
+        return limiters[name]
+
+    async def admit(scope: Scope | None, gen, n: int) -> list:
+        """Take a place in the gate (429 when full), then check the model and tokenize off the event
+        loop (n rows, one per choice); the place is held until the engine ends every row."""
+        import anyio
+
+        try:
+            ticket = gate.admit(scope.token_id if scope is not None else None)
+        except Overloaded as exc:
+            raise ApiError(429, str(exc), "requests", "rate_limit_exceeded",
+                           headers={"Retry-After": str(config.retry_after_s)}) from None
+        submitted: list = []
+
+        def work():
+            check(gen.model, scope)
+            submitted.extend(submit_choices(gen, n))
+            return list(submitted)
+
+        try:
+            handles = await anyio.to_thread.run_sync(work, limiter=limiter("admission", 4))
+        except BaseException:
+            if submitted:  # cancelled while the thread ran: the request is in the engine, stop it there
+                ticket.watch(*submitted)
+                for handle in submitted:
+                    handle.cancel()
+            else:
+                ticket.release()
+            raise
+        ticket.watch(*handles)
+        return handles
+
+    async def stream_unless_gone(request: Request, handles, chunks: Iterator[str], route: str, started: float):
+        """``chunks`` (a blocking iterator) as an async stream that cancels the request when the client
+        goes away, the server stops it, or it breaks (an error event then ends the stream)."""
+        import anyio
+
+        status = "499"  # nginx's "client closed request", unless the stream ends otherwise
+
+        gone = asyncio.ensure_future(_client_gone(request.receive))
+        gone.add_done_callback(lambda task: task.cancelled() or [h.cancel() for h in handles])
+        try:
+            while True:
+                # abandon_on_cancel: a cancelled stream returns at once, not after the engine's next token
+                piece = await anyio.to_thread.run_sync(next, chunks, _END, abandon_on_cancel=True,
+                                                       limiter=limiter("streams", config.max_queue + 8))
+                if piece is _END:
+                    return
+                yield piece
+        except Exception as exc:  # noqa: BLE001 - the status line is sent: the error goes in the stream
+            if isinstance(exc, CancelledError):  # cancelled in the engine: the server is stopping
+                status, error = "503", {"message": "the server is stopping; the request was cancelled",
+                                        "code": "server_stopping"}
+            else:
+                log.exception("a streaming response failed")
+                status, error = "500", {"message": "internal server error (logged by the server)",
+                                        "code": "internal_error"}
+            yield "data: " + json.dumps({"error": {**error, "type": "server_error", "param": None}}) + "\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            gone.cancel()
+            if any([h.cancel() for h in handles]) or status != "499":  # a list: cancel every choice
+                record(route, status, started)
+
     def log_chat(model: str, messages: list[dict[str, str]], answer: str) -> None:
         if not config.log_interactions or not answer.strip():
             return
@@ -328,12 +447,13 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
         started = time.perf_counter()
         scope = authorize(request)
         refuse_unsupported(body, "chat" if chat else "completions")
-        check(body.model, scope)
+        refuse_unencodable(body)
         params = sampling(body)
+        check_prompt_size(body, chat)
         messages = [m.for_engine() for m in body.messages] if chat else None
         gen = GenerationRequest(model=body.model, prompt=None if chat else body.prompt,
                                 messages=tuple(messages) if chat else None, params=params)
-        handles = submit_choices(gen, body.n)
+        handles = await admit(scope, gen, body.n)
         if chat:  # the interaction log keeps OpenAI's plain form: developer as system, no names
             messages = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
                         for m in messages]
@@ -342,11 +462,19 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                _sse(handles, rid, created, body.model, chat, route, started, messages, usage),
+                stream_unless_gone(request, handles,
+                                   _sse(handles, rid, created, body.model, chat, route, started, messages, usage),
+                                   route, started),
                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
             )
         try:
-            results = await run_in_threadpool(lambda: [h.result() for h in handles])
+            results = await _results_unless_gone(request, handles)
+        except _ClientGone:
+            record(route, "499", started)  # nginx's "client closed request": nobody reads this answer
+            return Response(status_code=499)
+        except CancelledError:
+            raise ApiError(503, "the server is stopping; the request was cancelled", "server_error", "server_stopping",
+                           headers={"Retry-After": str(config.retry_after_s)}) from None
         except PersonaError as exc:
             for handle in handles:
                 handle.cancel()
@@ -431,11 +559,6 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
     @app.get("/metrics")
     async def metrics(request: Request):
         authorize(request)
-        stats = engine.stats()
-        resident.set(len(stats.resident))
-        loads.set(stats.loads)
-        evictions.set(stats.evictions)
-        cpu_hits.set(stats.cpu_hits)
         return PlainTextResponse(generate_latest(registry).decode(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
@@ -480,18 +603,32 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request):
         return await complete("/v1/completions", body, request, chat=False)
 
-    @app.middleware("http")
-    async def _auth_first(request: Request, call_next):
-        # Authentication comes before body validation: without a valid token every route but
-        # /healthz answers 401, whatever the body.
-        if config.auth and request.url.path != "/healthz":
+    def refuse_early(scope) -> ApiError | None:
+        """What the guard answers before the route runs: 401 (authentication comes before body
+        validation: without a valid token every route but /healthz answers 401, whatever the body),
+        then 413 for a declared body over the cap."""
+        if config.auth and scope["path"] != "/healthz":
             try:
-                authorize(request)
+                authorize(Request(scope))
             except ApiError as exc:
-                requests_total.labels(request.url.path, "401").inc()
-                return _error_body(exc.status, exc.message, exc.type, exc.code)
-        return await call_next(request)
+                return exc
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isdigit() and (len(declared) > 18 or int(declared) > config.max_body_bytes):
+            return _too_large(config.max_body_bytes)
+        return None
 
+    def count(scope, status: int) -> None:
+        requests_total.labels(_route_label(scope), str(status)).inc()
+
+    app.add_middleware(_Guard, refuse_early=refuse_early, count=count, max_body_bytes=config.max_body_bytes)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        # After uvicorn's graceful drain (--drain-timeout): whatever is still in the engine stops at its next step.
+        gate.cancel_all()
+
+    app.router.lifespan_context = lifespan
     return app
 
 
@@ -549,8 +686,215 @@ def _merged(handles) -> Iterator[tuple[int, Any]]:
             handle.cancel()
 
 
-def serve(engine, host: str = "127.0.0.1", port: int = 8000, config: ServerConfig | None = None) -> None:
-    """Run the server until interrupted (uvicorn, one process; the engine batches across requests)."""
+# ---------------------------------------------------------------------------------------- guard
+_END = object()
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+def _route_label(scope) -> str:
+    """The route template a request matched (``/v1/models``), or ``unmatched``: metrics labels stay
+    a fixed set, whatever paths clients send (issue 10: 20,000 random paths grew /metrics to 425 MB)."""
+    app = scope.get("app")
+    for route in getattr(getattr(app, "router", None), "routes", ()):
+        match, _ = route.matches(scope)
+        if match != Match.NONE:
+            return getattr(route, "path", "unmatched")
+    return "unmatched"
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the request body is larger than this server's limit of {limit} bytes (--max-body-bytes)",
+                    "invalid_request_error", "request_too_large")
+
+
+def _lone_surrogate(value: Any, where: str = "") -> str | None:
+    """The dotted path of the first string holding a lone surrogate (``messages.0.content``), else None."""
+    if isinstance(value, str):
+        return (where or "body") if _has_lone_surrogate(value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _lone_surrogate(item, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    if text.isascii():  # the common case, answered without reading the string again
+        return False
+    try:
+        text.encode("utf-8")  # C speed; a regex over a 4 MB body held the event loop for 120 ms
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _prompt_chars(value: Any, key: str = "content") -> int:
+    """Characters of what a prompt renders: a completion's prompt, or every message's ``content``
+    (a string, or text parts)."""
+    if isinstance(value, str):
+        return len(value) if key in ("content", "text") else 0
+    if isinstance(value, dict):
+        return sum(_prompt_chars(v, k) for k, v in value.items())
+    if isinstance(value, list):
+        return sum(_prompt_chars(v, key) for v in value)
+    return 0
+
+
+async def _client_gone(receive) -> None:
+    """Return when the client disconnects (the body has been read: the next message is the disconnect)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _wake(loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
+    try:
+        loop.call_soon_threadsafe(lambda: future.done() or future.set_result(None))
+    except RuntimeError:  # the loop has closed: nobody waits for this request any more
+        pass
+
+
+async def _results_unless_gone(request: Request, handles) -> list:
+    """The handles' results, awaited without holding a thread; if the client disconnects first (or
+    this task is cancelled, as when the server stops), the requests are cancelled in the engine."""
+    loop = asyncio.get_running_loop()
+    finished = loop.create_future()
+    left, lock = [len(handles)], threading.Lock()
+
+    def one_done(_handle) -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            _wake(loop, finished)
+
+    for handle in handles:
+        handle.add_done_callback(one_done)
+    gone = asyncio.ensure_future(_client_gone(request.receive))
+    try:
+        await asyncio.wait({finished, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        for handle in handles:
+            if not handle.done():
+                handle.cancel()  # its row stops at the next decode step
+    if not finished.done() and not all(h.done() for h in handles):
+        raise _ClientGone()
+    return [h.result(timeout=0) for h in handles]
+
+
+class _EngineCollector:
+    """Engine totals as Prometheus counters (monotonic since start), residency and load as gauges."""
+
+    def __init__(self, engine, gate: AdmissionGate):
+        self.engine, self.gate = engine, gate
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        stats = self.engine.stats()
+        yield GaugeMetricFamily("persona_resident_adapters", "Adapters resident in engine slots", value=len(stats.resident))
+        yield GaugeMetricFamily("persona_requests_in_flight", "Requests admitted to the engine and not finished",
+                                value=self.gate.in_flight)
+        yield CounterMetricFamily("persona_adapter_loads", "Adapter loads from disk since start", value=stats.loads)
+        yield CounterMetricFamily("persona_adapter_evictions", "Adapter slot evictions since start", value=stats.evictions)
+        yield CounterMetricFamily("persona_adapter_cpu_hits", "Adapter loads served by the CPU tier", value=stats.cpu_hits)
+        yield CounterMetricFamily("persona_requests_cancelled", "Requests cancelled in the engine (client gone, shutdown)",
+                                  value=stats.cancelled)
+
+
+class _Guard:
+    """Pure ASGI middleware in front of every route: 401 before anything else, the body-size cap,
+    and one OpenAI-shaped JSON 500 for any unhandled error (logged here with its traceback).
+
+    Not ``BaseHTTPMiddleware``: that would stand between the routes and the client's disconnect
+    and re-buffer streamed responses.
+    """
+
+    def __init__(self, app, *, refuse_early, count, max_body_bytes: int):
+        self.app, self.refuse_early, self.count, self.max_body_bytes = app, refuse_early, count, max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked_send(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            refused = self.refuse_early(scope)
+            if refused is not None:
+                return await self._answer(scope, receive, send, refused)
+            if "content-length" not in Headers(scope=scope) and scope["method"] in ("POST", "PUT", "PATCH"):
+                replay = await self._buffer_chunked(receive)  # no declared length: count it as it comes
+                if replay is None:
+                    return await self._answer(scope, receive, send, _too_large(self.max_body_bytes))
+                receive = replay
+            await self.app(scope, receive, tracked_send)
+        except Exception:  # noqa: BLE001 - whatever escaped every handler: logged here, never sent to the client
+            log.exception("unhandled error on %s %s", scope["method"], _route_label(scope))
+            if started:  # the status line is out: end the body cleanly rather than reset the connection
+                try:
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                except Exception:  # noqa: BLE001 - the client may be gone
+                    pass
+                return
+            await self._answer(scope, receive, send, ApiError(
+                500, "internal server error (logged by the server)", "server_error", "internal_error"))
+
+    async def _buffer_chunked(self, receive):
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_body_bytes:
+                return None
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replaying_receive():
+            return replay.pop() if replay else await receive()
+
+        return replaying_receive
+
+    async def _answer(self, scope, receive, send, error: ApiError) -> None:
+        self.count(scope, error.status)
+        response = _error_body(error.status, error.message, error.type, error.code, error.param, error.headers)
+        await response(scope, receive, send)
+
+
+def make_server(engine, host: str = "127.0.0.1", port: int = 8000, config: ServerConfig | None = None,
+                log_level: str = "info"):
+    """A ``uvicorn.Server`` for the app; on SIGTERM/SIGINT it stops taking connections, lets in-flight
+    requests finish for ``config.drain_timeout_s`` seconds, then cancels them (their engine rows stop
+    at the next decode step) and exits."""
     import uvicorn
 
-    uvicorn.run(create_app(engine, config), host=host, port=port, log_level="info")
+    class DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            # At the deadline the engine rows stop, so every response still ends well-formed (a 503, or
+            # an error event and [DONE]); uvicorn's own timeout, a little later, is the backstop.
+            deadline = asyncio.get_running_loop().call_later(config.drain_timeout_s, app.state.gate.cancel_all)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                deadline.cancel()
+
+    config = config or ServerConfig()
+    app = create_app(engine, config)
+    return DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                         timeout_graceful_shutdown=config.drain_timeout_s + 2))
+
+
+def serve(engine, host: str = "127.0.0.1", port: int = 8000, config: ServerConfig | None = None) -> None:
+    """Run the server until interrupted (uvicorn, one process; the engine batches across requests)."""
+    make_server(engine, host, port, config).run()
