@@ -473,3 +473,11 @@ def test_admission_gate_holds_a_place_until_the_request_ends():
     assert gate.in_flight == 2
     gate.admit("bob").release()
     assert gate.cancel_all() == 2 and all(h.cancelled for h in handles[1:])
+
+
+def test_n_choices_hold_one_place_until_every_choice_ends(world):
+    with running(world, max_per_token=1) as srv:
+        response = httpx.post(srv["url"] + "/v1/chat/completions", headers=auth(world), timeout=WAIT,
+                              json={**CHAT, "model": "user:alice", "n": 3})
+        wait_until(lambda: srv["app"].state.gate.in_flight == 0, "the request to leave the gate")
+    assert response.status_code == 200 and len(response.json()["choices"]) == 3
