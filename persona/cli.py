@@ -204,6 +204,8 @@ def show(ref, store_root, as_json) -> None:
       persona show user:alice@v2 --json
       persona show user:alice@candidate
     """
+    from .supersede import metrics_summary as superseded_summary
+
     store, parsed = _open(store_root), parse_ref(ref)
     info = store.show(parsed)
     if parsed.version is not None or parsed.alias is not None:  # user:alice@v9 is an error, not all of alice
@@ -230,6 +232,9 @@ def show(ref, store_root, as_json) -> None:
         if isinstance(m.get("gate"), dict):
             verdict = "promoted" if m["gate"].get("promoted") else "kept as candidate"
             click.echo(f"      gate: {verdict}: {m['gate'].get('reason')}")
+        superseded = superseded_summary(m)
+        if superseded:
+            click.echo(f"      {superseded}")
         for parent_entry in v.lineage:
             click.echo(f"      lineage: {parent_entry.get('relation', 'parent')} {parent_entry.get('adapter')}@v{parent_entry.get('version')}")
 
@@ -372,10 +377,17 @@ def _install_sigterm() -> None:
               help="Training compute: auto is bf16 autocast where the hardware has native bf16 (AVX512-BF16/AMX CPUs, "
                    "CUDA), else fp32. Weights, evaluation and serving stay fp32.")
 @click.option("--force", is_flag=True, help="Make the new version current whatever the gate says.")
+@click.option("--supersede/--no-supersede", default=True, show_default=True,
+              help="Leave replay rows that the new data revises (same question, different answer) out of replay and the gate.")
+@click.option("--supersede-threshold", type=click.FloatRange(-1, 1), default=None,
+              help="Question score from which a revised row counts as the same question (default: see docs/TRAINING.md).")
+@click.option("--replay-recency", type=click.FloatRange(1, 1000), default=1.0, show_default=True,
+              help="Sampling weight of the newest replay row over the oldest (1: uniform).")
 @store_option
 @json_option
 def update(ref, data_file, all_, epochs, max_steps, lr, batch_size, seed, holdout, replay, reg, reg_strength,
-           max_forgetting, max_length, precision, force, store_root, as_json) -> None:
+           max_forgetting, max_length, precision, force, supersede, supersede_threshold, replay_recency,
+           store_root, as_json) -> None:
     """Train REF's current version on new interactions and publish the next version.
 
     \b
@@ -400,6 +412,8 @@ def update(ref, data_file, all_, epochs, max_steps, lr, batch_size, seed, holdou
         epochs=epochs, max_steps=max_steps, learning_rate=lr, batch_size=batch_size, seed=seed,
         holdout_fraction=holdout, replay_fraction=replay, reg=reg, reg_strength=reg_strength,
         max_forgetting=max_forgetting, max_length=max_length, precision=precision, force=force,
+        supersede=supersede, replay_recency=replay_recency,
+        **({"supersede_threshold": supersede_threshold} if supersede_threshold is not None else {}),
     )
     store = _open(store_root)
     parsed = parse_ref(ref) if ref else None

@@ -26,6 +26,9 @@ Decisions:
   ``system``, ``user``, ``assistant``; ``system`` anywhere but first; a chat without an assistant
   turn; a message key other than ``role`` and ``content`` (so ``name``, ``weight``, tool calls are
   refused rather than silently ignored); a file with no interactions.
+- One optional key beside any format: ``"supersedes": "TEXT"`` (a non-empty string) marks the line
+  as a correction: older replay rows whose text contains TEXT stop being replayed or counted by the
+  gate (see :mod:`persona.supersede`).
 - Accepted: blank lines (skipped, but still counted for line numbers); a UTF-8 byte-order mark at
   the start; chats whose turns do not alternate (``user, user, assistant``) or that end on a user
   turn. Every role is valid, and alternation is the chat template's business: a template that
@@ -91,7 +94,7 @@ IGNORE_INDEX = -100
 
 ROLES = ("system", "user", "assistant")
 _FORMATS = 'one of {"messages": [...]}, {"prompt": ..., "completion": ...}, {"text": ...}'
-_ALLOWED_KEYS = ("completion", "messages", "prompt", "text")
+_ALLOWED_KEYS = ("completion", "messages", "prompt", "supersedes", "text")
 _MESSAGE_KEYS = ("content", "role")
 _FORMAT_OF_KEY = {
     "messages": "messages",
@@ -137,6 +140,7 @@ class Interaction:
     prompt: str | None = None
     completion: str | None = None
     text: str | None = None
+    supersedes: str | None = None  # a correction: older rows containing this text are superseded
     source: str = field(default="<input>", compare=False)
     line: int = field(default=1, compare=False)
 
@@ -157,11 +161,12 @@ class Interaction:
 
     def to_json(self) -> dict[str, Any]:
         """The interaction in the JSON format it was given in."""
+        marker = {"supersedes": self.supersedes} if self.supersedes is not None else {}
         if self.messages is not None:
-            return {"messages": [{"role": r, "content": c} for r, c in self.messages]}
+            return {"messages": [{"role": r, "content": c} for r, c in self.messages], **marker}
         if self.prompt is not None:
-            return {"prompt": self.prompt, "completion": self.completion}
-        return {"text": self.text}
+            return {"prompt": self.prompt, "completion": self.completion, **marker}
+        return {"text": self.text, **marker}
 
     @classmethod
     def from_json(cls, obj: Any, source: str = "<input>", line: int = 1) -> Interaction:
@@ -224,7 +229,10 @@ def _fields_from_json(obj: Any) -> dict[str, Any]:
     if unknown:
         names = ", ".join(repr(k) for k in unknown)
         raise _LineError(f"unknown key{'s' if len(unknown) > 1 else ''} {names} (allowed: {', '.join(_ALLOWED_KEYS)})")
-    formats = sorted({_FORMAT_OF_KEY[k] for k in obj})
+    marker = {"supersedes": _string(obj["supersedes"], "'supersedes'")} if "supersedes" in obj else {}
+    formats = sorted({_FORMAT_OF_KEY[k] for k in obj if k in _FORMAT_OF_KEY})
+    if not formats:
+        raise _LineError(f"'supersedes' marks an interaction: give it beside {_FORMATS}")
     if len(formats) > 1:
         raise _LineError(f"mixes formats {' and '.join(formats)} in one object: use {_FORMATS}")
     if "messages" in obj:
@@ -247,13 +255,14 @@ def _fields_from_json(obj: Any) -> dict[str, Any]:
             messages.append(
                 (_string(m["role"], f"messages[{n}].role"), _string(m["content"], f"messages[{n}].content"))
             )
-        return {"messages": tuple(messages)}
+        return {"messages": tuple(messages), **marker}
     if "prompt" in obj or "completion" in obj:
         for key, partner in (("prompt", "completion"), ("completion", "prompt")):
             if key not in obj:
                 raise _LineError(f"'{partner}' needs '{key}' beside it")
-        return {"prompt": _string(obj["prompt"], "'prompt'"), "completion": _string(obj["completion"], "'completion'")}
-    return {"text": _string(obj["text"], "'text'")}
+        return {"prompt": _string(obj["prompt"], "'prompt'"), "completion": _string(obj["completion"], "'completion'"),
+                **marker}
+    return {"text": _string(obj["text"], "'text'"), **marker}
 
 
 def _check_text(value: str, where: str) -> None:
@@ -273,6 +282,8 @@ def _check_interaction(i: Interaction) -> None:
     given = [name for name in ("messages", "prompt", "completion", "text") if getattr(i, name) is not None]
     if not given:
         raise _LineError(f"no content: expected {_FORMATS}")
+    if i.supersedes is not None and (not isinstance(i.supersedes, str) or not i.supersedes.strip()):
+        raise _LineError("'supersedes' must be a non-empty string (text of the older rows it replaces)")
     if (i.messages is not None or i.text is not None) and len(given) > 1:
         raise _LineError(f"mixes formats ({', '.join(given)}): use {_FORMATS}")
     if i.messages is not None:

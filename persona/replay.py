@@ -1,7 +1,7 @@
 """Per-adapter replay buffer (rehearsal against forgetting) and pending-interaction queue.
 
 The replay buffer is a reservoir sample (Vitter's algorithm R) of every interaction an adapter has
-been trained on: bounded in size, each past interaction equally likely to be kept. It lives beside
+been trained on: bounded in size, each past interaction equally likely to be kept, oldest first. It lives beside
 the adapter's versions (``replay.jsonl`` plus ``replay.state.json`` holding how many interactions
 the reservoir has seen) and is only ever read for that adapter. Both files are rewritten atomically.
 
@@ -59,7 +59,10 @@ class ReplayBuffer:
             else:
                 j = rng.randrange(seen)
                 if j < capacity:
-                    items[j] = interaction
+                    # The newcomer goes last, not into slot j: the buffer stays oldest-first, which
+                    # recency-weighted replay (UpdateConfig.replay_recency) reads as age.
+                    del items[j]
+                    items.append(interaction)
         return ReplayBuffer(tuple(items[:capacity]), seen)
 
     def write(self, folder: Path) -> None:

@@ -45,6 +45,7 @@ from typing import Any, Iterable, Mapping, Sequence, Union
 
 import torch
 
+from .embed import EMBEDDING_ID, embed_texts
 from .errors import AdapterNotFound, InvalidConfig, InvalidName, PersonaError, VersionNotFound
 from .fsutil import TMP_PREFIX, atomic_write_bytes
 from .layers import AdapterLinear, AdapterWeights
@@ -54,7 +55,6 @@ from .store import REFS, Store
 
 ROUTE_METHODS = ("centroid", "arrow")
 CACHE_DIR = Path(".cache") / "router"
-_EMBEDDING = "decoder-last-hidden/mean-skip-first/v1"  # bump when the embedding changes: old caches miss
 _EPS = 1e-6
 
 Prompt = Union[str, Sequence[Mapping[str, str]], Sequence[Sequence[str]], Any]
@@ -265,7 +265,7 @@ class Router:
             "version": str(version),
             "replay_sha256": hashlib.sha256(replay_bytes).hexdigest(),
             "base_fingerprint": self.store.config.base_fingerprint,
-            "embedding": _EMBEDDING,
+            "embedding": EMBEDDING_ID,
             "max_tokens": str(self.max_tokens),
         }
         path = self._cache_path(domain)
@@ -316,23 +316,9 @@ class Router:
         query = torch.nn.functional.normalize((prompt - centre) / spread, dim=0)
         return (protos @ query).tolist()
 
-    @torch.inference_mode()
     def _embed(self, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
         """Mean-pooled last hidden state of the base decoder, first token left out, one row a text."""
-        device = next(self.model.parameters()).device
-        decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        rows = []
-        for start in range(0, len(texts), batch_size):
-            ids = [self.tokenizer(t, add_special_tokens=False).input_ids[-self.max_tokens:] for t in texts[start:start + batch_size]]
-            width = max(len(i) for i in ids)
-            input_ids = torch.tensor([i + [pad] * (width - len(i)) for i in ids], device=device)
-            mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids], device=device)
-            hidden = decoder(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()
-            pool = mask.clone().float()
-            pool[:, 0] = torch.where(mask.sum(1) > 1, 0.0, 1.0)  # skip the sink unless it is all there is
-            rows.append((hidden * pool.unsqueeze(-1)).sum(1) / pool.sum(1, keepdim=True))
-        return torch.cat(rows).cpu()
+        return embed_texts(self.model, self.tokenizer, texts, max_tokens=self.max_tokens, batch_size=batch_size)
 
     # ------------------------------------------------------------------ arrow
     def _prototypes(self, domain: str, version: int) -> dict[str, torch.Tensor]:

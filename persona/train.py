@@ -46,6 +46,7 @@ from .refs import CANDIDATE, CURRENT, AdapterRef, parse_ref
 from . import pending as pending_queue
 from .replay import ReplayBuffer
 from .store import Store, VersionInfo
+from .supersede import SUPERSEDE_THRESHOLD, Supersession, SupersessionDetector, sample_replay
 
 FISHER_FILE = "fisher.safetensors"
 
@@ -67,6 +68,12 @@ class UpdateConfig:
     reg: Literal["none", "l2", "ewc"] = field(default="none", metadata={"help": "Pull toward the parent version."})
     reg_strength: float = field(default=0.1, metadata={"help": "Weight of the pull (Fisher normalized to mean 1 for ewc)."})
     max_forgetting: float = field(default=0.05, metadata={"help": "Allowed relative rise of the replay loss."})
+    supersede: bool = field(default=True, metadata={
+        "help": "Leave replay rows that the new data revises out of replay and the gate (persona.supersede)."})
+    supersede_threshold: float = field(default=SUPERSEDE_THRESHOLD, metadata={
+        "help": "Question score from which an older row with a different answer counts as revised."})
+    replay_recency: float = field(default=1.0, metadata={
+        "help": "Sampling weight of the newest replay row over the oldest (1: uniform)."})
     force: bool = field(default=False, metadata={"help": "Promote to current whatever the gate says."})
     grad_clip: float = field(default=1.0, metadata={"help": "Max gradient norm."})
     fisher_samples: int = field(default=32, metadata={"help": "Examples used for the EWC Fisher estimate."})
@@ -90,6 +97,11 @@ class UpdateConfig:
         need(self.reg in ("none", "l2", "ewc"), f"reg must be none, l2 or ewc, got {self.reg!r}")
         need(self.reg_strength >= 0, "reg_strength must be >= 0")
         need(self.max_forgetting >= 0, "max_forgetting must be >= 0")
+        need(isinstance(self.supersede, bool), f"supersede must be true or false, got {self.supersede!r}")
+        need(isinstance(self.supersede_threshold, (int, float)) and -1 <= self.supersede_threshold <= 1,
+             f"supersede_threshold must be in [-1, 1], got {self.supersede_threshold!r}")
+        need(isinstance(self.replay_recency, (int, float)) and 1 <= self.replay_recency <= 1000,
+             f"replay_recency must be in [1, 1000], got {self.replay_recency!r}")
         need(self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16, got {self.precision!r}")
 
     @classmethod
@@ -325,7 +337,9 @@ class Trainer:
         if not train_set.examples:
             raise InvalidInteractions("after truncation no example has a token to train on; raise max_length")
         replay = ReplayBuffer.read(folder)
-        replay_set = self.tokenize(list(replay.items), config.max_length) if replay.items else None
+        # Rows the new data revises are neither replayed nor counted as forgetting (issue 11).
+        supersession = self._supersession(replay.items, interactions, config)
+        replay_set = self.tokenize(list(supersession.kept), config.max_length) if supersession.kept else None
         replay_examples = list(replay_set.examples) if replay_set else []
         # The gate judges forgetting on a fixed seeded sample of the buffer: the buffer grows with
         # every update, and evaluating all of it twice would soon cost more than the training.
@@ -349,6 +363,8 @@ class Trainer:
         held_after, held_tokens = self.loss(held_set.examples, new_weights, below=below)
         replay_after, replay_tokens = self.loss(gate_replay, new_weights, below=below)
         promoted, reason = self._gate(held_before, held_after, replay_before, replay_after, config)
+        if supersession.count:
+            reason += f"; {supersession.count} superseded replay row(s) left out of replay and the forgetting check"
 
         extra = {}
         if config.reg == "ewc":
@@ -372,8 +388,11 @@ class Trainer:
             "dropped": train_set.dropped + held_set.dropped,
             "seconds": round(time.perf_counter() - started, 3),
             "gate": {"promoted": promoted, "reason": reason, "forced": config.force},
+            "superseded": supersession.to_metrics(),
         }
         metrics = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+        if supersession.count and promoted:
+            replay = ReplayBuffer(supersession.kept, replay.seen)  # the revised rows leave the buffer
         version = self.store.publish_version(
             ref,
             new_weights.to_peft(),
@@ -387,7 +406,7 @@ class Trainer:
             settings=None,
             pending=pending,
         )
-        if promoted and config.replay_capacity:
+        if promoted and (config.replay_capacity or supersession.count):
             # Only data a current version learned joins the reservoir; a rejected candidate's does not.
             with self.store.lock(ref):
                 replay.offer(interactions, config.replay_capacity, config.seed).write(folder)
@@ -409,6 +428,14 @@ class Trainer:
         if config.force and not verdict:
             return True, f"forced: {reason}"
         return verdict, reason
+
+    def _supersession(self, replay_items, interactions, config: UpdateConfig) -> Supersession:
+        if not config.supersede or not replay_items:
+            return Supersession.none(replay_items, config.supersede_threshold)
+        detector = getattr(self, "_detector", None)
+        if detector is None or detector.threshold != config.supersede_threshold:
+            detector = self._detector = SupersessionDetector(self.model, self.tokenizer, config.supersede_threshold)
+        return detector.detect(replay_items, interactions)
 
     def _layers_below(self, info: VersionInfo) -> list[AdapterWeights]:
         """The pinned adapter a layered adapter sits on (empty for a plain one)."""
@@ -446,7 +473,7 @@ class Trainer:
                             break
                         rows = [train_set.examples[i] for i in indices]
                         if n_replay:
-                            rows += rng.sample(replay_examples, min(n_replay, len(replay_examples)))
+                            rows += sample_replay(rng, replay_examples, n_replay, config.replay_recency)
                         batch = collate(rows, self.pad_id)
                         with _autocast(precision, device):
                             loss_sum, n = _loss_sum(self.model, batch)

@@ -1,0 +1,45 @@
+"""Prompt embeddings from the frozen base: what the router and supersession detection compare.
+
+A text's embedding is the base decoder's last hidden state, mean-pooled over the text's tokens,
+the first token left out (it is the attention sink: a huge norm that says nothing about content),
+unless it is the only token. No LM head, no adapter: one base forward per batch of texts.
+
+>>> embed_texts(base.model, base.tokenizer, ["Where do I live?"]).shape   # doctest: +SKIP
+torch.Size([1, 576])
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+__all__ = ["EMBEDDING_ID", "embed_texts"]
+
+EMBEDDING_ID = "decoder-last-hidden/mean-skip-first/v1"  # bump when the embedding changes: caches keyed on it miss
+
+
+@torch.inference_mode()
+def embed_texts(model: Any, tokenizer: Any, texts: Sequence[str], *, max_tokens: int = 256,
+                batch_size: int = 16) -> torch.Tensor:
+    """One float32 row per text (on the CPU): the mean-pooled last hidden state, sink left out.
+
+    ``model`` must run as the base alone (no adapter active); texts keep their last ``max_tokens``
+    tokens.
+    """
+    if not texts:
+        return torch.zeros(0, 0)
+    device = next(model.parameters()).device
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows = []
+    for start in range(0, len(texts), batch_size):
+        ids = [tokenizer(t, add_special_tokens=False).input_ids[-max_tokens:] or [pad] for t in texts[start:start + batch_size]]
+        width = max(len(i) for i in ids)
+        input_ids = torch.tensor([i + [pad] * (width - len(i)) for i in ids], device=device)
+        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids], device=device)
+        hidden = decoder(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()
+        pool = mask.clone().float()
+        pool[:, 0] = torch.where(mask.sum(1) > 1, 0.0, 1.0)  # skip the sink unless it is all there is
+        rows.append((hidden * pool.unsqueeze(-1)).sum(1) / pool.sum(1, keepdim=True))
+    return torch.cat(rows).cpu()
