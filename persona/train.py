@@ -9,7 +9,9 @@
    new rows getting rows from the adapter's replay buffer on top (rehearsal) and, with
    ``reg="l2"`` or ``"ewc"`` (off by default), a penalty pulling the factors toward the parent
    version (EWC weighs it by a diagonal Fisher stored beside the parent);
-5. evaluates parent and new weights on the held-out slice and on a seeded sample of the replay buffer;
+5. evaluates parent and new weights on the held-out slice and on a seeded sample of the replay buffer
+   (replay rows that the new data revises, found by :mod:`persona.supersede`, are neither replayed
+   nor evaluated, and leave the buffer when the version is promoted);
 6. publishes a new version; the gate makes it ``current`` only if it is better on the new data and
    its replay loss rose by at most ``max_forgetting`` (relative), else it stays ``candidate``, with
    the reason recorded in ``meta.json``. ``force=True`` promotes anyway.
