@@ -116,7 +116,7 @@ BAD_LINES = [
     pytest.param(b"{}", "empty object", id="empty-object"),
     pytest.param(
         b'{"text": "a", "lang": "en"}',
-        "unknown key 'lang' (allowed: completion, messages, prompt, text)",
+        "unknown key 'lang' (allowed: completion, messages, prompt, supersedes, text)",
         id="unknown-key",
     ),
     pytest.param(b'{"text": "a", "text": "b"}', "duplicate key 'text'", id="duplicate-key"),
