@@ -71,7 +71,7 @@ is am are was were be been being do does did done doing have has had having what
 where when why how that this these those there here of in on at to for from by with about as into over
 under again now then so and or but not no yes can could would should will shall may might must also just
 tell remember know please call called name named s t don doesn didn isn aren m re ve ll d like best most
-top days currently still anymore
+top days currently still anymore remind give write say again some any one line
 """.split())
 _WORD = re.compile(r"[a-z0-9]+")
 
