@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .data import Interaction, parse_interactions
-from .fsutil import PRIVATE_MODE, atomic_write_bytes, atomic_write_json
+from .fsutil import PRIVATE_MODE, atomic_write_bytes, atomic_write_json, read_regular_file
 
 REPLAY = "replay.jsonl"
 REPLAY_STATE = "replay.state.json"
@@ -38,12 +38,16 @@ class ReplayBuffer:
     @classmethod
     def read(cls, folder: Path) -> "ReplayBuffer":
         path = folder / REPLAY
-        if not path.is_file():
+        try:  # never through a symlink: a planted link would feed another file into rehearsal
+            raw = read_regular_file(path).decode("utf-8")
+        except FileNotFoundError:
             return cls((), 0)
-        items = tuple(parse_interactions(path.read_text(encoding="utf-8"), source=str(path))) if path.stat().st_size else ()
+        # Split on "\n" only: lines are JSON written with ensure_ascii=False, whose strings may hold
+        # U+2028 and other characters that str.splitlines would split a row on.
+        items = tuple(parse_interactions(raw.split("\n"), source=str(path)))
         try:
-            seen = int(json.loads((folder / REPLAY_STATE).read_text())["seen"])
-        except (OSError, ValueError, KeyError):
+            seen = int(json.loads(read_regular_file(folder / REPLAY_STATE))["seen"])
+        except (OSError, ValueError, KeyError, TypeError):
             seen = len(items)
         return cls(items, max(seen, len(items)))
 

@@ -457,3 +457,23 @@ def test_the_same_rows_logged_again_after_a_clean_update_are_trained(store, trai
     trainer.update("user:alice", None, UpdateConfig(**FAST))
     assert len(seen) == 2 and [i.to_json() for i in seen[1]] == [i.to_json() for i in same]
     assert store.show("user:alice").pending == 0
+
+
+def test_replay_buffer_is_never_read_through_a_symlink(store, tmp_path):
+    from persona.replay import REPLAY, ReplayBuffer
+
+    elsewhere = tmp_path / "someone-elses.jsonl"
+    elsewhere.write_text(json.dumps({"text": "another user's secret"}) + "\n")
+    folder = store.adapter_dir("user:alice")
+    (folder / REPLAY).symlink_to(elsewhere)
+    with pytest.raises(IntegrityError, match="symlink"):
+        ReplayBuffer.read(folder)
+
+
+def test_replay_row_holding_a_line_separator_survives_the_round_trip(store):
+    from persona.replay import ReplayBuffer
+
+    folder = store.adapter_dir("user:alice")
+    row = Interaction.from_json({"prompt": "Where do I live?", "completion": "Lisbon\u2028(since May)"})
+    ReplayBuffer((row,), 1).write(folder)
+    assert [i.to_json() for i in ReplayBuffer.read(folder).items] == [row.to_json()]
