@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
+from .batching import when_all_done
 from .errors import InvalidConfig, Overloaded
 
 if TYPE_CHECKING:
@@ -33,17 +34,7 @@ class Ticket:
     def watch(self, *handles: "Handle") -> None:
         """Release this ticket when every one of ``handles`` (a request's choices) has finished or failed."""
         self.handles = handles
-        left, lock = [len(handles)], threading.Lock()
-
-        def one_done(_handle) -> None:
-            with lock:
-                left[0] -= 1
-                last = left[0] == 0
-            if last:
-                self.release()
-
-        for handle in handles:
-            handle.add_done_callback(one_done)
+        when_all_done(handles, self.release)
 
     def release(self) -> None:
         self._gate._release(self)

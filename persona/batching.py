@@ -253,3 +253,19 @@ class BatchWorker:
                 for job in live:
                     job.handle.fail(RuntimeError("internal error: the engine left this request unfinished"))
         self._fail_queued()
+
+
+def when_all_done(handles: Sequence["Handle"], callback: Callable[[], None]) -> None:
+    """Call ``callback()`` once, when every one of ``handles`` (a request's ``n`` choices) has
+    finished or failed; in the thread that ends the last one (see :meth:`Handle.add_done_callback`)."""
+    left, lock = [len(handles)], threading.Lock()
+
+    def one_done(_handle) -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            callback()
+
+    for handle in handles:
+        handle.add_done_callback(one_done)

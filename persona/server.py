@@ -39,6 +39,7 @@ from starlette.routing import Match
 
 from .admission import AdmissionGate
 from .auth import AuthError, Scope, TokenStore
+from .batching import when_all_done
 from .errors import (
     AdapterNotFound,
     InvalidConfig,
@@ -762,17 +763,7 @@ async def _results_unless_gone(request: Request, handles) -> list:
     this task is cancelled, as when the server stops), the requests are cancelled in the engine."""
     loop = asyncio.get_running_loop()
     finished = loop.create_future()
-    left, lock = [len(handles)], threading.Lock()
-
-    def one_done(_handle) -> None:
-        with lock:
-            left[0] -= 1
-            last = left[0] == 0
-        if last:
-            _wake(loop, finished)
-
-    for handle in handles:
-        handle.add_done_callback(one_done)
+    when_all_done(handles, lambda: _wake(loop, finished))
     gone = asyncio.ensure_future(_client_gone(request.receive))
     try:
         await asyncio.wait({finished, gone}, return_when=asyncio.FIRST_COMPLETED)
