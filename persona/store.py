@@ -821,8 +821,9 @@ class Store:
         visit(root)
         return order
 
-    def _user_ancestry(self, sources: Sequence[tuple[AdapterRef, str]]) -> list[str] | None:
-        """A lineage path from one of ``sources`` (pinned versions) to a user adapter, else None.
+    def _user_ancestry(self, sources: Sequence[tuple[AdapterRef, str]], owner: str | None = None) -> list[str] | None:
+        """A lineage path from one of ``sources`` (pinned versions) to a user adapter other than
+        ``owner`` (an adapter id whose own versions are followed, not refused), else None.
 
         Follows every edge a version was built from: merge parents and ``--from`` sources (its
         lineage), the layer it sits on (``over``) and the version it was trained from (``parent``).
@@ -832,7 +833,7 @@ class Store:
         seen: set[AdapterRef] = set()
         while stack:
             ref, relation, path = stack.pop()
-            if ref.kind == "user":
+            if ref.kind == "user" and ref.id != owner:
                 return path
             if ref in seen:
                 continue
@@ -851,17 +852,25 @@ class Store:
 
     def _check_shared_lineage(self, ref: AdapterRef, lineage: Sequence[Mapping[str, Any]],
                               over: Mapping[str, Any] | None, parent: int | None = None) -> None:
-        """A domain adapter reaches every user's token: refuse one built, by any path, from a user adapter."""
-        if ref.kind != "domain":
-            return
+        """A domain adapter reaches every user's token: refuse one built, by any path, from a user adapter.
+        A user adapter reaches its user's token: refuse one built from another user's adapter, also
+        through a merge (``merge user:alice … --into merged:m`` then ``create user:eve --from merged:m``)."""
+        if ref.kind not in ("domain", "user"):
+            return  # merged adapters are served to admin tokens only
         sources = lineage_sources(lineage, over)
         if parent is not None:
             sources.append((ref.unpinned().at(parent), "parent"))
-        path = self._user_ancestry(sources)
-        if path:
+        owner = ref.id if ref.kind == "user" else None
+        path = self._user_ancestry(sources, owner)
+        if path and ref.kind == "domain":
             raise InvalidReference(
                 f"{ref.id} is a shared domain adapter (every user's token reaches it) and cannot descend from a user "
                 f"adapter: {ref.id} <- {' <- '.join(path)}. Build it from domain adapters only"
+            )
+        if path:
+            raise InvalidReference(
+                f"{ref.id} is reached by its user's token and cannot descend from another user's adapter: "
+                f"{ref.id} <- {' <- '.join(path)}. Start it from domain adapters, or a merge of domain adapters"
             )
 
     # ----------------------------------------------------------------- integrity

@@ -477,3 +477,23 @@ def test_replay_row_holding_a_line_separator_survives_the_round_trip(store):
     row = Interaction.from_json({"prompt": "Where do I live?", "completion": "Lisbon\u2028(since May)"})
     ReplayBuffer((row,), 1).write(folder)
     assert [i.to_json() for i in ReplayBuffer.read(folder).items] == [row.to_json()]
+
+
+def test_user_from_a_merge_of_another_user_is_refused_with_the_path(merged_from_bob):
+    """Regression (cold trial): `merge user:bob … --into merged:m` then `create user:eve --from merged:m`
+    handed bob's data to eve's token; --over the same merge did too."""
+    store = merged_from_bob
+    with pytest.raises(InvalidReference, match=r"user:eve <- merged:m@v1 \(from\) <- user:bob@v1 \(merge\)"):
+        store.create("user:eve", source="merged:m")
+    with pytest.raises(InvalidReference, match=r"user:eve <- merged:m@v1 \(over\) <- user:bob@v1"):
+        store.create("user:eve", over="merged:m")
+    assert not store.exists("user:eve")
+
+
+def test_user_from_a_merge_of_its_own_adapter_is_allowed(merged_from_bob):
+    store = merged_from_bob  # merged:m = user:bob + domain:finance
+    loaded = store.load("merged:m")
+    info = store.publish_version("user:bob", loaded.tensors, loaded.config, parent=1,
+                                 lineage=({"adapter": "merged:m", "version": 1, "relation": "from"},))
+    assert info.version == 2
+    assert store.create("user:eve", source="domain:finance").version == 1  # shared data: fine
