@@ -162,6 +162,17 @@ def test_random_paths_do_not_grow_the_metrics_label_set(world):
     assert len(second.splitlines()) == len(first.splitlines())  # the exposition did not grow at all
 
 
+def test_probed_model_names_never_reach_metrics(world):
+    """Regression (cold trial): 404s of ``GET /v1/models/{model}`` were labelled with the raw path,
+    so /metrics showed every token holder which adapter names others had probed."""
+    with running(world) as srv, httpx.Client(base_url=srv["url"], timeout=WAIT) as http:
+        for name in ("user:bob", "user:secretname1", "user:..%2Fbob", "user:\u0430lice"):
+            assert http.get(f"/v1/models/{name}", headers=auth(world)).status_code in (400, 404)
+        text = http.get("/metrics", headers=auth(world, "admin")).text
+    assert 'route="/v1/models/{model:path}",status="404"' in text
+    assert "secretname1" not in text and "user:bob" not in text
+
+
 def test_unauthenticated_requests_are_labelled_by_route_template(world):
     with running(world) as srv:
         assert httpx.get(srv["url"] + "/v1/models").status_code == 401
