@@ -858,7 +858,9 @@ class Store:
         if ref.kind not in ("domain", "user"):
             return  # merged adapters are served to admin tokens only
         sources = lineage_sources(lineage, over)
-        if parent is not None:
+        # A user's own earlier versions passed this check when they were published: only the new
+        # edges need following (and a missing parent stays publish's VersionNotFound).
+        if parent is not None and ref.kind == "domain":
             sources.append((ref.unpinned().at(parent), "parent"))
         owner = ref.id if ref.kind == "user" else None
         path = self._user_ancestry(sources, owner)
