@@ -277,7 +277,10 @@ def _peft_merge(store: Store, plan: MergePlan, loaded: Sequence[LoadedAdapter]) 
         peft_model = _peft_model(model, names, loaded)
 
     merged = "merged"
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # PEFT looks for the base's config.json by name to decide whether to save embeddings: the
+        # store records the base itself (and the merge saves LoRA factors only), so the miss is noise.
+        warnings.filterwarnings("ignore", message="Could not find a config file in", category=UserWarning)
         torch.manual_seed(plan.seed)  # DARE's drops are random: the seed makes a merge reproducible
         peft_model.add_weighted_adapter(
             adapters=names,
@@ -288,7 +291,7 @@ def _peft_merge(store: Store, plan: MergePlan, loaded: Sequence[LoadedAdapter]) 
             density=plan.density,
             svd_full_matrices=False,  # the truncated SVD is the same; the full one costs far more
         )
-    state = get_peft_model_state_dict(peft_model, adapter_name=merged)
+        state = get_peft_model_state_dict(peft_model, adapter_name=merged)
     tensors = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in state.items()}
     config = _config_dict(peft_model.peft_config[merged], store.config.base_id)
     return tensors, config

@@ -50,7 +50,7 @@ from .base import BaseModel, load_base
 from .batching import BatchWorker, EngineClosed, Handle
 from .constrain import RowGrammar, Vocabulary
 from .detokenize import TextStream
-from .errors import AdapterNotFound, BaseMismatch, InvalidConfig, InvalidReference
+from .errors import AdapterNotFound, BaseMismatch, InvalidConfig, InvalidPrompt, InvalidReference, NoDomainToRoute
 from .layers import LoraRuntime
 from .refs import MAX_STACK, RESERVED_NAMES, AdapterRef, StackPart, format_stack, parse_stack
 from .sampling import SamplingParams, TokenLogprob, choose_tokens, make_generator, token_logprobs
@@ -524,7 +524,7 @@ class Engine:
             prompt = request.messages if request.messages is not None else request.prompt
             choices = self._router.route(prompt, top_k=self.route_top_k, exclude=named)
         if not choices:
-            raise AdapterNotFound(
+            raise NoDomainToRoute(
                 f"domain:auto has no domain adapter left to pick: {request.model!r} already names every routable domain"
             )
         pinned: list[StackPart] = []
@@ -553,10 +553,10 @@ class Engine:
             else:
                 ids = self.tokenizer(request.prompt)["input_ids"]
         if not ids:
-            raise InvalidConfig("the prompt is empty: it has no tokens to continue from")
+            raise InvalidPrompt("the prompt is empty: it has no tokens to continue from")
         room = self.context_length - len(ids)
         if room < 1:
-            raise InvalidConfig(f"the prompt has {len(ids)} tokens; the base's context holds {self.context_length}")
+            raise InvalidPrompt(f"the prompt has {len(ids)} tokens; the base's context holds {self.context_length}")
         params = request.params
         if params.logit_bias and params.logit_bias[-1][0] >= self.vocabulary.vocab_size:
             raise InvalidConfig(f"logit_bias names token {params.logit_bias[-1][0]}; this base's vocabulary has "

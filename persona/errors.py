@@ -33,6 +33,10 @@ class InvalidResponseFormat(InvalidConfig):
     """A ``response_format`` (JSON schema) that constrained decoding cannot follow."""
 
 
+class InvalidPrompt(InvalidConfig):
+    """A prompt the base cannot continue: no tokens at all, or more than its context holds."""
+
+
 class InvalidInteractions(PersonaError, ValueError):
     """An interactions file has a bad line; the message names the file, the line and the reason."""
 
@@ -47,6 +51,10 @@ class StoreExists(PersonaError, FileExistsError):
 
 class AdapterNotFound(PersonaError, KeyError):
     """No adapter of that kind and name exists in the store."""
+
+
+class NoDomainToRoute(AdapterNotFound):
+    """``domain:auto`` has no domain left to pick: the stack already names every routable domain."""
 
 
 class AdapterExists(PersonaError, FileExistsError):

@@ -27,12 +27,12 @@ import time
 import uuid
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, replace
-from typing import Any, Iterator, Literal
+from typing import Annotated, Any, Iterator, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
@@ -44,8 +44,10 @@ from .errors import (
     AdapterNotFound,
     InvalidConfig,
     InvalidInteractions,
+    InvalidPrompt,
     InvalidReference,
     InvalidResponseFormat,
+    NoDomainToRoute,
     Overloaded,
     PersonaError,
     VersionNotFound,
@@ -111,16 +113,17 @@ class _Common(BaseModel):
     # refused with a 400 naming them, or ignored by design; never silently dropped.
     model_config = ConfigDict(extra="allow")
     model: str = Field(min_length=1, max_length=1024)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    # strict=True on every number: a JSON true is not 1 (strict still takes an integer for a float)
+    max_tokens: int | None = Field(default=None, ge=1, strict=True)
+    max_completion_tokens: int | None = Field(default=None, ge=1, strict=True)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, strict=True)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, strict=True)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
-    n: int = Field(default=1, ge=1, le=MAX_N)
-    logit_bias: dict[str, float] | None = None
+    seed: int | None = Field(default=None, strict=True)
+    n: int = Field(default=1, ge=1, le=MAX_N, strict=True)
+    logit_bias: dict[str, Annotated[float, Strict()]] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -137,13 +140,13 @@ class _Common(BaseModel):
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: int | None = Field(default=None, ge=0, le=20, strict=True)
     response_format: ResponseFormatBody | None = None
 
 
 class CompletionRequest(_Common):
     prompt: str
-    logprobs: int | None = Field(default=None, ge=0, le=5)
+    logprobs: int | None = Field(default=None, ge=0, le=5, strict=True)
 
 
 # ---------------------------------------------------------------------------------------- errors
@@ -213,8 +216,12 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request body")
-        if first.get("type") == "json_invalid":
-            message = "the request body is not valid JSON"
+        if first.get("type") == "json_invalid":  # its loc ends in a byte offset, not a field: no param
+            message, where = f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'malformed')})", ""
+        elif not where:  # the body as a whole: not an object, or not sent as JSON (curl -d sends a form)
+            sent = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            message = "the body must be a JSON object" + (
+                "" if sent == "application/json" else "; send Content-Type: application/json")
         return _error_body(400, message, "invalid_request_error", param=where or None)
 
     @app.exception_handler(StarletteHTTPException)
@@ -308,10 +315,15 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
     def submit(request_obj):
         try:
             return engine.submit(request_obj)
+        except NoDomainToRoute as exc:  # check() let every part through for this caller: nothing left to hide
+            raise ApiError(400, str(exc), "invalid_request_error", "invalid_model", "model") from None
         except (AdapterNotFound, VersionNotFound):
             raise _not_found(request_obj.model) from None
         except InvalidResponseFormat as exc:
             raise ApiError(400, str(exc), "invalid_request_error", param="response_format") from None
+        except InvalidPrompt as exc:
+            raise ApiError(400, str(exc), "invalid_request_error",
+                           param="messages" if request_obj.messages is not None else "prompt") from None
         except PersonaError as exc:
             raise ApiError(400, str(exc), "invalid_request_error") from None
 
@@ -568,6 +580,8 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
         created = int(time.time())
         data = [{"id": engine.base_name, "object": "model", "created": created, "owned_by": "persona"}]
         for adapter in store.list():
+            if not adapter.versions:  # nothing readable to serve (a symlinked folder, every version damaged)
+                continue
             # what the current version runs: the adapter and, if it is layered, its layer
             layers = [v.over_ref for v in adapter.versions if v.version == adapter.current and v.over]
             runs = [*parse_stack(adapter.adapter), *layers]

@@ -458,9 +458,19 @@ class Store:
         except FileNotFoundError:
             return 0
 
+    def _symlinked(self, ref: AdapterRef) -> Path | None:
+        """The adapter's folder entry when it is a symlink (never followed: it would serve one adapter as another)."""
+        self.config  # noqa: B018
+        link = self.root / ref.kind / ref.name
+        return link if link.is_symlink() and not (self.root / ref.kind).is_symlink() else None
+
     def show(self, ref: str | AdapterRef) -> AdapterInfo:
         """An adapter's versions, aliases and queue sizes; a damaged adapter is reported, not raised."""
         ref = parse_ref(ref).unpinned()
+        if (link := self._symlinked(ref)) is not None:  # reported as damaged, its target never read
+            reason = "symlink (the store refuses symlinks under its root; `persona delete` removes the link only)"
+            return AdapterInfo(adapter=ref.id, kind=ref.kind, name=ref.name, versions=(), aliases={}, pending=0,
+                               replay=0, damaged=(Problem(ref.id, None, str(link.relative_to(self.root)), reason),))
         path = self._require(ref)
         damaged: list[Problem] = []
         try:
@@ -497,7 +507,7 @@ class Store:
             if not folder.is_dir():
                 continue
             for child in sorted(folder.iterdir()):
-                if child.name.startswith(TMP_PREFIX) or not (child / REFS).is_file():
+                if child.name.startswith(TMP_PREFIX) or not (child.is_symlink() or (child / REFS).is_file()):
                     continue
                 try:
                     found.append(self.show(AdapterRef(k, child.name)))
@@ -753,6 +763,10 @@ class Store:
         ref = parse_ref(ref)
         if ref.version is not None or ref.alias is not None:
             raise InvalidReference(f"delete removes a whole adapter: pass {ref.id}, not {ref}")
+        if (link := self._symlinked(ref)) is not None:
+            with self.lock(ref):  # the link itself, never what it points to (often another adapter)
+                link.unlink(missing_ok=True)
+            return self._revoke_tokens((ref.id,))
         with self.lineage_lock(), self.lock(ref):
             path = self._require(ref)
             dependents = self.dependents(ref)
@@ -769,8 +783,11 @@ class Store:
                 with self.lock(dependent.adapter):
                     remove_tree(self.adapter_dir(dependent.adapter))
             remove_tree(path)
-        deleted = tuple(d.adapter for d in dependents) + (ref.id,)
-        from .auth import TokenStore  # a deleted user's server tokens go too: they name the user
+        return self._revoke_tokens(tuple(d.adapter for d in dependents) + (ref.id,))
+
+    def _revoke_tokens(self, deleted: tuple[str, ...]) -> tuple[str, ...]:
+        """Revoke the server tokens of deleted adapters (they name the user); returns ``deleted``."""
+        from .auth import TokenStore
 
         tokens = TokenStore(self)
         for adapter in deleted:
@@ -908,7 +925,8 @@ class Store:
         damaged metadata, version in the wrong folder, symlink, and domain adapter descending from a user."""
         problems: list[Problem] = []
         if ref is None:
-            adapters = [AdapterRef(a.kind, a.name) for a in self.list()]
+            # a symlinked adapter folder is reported by the symlink scan below, its target never read
+            adapters = [r for a in self.list() if self._symlinked(r := AdapterRef(a.kind, a.name)) is None]
             scan = self.root
         else:
             parsed = parse_ref(ref)

@@ -186,8 +186,20 @@ def test_symlinked_adapter_folder_inside_the_root_is_refused(store):
     os.symlink(store.adapter_dir("user:bob"), store.root / "user" / "mallory")
     with pytest.raises(InvalidName, match="symlink"):
         store.load("user:mallory")
-    assert "user:mallory" not in [a.adapter for a in store.list()]
+    listed = {a.adapter: a for a in store.list()}
+    assert listed["user:mallory"].versions == () and "symlink" in listed["user:mallory"].damaged[0].reason
     assert [(p.adapter, p.path) for p in store.verify().problems] == [("user:mallory", "user/mallory")]
+
+
+def test_symlinked_adapter_folder_is_listed_as_damaged_and_delete_removes_only_the_link(store):
+    before = [v.to_dict() for v in store.versions("user:alice")]
+    os.symlink("../user/alice", store.root / "user" / "zed")
+    (zed,) = [a for a in store.list() if a.adapter == "user:zed"]
+    assert zed.is_damaged and zed.damaged[0].reason.startswith("symlink")
+    assert store.delete("user:zed") == ("user:zed",)
+    assert not os.path.lexists(store.root / "user" / "zed")
+    assert [v.to_dict() for v in store.versions("user:alice")] == before
+    store.load("user:alice")  # the target is intact and loads
 
 
 # ---------------------------------------------------------------- item 8: no user data in a domain
