@@ -50,7 +50,7 @@ from .base import BaseModel, load_base
 from .batching import BatchWorker, EngineClosed, Handle
 from .constrain import RowGrammar, Vocabulary
 from .detokenize import TextStream
-from .errors import AdapterNotFound, BaseMismatch, InvalidConfig, InvalidPrompt, InvalidReference, NoDomainToRoute
+from .errors import BaseMismatch, InvalidConfig, InvalidPrompt, InvalidReference, NoDomainToRoute
 from .layers import LoraRuntime
 from .refs import MAX_STACK, RESERVED_NAMES, AdapterRef, StackPart, format_stack, parse_stack
 from .sampling import SamplingParams, TokenLogprob, choose_tokens, make_generator, token_logprobs

@@ -18,7 +18,7 @@ from persona.supersede import (
     sample_replay,
     subject_conflict,
 )
-from persona.train import Trainer, UpdateConfig, log_interactions
+from persona.train import Trainer, UpdateConfig
 
 CITY_QS = ["Where do I live?", "Which city do I live in?", "Where is my home?", "What city do I live in?"]
 SPORT_QS = ["What sport do I play?", "Which sport do I practice?", "What game do I play?", "What is my sport?"]
