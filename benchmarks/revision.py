@@ -20,7 +20,7 @@ value (the true one, the other users' values, two unused values and, for a revis
 one): revised facts where the new value wins; unchanged facts where the true value still wins after
 the revision; gate decisions and reasons; supersession found vs the truth; update-3 time.
 
-    python benchmarks/revision.py            # ~10 min on 2 CPU cores (real embedded base)
+    python benchmarks/revision.py --users 2 --no-recency   # 14 min on 2 idle CPU cores (real embedded base)
     python benchmarks/revision.py --quick    # tiny random model: checks the script runs
 """
 
