@@ -9,9 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import threading
-import time
 import warnings
 
 import httpx
@@ -19,6 +16,8 @@ import pytest
 
 from persona import LoraSettings, Store
 from persona.auth import TokenStore
+
+from conftest import loopback_server
 
 RANK = dict(rank=4, init="random")
 
@@ -81,16 +80,8 @@ def test_merge_does_not_print_peft_missing_base_config_warning(tiny_base, isolat
 
 
 # ------------------------------------------------------------------------------------ HTTP
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_base, tmp_path_factory):
-    import uvicorn
-
     from persona.engine import Engine
     from persona.server import ServerConfig, create_app
 
@@ -109,17 +100,8 @@ def server(tiny_base, tmp_path_factory):
     secrets = {name: tokens.create(subject)[0] for name, subject in
                (("carol", "user:carol"), ("bob", "user:bob"), ("admin", "admin"))}
     engine = Engine(store, max_resident=4, max_batch=8)
-    srv = uvicorn.Server(uvicorn.Config(create_app(engine, ServerConfig(auth=True)), host="127.0.0.1",
-                                        port=(port := free_port()), log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{port}", "tokens": secrets}
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with loopback_server(create_app(engine, ServerConfig(auth=True))) as url:
+        yield {"url": url, "tokens": secrets}
     engine.close()
 
 

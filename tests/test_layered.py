@@ -13,6 +13,8 @@ from persona.layers import AdapterWeights
 from persona.refs import parse_stack
 from persona.train import Trainer, UpdateConfig
 
+from conftest import loopback_server
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "interactions"
 
 
@@ -231,12 +233,6 @@ def test_layered_adapter_served_with_its_layer_cli_generate(layered, tiny_base):
 @pytest.fixture
 def server(layered, tiny_base):
     """The HTTP server on loopback, with carol's token; frank is layered on a merged (admin-only) adapter."""
-    import socket
-    import threading
-    import time
-
-    import uvicorn
-
     from persona.auth import TokenStore
     from persona.base import load_base
     from persona.engine import Engine
@@ -248,20 +244,8 @@ def server(layered, tiny_base):
     secrets = {who: tokens.create(subject)[0] for who, subject in
                (("carol", "user:carol"), ("frank", "user:frank"), ("admin", "admin"))}
     engine = Engine(layered, base=load_base(tiny_base), max_resident=4)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(engine, ServerConfig(auth=True)), host="127.0.0.1", port=port,
-                                        log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{port}", "tokens": secrets, "engine": engine}
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with loopback_server(create_app(engine, ServerConfig(auth=True))) as url:
+        yield {"url": url, "tokens": secrets, "engine": engine}
     engine.close()
 
 
