@@ -175,6 +175,33 @@ def detect_only(base_id: str) -> None:
         out.append([threshold, f"{correct}/{truth_n} = {correct / truth_n:.0%}", false, "; ".join(false_rows[:3]) or "-"])
     print("## Supersession detection on update 3 (all users; truth: every update-1/2 row of a revised fact)\n")
     print(table(["threshold", "revised rows found", "false (unchanged rows taken)", "false examples"], out))
+    pair_scores(base)
+
+
+def pair_scores(base) -> None:
+    """Every ordered pair of the 64 questions (8 facts x 8 phrasings), each with its fact's answer
+    (old value for the older row, new value for the newer): how many same-fact pairs reach each
+    threshold on the question score alone, and how many different-fact pairs do (false)."""
+    from persona.supersede import SupersessionDetector, answers_differ, subject_conflict
+
+    detector = SupersessionDetector(base.model, base.tokenizer)
+    rows = [(slot, q, template.format(v=pool[0]), template.format(v=pool[1]))
+            for slot, (questions, template, pool) in SLOTS.items() for q in questions]
+    score = detector.scores([r[1] for r in rows], [r[1] for r in rows])
+    same, other, vetoed = [], [], 0
+    for i, (s_old, q_old, a_old, _) in enumerate(rows):
+        for j, (s_new, q_new, _, a_new) in enumerate(rows):
+            if i == j:
+                continue
+            if not answers_differ(q_old, a_old, q_new, a_new) or subject_conflict(q_old, a_old, q_new, a_new):
+                vetoed += s_old != s_new
+                continue
+            (same if s_old == s_new else other).append(float(score[i, j]))
+    out = [[t, f"{sum(v >= t for v in same)}/{len(same)} = {sum(v >= t for v in same) / len(same):.0%}",
+            f"{sum(v >= t for v in other)}/{len(other)}"] for t in (0.3, 0.35, 0.4, 0.45, 0.5, 0.6)]
+    print("\n## Question pairs (every ordered pair of the 64 questions; different-fact pairs the subject veto "
+          f"stopped first: {vetoed})\n")
+    print(table(["threshold", "same-fact pairs at or above", "different-fact pairs at or above (false)"], out))
 
 
 def run(work: Path, base_id: str, args, epochs: int) -> None:
@@ -185,7 +212,7 @@ def run(work: Path, base_id: str, args, epochs: int) -> None:
     base = load_base(base_id)
     store = Store.init(work / "store", base=base_id)
     trainer = Trainer(store, base)
-    rows, gates, seconds, found = {}, {}, {}, {}
+    rows, trained, gates, seconds, found = {}, {}, {}, {}, {}
 
     def record(method, user, result):
         gates.setdefault(method, []).append(f"{'promoted' if result.promoted else 'REFUSED'}: {result.reason}")
@@ -205,6 +232,7 @@ def run(work: Path, base_id: str, args, epochs: int) -> None:
             result = trainer.update(ref, update_data(facts, user, 2), cfg)
             record(method, user, result)
             rows[(user, method)] = judge(trainer, store, f"{ref}@current", facts, users, user)
+            trained[(user, method)] = judge(trainer, store, f"{ref}@{result.version.label}", facts, users, user)
             if cfg is config:
                 sup = result.metrics["superseded"]
                 truth = {row_digest(i) for k in range(2) for i in update_data(facts, user, k)
@@ -221,23 +249,27 @@ def run(work: Path, base_id: str, args, epochs: int) -> None:
             other = Trainer(Store.open(copy), base)
             result = other.update(f"user:{user}-p", update_data(facts, user, 2), cfg)
             record(method, user, result)
-            rows[(user, method)] = judge(other, other.store, f"user:{user}-p@{result.version.label}", facts, users, user)
+            rows[(user, method)] = judge(other, other.store, f"user:{user}-p@current", facts, users, user)
+            trained[(user, method)] = judge(other, other.store, f"user:{user}-p@{result.version.label}", facts, users, user)
             shutil.rmtree(copy)
 
     methods = ["after update 2", "plain sequential LoRA", "persona, no supersession", "persona"]
     methods += [] if args.no_recency else ["persona, recency 4"]
     methods += ["destructive (lr 0.5)"]
+    def share(table_, method, column):
+        wins = [w for u in users for w in table_[(u, method)][column]]
+        return f"{sum(wins)}/{len(wins)} = {sum(wins) / len(wins):.0%}"
+
     out = []
     for method in methods:
-        rev = [w for u in users for w in rows[(u, method)][0]]
-        unc = [w for u in users for w in rows[(u, method)][1]]
         secs = seconds.get(method)
-        out.append([method, f"{sum(rev)}/{len(rev)} = {sum(rev) / len(rev):.0%}", f"{sum(unc)}/{len(unc)} = {sum(unc) / len(unc):.0%}",
-                    ", ".join(g.split(":")[0] for g in gates.get(method, [])) or "-",
+        learned = f"{share(trained, method, 0)}, {share(trained, method, 1)}" if (users[0], method) in trained else "-"
+        out.append([method, share(rows, method, 0), share(rows, method, 1),
+                    ", ".join(g.split(":")[0] for g in gates.get(method, [])) or "-", learned,
                     sum(secs) / len(secs) if secs else "-"])
     print("## Revised and unchanged facts on held-out phrasings (log-likelihood of each candidate value)\n")
-    print(table(["version served (current) after update 3", "revised: new value wins", "unchanged: true value wins",
-                 "gate on update 3", "update 3 seconds (mean)"], out))
+    print(table(["method: version served (current) after update 3", "revised: new value wins", "unchanged: true value wins",
+                 "gate on update 3", "update-3 version whether promoted or not: revised, unchanged", "update 3 seconds (mean)"], out))
     print("\n'after update 2' is before the revision: its 'revised' column is the share where the NEW value already won (chance).")
     ratio = sum(seconds["persona"]) / sum(seconds["persona, no supersession"])
     print(f"\nupdate 3 time, persona / persona without supersession: {ratio:.2f}x (goal <= 1.1x; same run, shared CPU)")

@@ -372,6 +372,8 @@ def _install_sigterm() -> None:
 @click.option("--reg", type=click.Choice(["none", "l2", "ewc"]), default="none", show_default=True, help="Pull the weights toward the parent version (replay already guards against forgetting; see docs/TRAINING.md).")
 @click.option("--reg-strength", type=click.FloatRange(0), default=0.1, show_default=True, help="Weight of the --reg pull.")
 @click.option("--max-forgetting", type=click.FloatRange(0), default=0.05, show_default=True, help="Allowed relative rise of the replay loss for promotion.")
+@click.option("--forgetting-floor", type=click.FloatRange(0, 10), default=None,
+              help="Allowed absolute rise of the replay loss, nats per token (default 0.05; the larger of the two bounds applies).")
 @click.option("--max-length", type=click.IntRange(8), default=512, show_default=True, help="Tokens per example (longer ones are truncated and counted).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="Training compute: auto is bf16 autocast where the hardware has native bf16 (AVX512-BF16/AMX CPUs, "
@@ -386,13 +388,13 @@ def _install_sigterm() -> None:
 @store_option
 @json_option
 def update(ref, data_file, all_, epochs, max_steps, lr, batch_size, seed, holdout, replay, reg, reg_strength,
-           max_forgetting, max_length, precision, force, supersede, supersede_threshold, replay_recency,
+           max_forgetting, forgetting_floor, max_length, precision, force, supersede, supersede_threshold, replay_recency,
            store_root, as_json) -> None:
     """Train REF's current version on new interactions and publish the next version.
 
     \b
     The new version becomes `current` only if its held-out loss beats the parent's and its loss on
-    the replay buffer rose by at most --max-forgetting; otherwise it is published as `candidate`
+    the replay buffer rose by at most --max-forgetting (or --forgetting-floor); otherwise it is published as `candidate`
     and the reason is recorded (see `persona show REF`). Ctrl-C or SIGTERM publishes nothing.
 
     \b
@@ -414,6 +416,7 @@ def update(ref, data_file, all_, epochs, max_steps, lr, batch_size, seed, holdou
         max_forgetting=max_forgetting, max_length=max_length, precision=precision, force=force,
         supersede=supersede, replay_recency=replay_recency,
         **({"supersede_threshold": supersede_threshold} if supersede_threshold is not None else {}),
+        **({"forgetting_floor": forgetting_floor} if forgetting_floor is not None else {}),
     )
     store = _open(store_root)
     parsed = parse_ref(ref) if ref else None

@@ -19,7 +19,10 @@ An older row (a replay row) is **superseded** by a newer row (this update's data
    with the same words ("my cat's name" vs "my dog's name", whose embeddings are 0.98 alike): the
    older row's subject words (content words in both its question and its answer, e.g. "dog")
    must appear somewhere in the newer row. Answers "differ" when the older answer has a content
-   word that is neither in the newer answer nor in either question (the value that changed).
+   word that is neither in the newer answer nor in either question (the value that changed);
+3. **same statement**: its answer is, word for word, the answer of a row superseded by 1 or 2
+   (the fact was revised, however its question was phrased); answers without a content word
+   ("Yes.") do not spread.
 
 Superseded rows are not replayed, are not in the gate's forgetting sample, and leave the replay
 buffer when the version is promoted; the version's metrics record how many and which (digest and
@@ -163,7 +166,7 @@ class Superseded:
     digest: str
     excerpt: str
     by: str
-    how: str  # "detected" or "explicit"
+    how: str  # "explicit", "detected", or "same statement" (states what a detected row stated)
     score: float
 
     def to_dict(self) -> dict[str, Any]:
@@ -252,8 +255,25 @@ class SupersessionDetector:
                         best, by = s, n
                 if by is not None:
                     found[k] = Superseded(row_digest(old[k]), _excerpt(old[k]), _excerpt(by), "detected", best)
+            self._same_statement(old, old_qa, found)
         kept = tuple(o for k, o in enumerate(old) if k not in found)
         return Supersession(kept, tuple(found[k] for k in sorted(found)), self.threshold)
+
+
+    @staticmethod
+    def _same_statement(old: list[Interaction], old_qa: list, found: dict[int, Superseded]) -> None:
+        """An older row that states, word for word, what a superseded row stated is superseded too.
+
+        The statement is the fact, not the question: when "You work as a nurse." is revised, every
+        row answering "You work as a nurse." is stale, however its question was phrased ("What's my
+        profession?" shares no word with "What is my occupation?"). Only answers that carry a value
+        (a content word) spread; "Yes." does not.
+        """
+        stale = {_normal(qa[1]): found[k] for k, qa in old_qa if k in found and content_words(qa[1])}
+        for k, (_, answer) in old_qa:
+            source = stale.get(_normal(answer))
+            if k not in found and source is not None:
+                found[k] = Superseded(row_digest(old[k]), _excerpt(old[k]), source.by, "same statement", source.score)
 
 
 def sample_replay(rng: random.Random, examples: Sequence[Any], k: int, recency: float = 1.0) -> list[Any]:

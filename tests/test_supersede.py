@@ -86,6 +86,18 @@ def test_explicit_supersedes_field_is_validated_and_matches_text(detector):
     assert [s.how for s in result.superseded] == ["explicit"] and result.kept == (old[1],)
 
 
+def test_rows_stating_a_revised_statement_are_superseded_however_asked(detector):
+    # "profession" and "occupation" share no word; the old row states what the revised row stated.
+    old = [qa("What is my job?", "You work as a nurse."), qa("What's my profession?", "You work as a nurse."),
+           qa("Do you like cats?", "Yes."), qa("Are dogs fine?", "Yes."), qa("What sport do I play?", "You play tennis.")]
+    new = [qa("What is my job?", "You work as a pilot."), qa("Hi", "Hello.", supersedes="like cats")]
+    result = detector.detect(old, new)
+    how = {s.digest: s.how for s in result.superseded}
+    assert how == {row_digest(old[0]): "detected", row_digest(old[1]): "same statement", row_digest(old[2]): "explicit"}
+    assert result.kept == (old[3], old[4])  # "Yes." carries no value: it does not spread
+    assert all("pilot" in s.by for s in result.superseded[:2])
+
+
 def test_recency_weighting_prefers_newer_rows_and_one_is_uniform():
     rows = list(range(10))
     assert sample_replay(random.Random(3), rows, 4) == random.Random(3).sample(rows, 4)
@@ -104,7 +116,8 @@ def _facts(city):
 
 
 # No tolerance: on the tiny random model any rise of the replay loss is the signal.
-FAST = dict(epochs=10, batch_size=8, max_length=64, learning_rate=0.1, holdout_fraction=0.25, max_forgetting=0.0)
+FAST = dict(epochs=10, batch_size=8, max_length=64, learning_rate=0.1, holdout_fraction=0.25, max_forgetting=0.0,
+            forgetting_floor=0.0)
 
 
 def test_revised_fact_update_is_promoted_not_gated_as_forgetting(store, trainer):

@@ -132,7 +132,7 @@ def test_gate_keeps_a_forgetful_version_as_candidate_unless_forced(store, traine
     trainer.update("user:alice", alice(), UpdateConfig(**strong))  # v2 current, replay filled
     bob = read_interactions(EXAMPLES / "bob.jsonl")
     # Other facts, no replay, no regularization, no tolerance: the replay loss rises, so it is refused.
-    forgetful = dict(strong, replay_fraction=0.0, reg="none", max_forgetting=0.0)
+    forgetful = dict(strong, replay_fraction=0.0, reg="none", max_forgetting=0.0, forgetting_floor=0.0)
     result = trainer.update("user:alice", bob, UpdateConfig(**forgetful))
     m = result.metrics
     assert m["replay_loss_after"] > m["replay_loss_before"]
@@ -156,6 +156,14 @@ def test_gate_rules(trainer):
     assert not promoted and "over the 10.0% bound" in reason
     promoted, reason = trainer._gate(2.0, nan, 1.0, 1.0, cfg)
     assert not promoted and "no held-out data" in reason
+    # Near zero, a relative bound reads noise as forgetting; the absolute floor (nats per token) does not.
+    assert trainer._gate(2.0, 1.5, 0.001, 0.04, cfg)[0] is True
+    promoted, reason = trainer._gate(2.0, 1.5, 0.001, 0.06, cfg)
+    assert not promoted and "0.050-nat floor" in reason
+    assert trainer._gate(2.0, 1.5, 0.001, 0.002, UpdateConfig(max_forgetting=0.1, forgetting_floor=0.0))[0] is False
+    assert trainer._gate(2.0, 1.5, 0.0, 0.0, UpdateConfig(forgetting_floor=0.0))[0] is True
+    with pytest.raises(InvalidConfig):
+        UpdateConfig(forgetting_floor=-0.1)
 
 
 def test_replay_buffer_fills_and_is_mixed_in(store, trainer):
