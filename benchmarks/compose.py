@@ -35,11 +35,11 @@ from _common import header, table, workspace  # noqa: E402
 import torch  # noqa: E402
 
 from persona import LoraSettings, Store, load_base  # noqa: E402
-from persona.compose import merge  # noqa: E402
-from persona.data import read_interactions  # noqa: E402
-from persona.layers import Activation, AdapterWeights  # noqa: E402
-from persona.route import Router, prompt_text  # noqa: E402
-from persona.train import Trainer, UpdateConfig, split_holdout  # noqa: E402
+from persona.compose.merge import merge  # noqa: E402
+from persona.interactions import read_interactions  # noqa: E402
+from persona.lora_runtime import Activation, AdapterWeights  # noqa: E402
+from persona.compose.route import Router, prompt_text  # noqa: E402
+from persona.training.trainer import Trainer, UpdateConfig, split_holdout  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "interactions"
 DOMAINS = ("finance", "medicine", "cooking")

@@ -39,7 +39,7 @@ def main() -> None:
     import torch
 
     from persona import LoraSettings, ResponseFormat, Store
-    from persona.engine import Engine, GenerationRequest, SamplingParams
+    from persona.serving.engine import Engine, GenerationRequest, SamplingParams
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -38,10 +38,10 @@ from _common import header, table, workspace  # noqa: E402
 import torch  # noqa: E402
 
 from persona import Interaction, LoraSettings, Store, load_base  # noqa: E402
-from persona.data import collate, tokenize_interactions  # noqa: E402
-from persona.layers import Activation, AdapterWeights  # noqa: E402
-from persona.supersede import row_digest  # noqa: E402
-from persona.train import Trainer, UpdateConfig  # noqa: E402
+from persona.interactions import collate, tokenize_interactions  # noqa: E402
+from persona.lora_runtime import Activation, AdapterWeights  # noqa: E402
+from persona.training.supersede import row_digest  # noqa: E402
+from persona.training.trainer import Trainer, UpdateConfig  # noqa: E402
 
 SLOTS = {
     "city": (["Where do I live?", "Which city do I live in?", "What city is my home?", "Where is my home these days?",
@@ -156,7 +156,7 @@ def main() -> None:
 
 def detect_only(base_id: str) -> None:
     """Supersession found in update 3 for every user, against the truth, at several thresholds."""
-    from persona.supersede import SUPERSEDE_THRESHOLD, SupersessionDetector
+    from persona.training.supersede import SUPERSEDE_THRESHOLD, SupersessionDetector
 
     base = load_base(base_id)
     facts = values(USERS)

@@ -24,9 +24,9 @@ import httpx  # noqa: E402
 import torch  # noqa: E402
 
 from persona import EMBEDDED_BASE, LoraSettings, Store  # noqa: E402
-from persona.auth import TokenStore  # noqa: E402
-from persona.engine import Engine  # noqa: E402
-from persona.server import ServerConfig, create_app  # noqa: E402
+from persona.store.tokens import TokenStore  # noqa: E402
+from persona.serving.engine import Engine  # noqa: E402
+from persona.http.app import ServerConfig, create_app  # noqa: E402
 
 QUESTIONS = ["What should I cook tonight?", "Tell me about my week.", "Any advice for today?", "Say something kind."]
 

@@ -37,7 +37,7 @@ from _common import header, table, workspace  # noqa: E402
 import httpx  # noqa: E402
 
 from persona import Store  # noqa: E402
-from persona.auth import TokenStore  # noqa: E402
+from persona.store.tokens import TokenStore  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -187,7 +187,7 @@ def main() -> None:
     args = parser.parse_args()
     header("persona server abuse check")
     from persona.base import load_config, load_tokenizer
-    from persona.server import MAX_BODY_BYTES
+    from persona.http.app import MAX_BODY_BYTES
 
     with workspace("abuse", args.quick) as (work, base):
         store = Store.init(work / "store", base=base)

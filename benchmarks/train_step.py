@@ -26,11 +26,11 @@ from _common import header, table  # noqa: E402
 
 import torch  # noqa: E402
 
-import persona.layers as layers  # noqa: E402
+import persona.lora_runtime as layers  # noqa: E402
 from persona import EMBEDDED_BASE, LoraSettings, Store, load_base  # noqa: E402
-from persona.data import collate, read_interactions  # noqa: E402
-from persona.layers import Activation, AdapterWeights  # noqa: E402
-from persona.train import Trainer, _loss_sum  # noqa: E402
+from persona.interactions import collate, read_interactions  # noqa: E402
+from persona.lora_runtime import Activation, AdapterWeights  # noqa: E402
+from persona.training.trainer import Trainer, _loss_sum  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "interactions"
 

@@ -38,9 +38,9 @@ import torch  # noqa: E402
 
 from persona import LoraSettings, Store, load_base  # noqa: E402
 from persona.base import fingerprint  # noqa: E402
-from persona.data import iter_batches, read_interactions  # noqa: E402
-from persona.layers import AdapterWeights  # noqa: E402
-from persona.train import Trainer, UpdateConfig, _loss_sum, split_holdout  # noqa: E402
+from persona.interactions import iter_batches, read_interactions  # noqa: E402
+from persona.lora_runtime import AdapterWeights  # noqa: E402
+from persona.training.trainer import Trainer, UpdateConfig, _loss_sum, split_holdout  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "interactions"
 FILES = ["alice.jsonl", "alice-2.jsonl", "alice-3.jsonl"]

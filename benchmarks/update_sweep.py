@@ -22,9 +22,9 @@ from _common import header, table, workspace  # noqa: E402
 from update import EXAMPLES, FILES, persona_updates  # noqa: E402
 
 from persona import LoraSettings, Store, load_base  # noqa: E402
-from persona.data import read_interactions  # noqa: E402
-from persona.layers import AdapterWeights  # noqa: E402
-from persona.train import Trainer, UpdateConfig, split_holdout  # noqa: E402
+from persona.interactions import read_interactions  # noqa: E402
+from persona.lora_runtime import AdapterWeights  # noqa: E402
+from persona.training.trainer import Trainer, UpdateConfig, split_holdout  # noqa: E402
 
 SETTINGS = [
     ("defaults (replay 0.5, reg none, precision auto)", {}),

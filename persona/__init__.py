@@ -28,16 +28,16 @@ from .errors import (
     UnsafeWeightFile,
     VersionNotFound,
 )
-from .data import Interaction, data_digest, parse_interactions, read_interactions
-from .layers import Activation, AdapterWeights, LoraRuntime
-from .lora import LoraSettings
+from .interactions import Interaction, data_digest, parse_interactions, read_interactions
+from .lora_runtime import Activation, AdapterWeights, LoraRuntime
+from .peft_format import LoraSettings
 from .refs import AdapterRef, StackPart, format_stack, parse_ref, parse_stack
-from .compose import METHODS as MERGE_METHODS, merge
-from .engine import Engine, EngineClosed, EngineStats, GenerationRequest, GenerationResult, Handle
-from .constrain import ResponseFormat
-from .sampling import SamplingParams, TokenLogprob, TopLogprob
-from .route import RouteChoice, RouteScore, Router
-from .store import (
+from .compose.merge import METHODS as MERGE_METHODS, merge
+from .serving.engine import Engine, EngineClosed, EngineStats, GenerationRequest, GenerationResult, Handle
+from .serving.constrain import ResponseFormat
+from .serving.sampling import SamplingParams, TokenLogprob, TopLogprob
+from .compose.route import RouteChoice, RouteScore, Router
+from .store.facade import (
     AdapterHasDependents,
     AdapterInfo,
     Dependent,
@@ -48,7 +48,7 @@ from .store import (
     VerifyReport,
     VersionInfo,
 )
-from .train import EvalResult, Trainer, UpdateConfig, UpdateResult, log_interactions
+from .training.trainer import EvalResult, Trainer, UpdateConfig, UpdateResult, log_interactions
 
 __version__ = "0.1.0"
 

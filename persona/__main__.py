@@ -1,5 +1,5 @@
 """``python -m persona`` runs the CLI."""
 
-from .cli import main
+from .cli.main import main
 
 main()

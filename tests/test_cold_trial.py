@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from persona import LoraSettings, Store
-from persona.auth import TokenStore
+from persona.store.tokens import TokenStore
 
 from conftest import loopback_server
 
@@ -82,14 +82,14 @@ def test_merge_does_not_print_peft_missing_base_config_warning(tiny_base, isolat
 # ------------------------------------------------------------------------------------ HTTP
 @pytest.fixture(scope="module")
 def server(tiny_base, tmp_path_factory):
-    from persona.engine import Engine
-    from persona.server import ServerConfig, create_app
+    from persona.serving.engine import Engine
+    from persona.http.app import ServerConfig, create_app
 
     store = Store.init(tmp_path_factory.mktemp("cold-trial-store"), base=tiny_base)
     store.create("domain:finance", LoraSettings(seed=3, **RANK))
     # routable (the centroid router reads the replay buffer's prompts), as a trained domain would be
-    from persona.data import parse_interactions
-    from persona.replay import ReplayBuffer
+    from persona.interactions import parse_interactions
+    from persona.store.replay import ReplayBuffer
 
     row = json.dumps({"messages": [{"role": "user", "content": "What is a bond yield?"},
                                    {"role": "assistant", "content": "The return on a bond."}]})

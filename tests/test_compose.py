@@ -9,10 +9,10 @@ import torch
 from click.testing import CliRunner
 
 from persona import BaseMismatch, InvalidConfig, InvalidReference, LoraSettings, Store
-from persona.cli import PersonaGroup
-from persona.cli_compose import COMMANDS
-from persona.compose import METHODS, merge
-from persona.layers import Activation, AdapterWeights, LoraRuntime
+from persona.cli.main import PersonaGroup
+from persona.cli.compose import COMMANDS
+from persona.compose.merge import METHODS, merge
+from persona.lora_runtime import Activation, AdapterWeights, LoraRuntime
 from persona.store import AdapterHasDependents
 
 IDS = torch.tensor([[5, 17, 300, 42, 9, 11, 8], [7, 8, 9, 10, 11, 12, 13]])

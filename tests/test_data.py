@@ -1,4 +1,4 @@
-"""persona.data: validation of interactions, loss masks, truncation, batching, digest, appending."""
+"""persona.interactions: validation of interactions, loss masks, truncation, batching, digest, appending."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from persona import data
-from persona.data import (
+from persona import interactions as data
+from persona.interactions import (
     Example,
     Interaction,
     append_jsonl,

@@ -20,8 +20,8 @@ from persona import (
     VersionNotFound,
 )
 from persona.base import load_base
-from persona.detokenize import TextStream
-from persona.engine import Engine, EngineClosed, GenerationRequest, SamplingParams
+from persona.serving.detokenize import TextStream
+from persona.serving.engine import Engine, EngineClosed, GenerationRequest, SamplingParams
 
 IDS = torch.tensor([[5, 17, 300, 42, 9, 11, 7, 8]] * 6) + torch.arange(6).view(-1, 1) * 13
 PROMPTS = ("Hello there", "The quick brown fox jumps over", "1 2 3", "Once upon a time, in a land far away,")

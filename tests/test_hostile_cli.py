@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from persona import data
+from persona import interactions as data
 from persona.errors import (
     AdapterNotFound,
     BaseMismatch,

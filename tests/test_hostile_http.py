@@ -27,7 +27,7 @@ import httpx
 import pytest
 
 from persona import LoraSettings, Store
-from persona.auth import TokenStore
+from persona.store.tokens import TokenStore
 
 WAIT = 30  # seconds any single wait may take before the test fails (never reached when things work)
 CHAT = {"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 4, "temperature": 0}
@@ -53,7 +53,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def world(tiny_base, tmp_path_factory):
     """One store and engine for the module; each test starts its own server with its own limits."""
-    from persona.engine import Engine
+    from persona.serving.engine import Engine
 
     store = Store.init(tmp_path_factory.mktemp("hostile-store"), base=tiny_base)
     for ref, seed in (("user:alice", 1), ("user:bob", 2)):
@@ -69,7 +69,7 @@ def world(tiny_base, tmp_path_factory):
 @contextmanager
 def running(world, **limits):
     """A server on loopback over the module's engine, with these ``ServerConfig`` fields."""
-    from persona.server import ServerConfig, make_server
+    from persona.http.app import ServerConfig, make_server
 
     port = free_port()
     srv = make_server(world["engine"], "127.0.0.1", port, ServerConfig(**limits), log_level="warning")
@@ -201,8 +201,8 @@ def test_engine_totals_are_counters_not_gauges(world):
 # ------------------------------------------------------------------------------- 2. body size, loop
 def test_body_over_the_cap_is_a_413_before_it_is_read(world):
     import persona.cli  # noqa: F401 - cli_serve is imported through it
-    from persona.cli_serve import MAX_BODY_BYTES as CLI_DEFAULT
-    from persona.server import MAX_BODY_BYTES
+    from persona.cli.serve import MAX_BODY_BYTES as CLI_DEFAULT
+    from persona.http.app import MAX_BODY_BYTES
 
     assert CLI_DEFAULT == MAX_BODY_BYTES
     big = json.dumps({**CHAT, "model": "user:alice", "messages": [{"role": "user", "content": "x" * 70_000}]}).encode()
@@ -427,7 +427,7 @@ def test_unhandled_error_is_an_openai_shaped_500_without_internals_and_logged(wo
         raise RuntimeError("secret detail at /srv/internal/path")
 
     monkeypatch.setattr(engine, "submit", broken_submit)
-    caplog.set_level(logging.ERROR, logger="persona.server")
+    caplog.set_level(logging.ERROR, logger="persona.http.app")
     with running(world) as srv, httpx.Client(base_url=srv["url"], timeout=WAIT) as http:
         for stream in (False, True):
             response = http.post("/v1/chat/completions", json={**CHAT, "model": "user:alice", "stream": stream},
@@ -435,7 +435,7 @@ def test_unhandled_error_is_an_openai_shaped_500_without_internals_and_logged(wo
             assert response.status_code == 500 and "secret" not in response.text
             assert response.json()["error"]["type"] == "server_error"
         assert http.get("/healthz").status_code == 200
-    logged = [r for r in caplog.records if r.name == "persona.server" and r.exc_info]
+    logged = [r for r in caplog.records if r.name == "persona.http.app" and r.exc_info]
     assert logged and "secret detail" in str(logged[0].exc_info[1])
 
 
@@ -454,20 +454,20 @@ def test_an_error_in_the_middle_of_a_stream_ends_it_with_an_error_event(world, m
         return handle
 
     monkeypatch.setattr(engine, "submit", breaking_submit)
-    caplog.set_level(logging.ERROR, logger="persona.server")
+    caplog.set_level(logging.ERROR, logger="persona.http.app")
     with running(world) as srv:
         response = httpx.post(srv["url"] + "/v1/chat/completions", headers=auth(world), timeout=WAIT,
                               json={**CHAT, "model": "user:alice", "stream": True})
     events = [line[len("data: "):] for line in response.text.splitlines() if line.startswith("data: ")]
     assert response.status_code == 200 and events[-1] == "[DONE]" and "secret" not in response.text
     assert json.loads(events[-2])["error"]["type"] == "server_error"
-    assert any(r.exc_info for r in caplog.records if r.name == "persona.server")
+    assert any(r.exc_info for r in caplog.records if r.name == "persona.http.app")
 
 
 def test_admission_gate_holds_a_place_until_the_request_ends():
-    from persona.admission import AdmissionGate
-    from persona.batching import Handle
-    from persona.engine import GenerationRequest
+    from persona.http.admission import AdmissionGate
+    from persona.serving.scheduler import Handle
+    from persona.serving.engine import GenerationRequest
     from persona.errors import Overloaded
 
     gate = AdmissionGate(max_total=3, max_per_key=2)

@@ -28,7 +28,7 @@ from persona import (
     NonFiniteWeights,
     Store,
 )
-from persona.data import Interaction, data_digest
+from persona.interactions import Interaction, data_digest
 
 RANK = dict(rank=4, init="random")
 
@@ -115,7 +115,7 @@ def test_cli_list_and_verify_report_a_damaged_adapter_and_delete_it(run_cli, iso
 def test_models_route_keeps_working_with_a_damaged_adapter(store):
     from fastapi.testclient import TestClient
 
-    from persona.server import ServerConfig, create_app
+    from persona.http.app import ServerConfig, create_app
 
     class StoreOnlyEngine:  # /v1/models reads only the store; no base model is needed
         base_name = "tiny"
@@ -303,7 +303,7 @@ def test_merge_producing_nan_publishes_nothing(store, monkeypatch):
 
 
 def test_update_producing_nan_publishes_nothing(store, monkeypatch):
-    from persona.train import Trainer, UpdateConfig
+    from persona.training.trainer import Trainer, UpdateConfig
 
     def nan_optimize(self, weights, *args, **kwargs):
         for a, b in weights.factors.values():
@@ -322,7 +322,7 @@ def test_update_producing_nan_publishes_nothing(store, monkeypatch):
 @pytest.fixture
 def replaced_modes(monkeypatch):
     """The mode of every temp file at the instant it is renamed into place, by final name."""
-    import persona.fsutil as fsutil
+    import persona._fs as fsutil
 
     modes: dict[str, list[int]] = {}
     real = os.replace
@@ -337,9 +337,9 @@ def replaced_modes(monkeypatch):
 
 
 def test_private_files_are_0600_from_the_start(store, replaced_modes):
-    from persona.auth import TokenStore
-    from persona.replay import ReplayBuffer
-    from persona.train import log_interactions
+    from persona.store.tokens import TokenStore
+    from persona.store.replay import ReplayBuffer
+    from persona.training.trainer import log_interactions
 
     old = os.umask(0o022)
     try:
@@ -365,7 +365,7 @@ def test_pending_rewrite_keeps_0600(store, replaced_modes):
 
 
 def test_log_refuses_to_write_through_a_planted_pending_symlink(store, tmp_path):
-    from persona.train import log_interactions
+    from persona.training.trainer import log_interactions
 
     target = tmp_path / "victim.txt"
     target.write_text("untouched\n")
@@ -399,7 +399,7 @@ def rows(tag: str, n: int) -> list[Interaction]:
 @pytest.fixture
 def trained(store, monkeypatch):
     """A Trainer whose every update records the interactions it trained on."""
-    from persona.train import Trainer
+    from persona.training.trainer import Trainer
 
     trainer = Trainer(store)
     seen: list[list[Interaction]] = []
@@ -415,7 +415,7 @@ def trained(store, monkeypatch):
 
 def test_crash_after_publish_before_consume_does_not_retrain_rows(store, trained, monkeypatch):
     from persona import pending
-    from persona.train import UpdateConfig, log_interactions
+    from persona.training.trainer import UpdateConfig, log_interactions
 
     trainer, seen = trained
     first, second = rows("first", 4), rows("second", 3)
@@ -445,7 +445,7 @@ def test_crash_after_publish_before_consume_does_not_retrain_rows(store, trained
 
 def test_crash_remnant_alone_leaves_nothing_pending_for_update_all(store, trained, monkeypatch):
     from persona import pending
-    from persona.train import UpdateConfig, log_interactions
+    from persona.training.trainer import UpdateConfig, log_interactions
 
     trainer, seen = trained
     log_interactions(store, "user:alice", rows("only", 4))
@@ -459,7 +459,7 @@ def test_crash_remnant_alone_leaves_nothing_pending_for_update_all(store, traine
 
 
 def test_the_same_rows_logged_again_after_a_clean_update_are_trained(store, trained):
-    from persona.train import UpdateConfig, log_interactions
+    from persona.training.trainer import UpdateConfig, log_interactions
 
     trainer, seen = trained
     same = rows("repeat", 4)
@@ -472,7 +472,7 @@ def test_the_same_rows_logged_again_after_a_clean_update_are_trained(store, trai
 
 
 def test_replay_buffer_is_never_read_through_a_symlink(store, tmp_path):
-    from persona.replay import REPLAY, ReplayBuffer
+    from persona.store.replay import REPLAY, ReplayBuffer
 
     elsewhere = tmp_path / "someone-elses.jsonl"
     elsewhere.write_text(json.dumps({"text": "another user's secret"}) + "\n")
@@ -483,7 +483,7 @@ def test_replay_buffer_is_never_read_through_a_symlink(store, tmp_path):
 
 
 def test_replay_row_holding_a_line_separator_survives_the_round_trip(store):
-    from persona.replay import ReplayBuffer
+    from persona.store.replay import ReplayBuffer
 
     folder = store.adapter_dir("user:alice")
     row = Interaction.from_json({"prompt": "Where do I live?", "completion": "Lisbon\u2028(since May)"})

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from persona import InvalidReference, LoraSettings, Store
-from persona.data import read_interactions
-from persona.layers import AdapterWeights
+from persona.interactions import read_interactions
+from persona.lora_runtime import AdapterWeights
 from persona.refs import parse_stack
-from persona.train import Trainer, UpdateConfig
+from persona.training.trainer import Trainer, UpdateConfig
 
 from conftest import loopback_server
 
@@ -127,14 +127,14 @@ def layered(store) -> Store:
 @pytest.fixture
 def engine(layered, tiny_base):
     from persona.base import load_base
-    from persona.engine import Engine
+    from persona.serving.engine import Engine
 
     with Engine(layered, base=load_base(tiny_base), max_resident=4) as engine:
         yield engine
 
 
 def test_layered_adapter_served_with_its_layer_engine(engine):
-    from persona.engine import GenerationRequest, SamplingParams
+    from persona.serving.engine import GenerationRequest, SamplingParams
 
     models = ["user:carol", "user:carol+domain:finance@v1", "user:dave", "user:dave+domain:finance@v1",
               "user:carol*0.5", "user:dave*0.5+domain:finance@v1*0.5"]
@@ -173,7 +173,7 @@ def test_layered_adapter_in_explicit_stacks(engine, layered):
 def test_layered_adapter_depth_counts_its_layer(layered, tiny_base):
     from persona import InvalidConfig
     from persona.base import load_base
-    from persona.engine import Engine
+    from persona.serving.engine import Engine
 
     with Engine(layered, base=load_base(tiny_base), max_resident=2) as engine:
         assert len(engine.resolve("user:carol")) == 2
@@ -184,9 +184,9 @@ def test_layered_adapter_depth_counts_its_layer(layered, tiny_base):
 
 
 def test_layered_adapter_with_domain_auto_never_routes_to_its_layer(engine, layered):
-    from persona.data import Interaction
-    from persona.engine import GenerationRequest, SamplingParams
-    from persona.replay import ReplayBuffer
+    from persona.interactions import Interaction
+    from persona.serving.engine import GenerationRequest, SamplingParams
+    from persona.store.replay import ReplayBuffer
 
     for domain, words in (("finance", "stock bond dividend"), ("cooking", "pasta garlic oven")):
         items = tuple(Interaction(messages=(("user", f"{words} {i}"), ("assistant", "ok"))) for i in range(4))
@@ -233,10 +233,10 @@ def test_layered_adapter_served_with_its_layer_cli_generate(layered, tiny_base):
 @pytest.fixture
 def server(layered, tiny_base):
     """The HTTP server on loopback, with carol's token; frank is layered on a merged (admin-only) adapter."""
-    from persona.auth import TokenStore
+    from persona.store.tokens import TokenStore
     from persona.base import load_base
-    from persona.engine import Engine
-    from persona.server import ServerConfig, create_app
+    from persona.serving.engine import Engine
+    from persona.http.app import ServerConfig, create_app
 
     layered.create("merged:team", random_settings(11))
     layered.create("user:frank", random_settings(12), over="merged:team")
@@ -252,7 +252,7 @@ def server(layered, tiny_base):
 def test_layered_adapter_served_with_its_layer_server(server):
     import httpx
 
-    from persona.engine import GenerationRequest, SamplingParams
+    from persona.serving.engine import GenerationRequest, SamplingParams
 
     def chat(model, who):
         return httpx.post(server["url"] + "/v1/chat/completions", timeout=60,

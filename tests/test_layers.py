@@ -6,7 +6,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from persona import InvalidConfig, LoraSettings, Store
-from persona.layers import Activation, AdapterWeights, LoraRuntime
+from persona.lora_runtime import Activation, AdapterWeights, LoraRuntime
 
 
 @pytest.fixture
@@ -78,7 +78,7 @@ def test_runtime_refuses_adapters_that_do_not_fit(store, tiny_base):
 
 
 def test_lora_dropout_drops_at_its_rate_and_scales_survivors():
-    from persona.layers import _dropout
+    from persona.lora_runtime import _dropout
 
     torch.manual_seed(0)
     x = torch.ones(400, 500, requires_grad=True)

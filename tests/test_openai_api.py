@@ -10,7 +10,7 @@ import httpx
 import pytest
 import torch
 
-from persona.openai_schema import REQUEST_FIELDS
+from persona.http.openai_schema import REQUEST_FIELDS
 from test_server import CHAT, client, post, server  # noqa: F401 - the module's server fixture
 
 SCHEMA = {
@@ -174,8 +174,8 @@ def test_bad_response_format_refused_with_param(server, fmt):
 
 
 def test_rows_without_constraints_are_unchanged_by_constrained_neighbours(server):
-    from persona.constrain import ResponseFormat
-    from persona.engine import GenerationRequest, SamplingParams
+    from persona.serving.constrain import ResponseFormat
+    from persona.serving.engine import GenerationRequest, SamplingParams
 
     engine = server["engine"]
     plain = [GenerationRequest("user:alice", prompt="Once upon", params=SamplingParams(max_new_tokens=8)),
@@ -337,7 +337,7 @@ def test_request_field_table_matches_the_docs():
 # ------------------------------------------------------------------------------------ library
 def test_sampling_params_check_logprobs_and_logit_bias():
     from persona.errors import InvalidConfig
-    from persona.sampling import SamplingParams
+    from persona.serving.sampling import SamplingParams
 
     assert SamplingParams(logit_bias={"5": 1, 7: -2.5}).logit_bias == ((5, 1.0), (7, -2.5))
     assert SamplingParams(logprobs=0).logprobs == 0 and not SamplingParams().shapes_logits

@@ -15,13 +15,13 @@ from click.testing import CliRunner
 
 from persona import AdapterNotFound, InvalidConfig, LoraSettings, Store
 from persona.base import load_base
-from persona.cli import PersonaGroup
-from persona.cli_compose import COMMANDS
-from persona.data import Interaction
-from persona.layers import Activation, AdapterWeights, LoraRuntime
+from persona.cli.main import PersonaGroup
+from persona.cli.compose import COMMANDS
+from persona.interactions import Interaction
+from persona.lora_runtime import Activation, AdapterWeights, LoraRuntime
 from persona.refs import MAX_STACK, StackPart, format_stack, format_weight, parse_stack
-from persona.route import CACHE_DIR, Router, prompt_text, select, top_right_singular_vector
-from persona.train import Trainer, UpdateConfig
+from persona.compose.route import CACHE_DIR, Router, prompt_text, select, top_right_singular_vector
+from persona.training.trainer import Trainer, UpdateConfig
 
 VOCAB = {
     "finance": ["stock", "bond", "dividend", "mortgage"],
@@ -192,7 +192,7 @@ def test_route_refuses_while_adapters_are_active(router, world):
 
 
 def test_select_softmax():
-    from persona.route import RouteScore
+    from persona.compose.route import RouteScore
 
     scores = [RouteScore("domain:a@v1", 0.5), RouteScore("domain:b@v1", 0.4), RouteScore("domain:c@v1", -1.0)]
     (only,) = select(scores, 1)
@@ -203,7 +203,7 @@ def test_select_softmax():
 
 def test_cli_route(world, monkeypatch):
     store, trainer = world
-    import persona.route as route_module
+    import persona.compose.route as route_module
 
     monkeypatch.setattr(route_module.Router, "load", classmethod(lambda cls, s, **kw: cls(s, trainer.model, trainer.tokenizer, **kw)))
     runner = CliRunner()
@@ -224,7 +224,7 @@ def test_cli_route(world, monkeypatch):
 
 def test_engine_serves_domain_auto_with_the_routers_choice(world):
     from persona import InvalidReference
-    from persona.engine import Engine, GenerationRequest, SamplingParams
+    from persona.serving.engine import Engine, GenerationRequest, SamplingParams
 
     store, trainer = world
     engine = Engine(store, base=trainer.base, max_resident=4)
@@ -247,7 +247,7 @@ def test_engine_serves_domain_auto_with_the_routers_choice(world):
 
 
 def test_engine_domain_auto_top_2_equals_the_weighted_stack_it_resolved_to(world, router):
-    from persona.engine import Engine, GenerationRequest, SamplingParams
+    from persona.serving.engine import Engine, GenerationRequest, SamplingParams
 
     store, trainer = world
     text = prompts("medicine", 1, seed=11)[0]
@@ -278,7 +278,7 @@ def test_engine_domain_auto_top_2_equals_the_weighted_stack_it_resolved_to(world
 
 def test_domain_auto_never_repeats_a_domain_the_stack_names(world):
     from persona import AdapterNotFound as NotFound
-    from persona.engine import Engine, GenerationRequest, SamplingParams
+    from persona.serving.engine import Engine, GenerationRequest, SamplingParams
 
     store, trainer = world
     text = prompts("medicine", 1, seed=12)[0]
@@ -293,7 +293,7 @@ def test_domain_auto_never_repeats_a_domain_the_stack_names(world):
 
 
 def test_route_top_k_limits(world):
-    from persona.engine import Engine, GenerationRequest
+    from persona.serving.engine import Engine, GenerationRequest
 
     store, trainer = world
     for bad in (0, MAX_STACK + 1, True, 2.0):

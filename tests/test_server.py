@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from persona import LoraSettings, Store
-from persona.auth import TokenStore
+from persona.store.tokens import TokenStore
 
 
 def free_port() -> int:
@@ -22,8 +22,8 @@ def free_port() -> int:
 def server(tiny_base, tmp_path_factory):
     import uvicorn
 
-    from persona.engine import Engine
-    from persona.server import ServerConfig, create_app
+    from persona.serving.engine import Engine
+    from persona.http.app import ServerConfig, create_app
 
     root = tmp_path_factory.mktemp("server-store")
     store = Store.init(root, base=tiny_base)
@@ -66,7 +66,7 @@ CHAT = {"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 
 
 
 def test_openai_client_chat_matches_the_engine(server):
-    from persona.engine import GenerationRequest, SamplingParams
+    from persona.serving.engine import GenerationRequest, SamplingParams
 
     reply = client(server).chat.completions.create(model="user:alice", **CHAT)
     text = reply.choices[0].message.content
@@ -77,7 +77,7 @@ def test_openai_client_chat_matches_the_engine(server):
 
 
 def test_weighted_stack_is_served_as_the_engine_computes_it_and_echoed(server):
-    from persona.engine import GenerationRequest, SamplingParams
+    from persona.serving.engine import GenerationRequest, SamplingParams
 
     model = "user:alice+domain:finance*0.5"
     reply = client(server).chat.completions.create(model=model, **CHAT)
@@ -90,7 +90,7 @@ def test_weighted_stack_is_served_as_the_engine_computes_it_and_echoed(server):
 
 
 def test_scope_checks_every_part_whatever_its_weight():
-    from persona.auth import Scope
+    from persona.store.tokens import Scope
     from persona.refs import parse_stack
 
     alice = Scope("t1", "user:alice")

@@ -22,7 +22,7 @@ from persona import (
     UnsafeWeightFile,
     VersionNotFound,
 )
-from persona.store import PENDING, REPLAY
+from persona.store.facade import PENDING, REPLAY
 
 from test_refs import HOSTILE_NAMES
 

@@ -6,10 +6,10 @@ import random
 import pytest
 
 from persona import InvalidInteractions, LoraSettings, Store
-from persona.data import Interaction, parse_interactions
-from persona.layers import AdapterWeights
-from persona.replay import ReplayBuffer
-from persona.supersede import (
+from persona.interactions import Interaction, parse_interactions
+from persona.lora_runtime import AdapterWeights
+from persona.store.replay import ReplayBuffer
+from persona.training.supersede import (
     SupersessionDetector,
     answers_differ,
     content_words,
@@ -18,7 +18,7 @@ from persona.supersede import (
     sample_replay,
     subject_conflict,
 )
-from persona.train import Trainer, UpdateConfig
+from persona.training.trainer import Trainer, UpdateConfig
 
 CITY_QS = ["Where do I live?", "Which city do I live in?", "Where is my home?", "What city do I live in?"]
 SPORT_QS = ["What sport do I play?", "Which sport do I practice?", "What game do I play?", "What is my sport?"]

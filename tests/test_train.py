@@ -15,10 +15,10 @@ import torch
 
 from persona import AdapterNotFound, InvalidConfig, InvalidInteractions, LoraSettings, Store
 from persona.base import fingerprint
-from persona.data import parse_interactions, read_interactions
-from persona.layers import Activation, AdapterWeights
-from persona.replay import ReplayBuffer
-from persona.train import Trainer, UpdateConfig, log_interactions
+from persona.interactions import parse_interactions, read_interactions
+from persona.lora_runtime import Activation, AdapterWeights
+from persona.store.replay import ReplayBuffer
+from persona.training.trainer import Trainer, UpdateConfig, log_interactions
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "interactions"
 FAST = dict(epochs=1, batch_size=8, max_length=96)
@@ -189,7 +189,7 @@ def test_replayed_rows_come_on_top_and_the_gate_evaluates_a_sample(store, traine
 
 
 def test_training_precision_is_recorded_and_bf16_tracks_fp32(store, trainer):
-    from persona.train import training_precision
+    from persona.training.trainer import training_precision
 
     assert training_precision("auto", trainer.model) in ("fp32", "bf16")
     assert training_precision("fp32", trainer.model) == "fp32"

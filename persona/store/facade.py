@@ -36,8 +36,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from filelock import FileLock, Timeout
 
-from .base import EMBEDDED_BASE, PICKLE_SUFFIXES, base_info, load_config
-from .errors import (
+from ..base import EMBEDDED_BASE, PICKLE_SUFFIXES, base_info, load_config
+from ..errors import (
     AdapterExists,
     AdapterNotFound,
     BaseMismatch,
@@ -53,7 +53,7 @@ from .errors import (
     UnsafeWeightFile,
     VersionNotFound,
 )
-from .fsutil import (
+from .._fs import (
     PRIVATE_MODE,
     TMP_PREFIX,
     atomic_write_json,
@@ -67,9 +67,9 @@ from .fsutil import (
     symlinks_under,
     temp_sibling,
 )
-from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraSettings, init_lora_tensors, lora_shapes, peft_adapter_config, resolve_targets
-from .meta import EXTRA_FILE, VersionInfo, lineage_sources, parse_meta
-from .refs import CURRENT, KINDS, RESERVED_NAMES, AdapterRef, format_version, parse_ref, validate_alias
+from ..peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraSettings, init_lora_tensors, lora_shapes, peft_adapter_config, resolve_targets
+from .records import EXTRA_FILE, VersionInfo, lineage_sources, parse_meta
+from ..refs import CURRENT, KINDS, RESERVED_NAMES, AdapterRef, format_version, parse_ref, validate_alias
 
 STORE_FORMAT = 1
 STORE_FILE = "persona.json"
@@ -730,7 +730,7 @@ class Store:
 
     def set_alias(self, ref: str | AdapterRef, alias: str, version: int | str) -> None:
         """Point ``alias`` of an adapter at an existing version (atomic)."""
-        from .refs import parse_version
+        from ..refs import parse_version
 
         ref = parse_ref(ref)
         validate_alias(alias)
@@ -787,7 +787,7 @@ class Store:
 
     def _revoke_tokens(self, deleted: tuple[str, ...]) -> tuple[str, ...]:
         """Revoke the server tokens of deleted adapters (they name the user); returns ``deleted``."""
-        from .auth import TokenStore
+        from .tokens import TokenStore
 
         tokens = TokenStore(self)
         for adapter in deleted:

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Literal, Mapping
 import numpy as np
 import torch
 
-from .errors import InvalidConfig, InvalidResponseFormat
+from ..errors import InvalidConfig, InvalidResponseFormat
 
 MAX_SCHEMA_CHARS = 64 << 10
 # Compact JSON: with flexible whitespace a weak model can pad with spaces and newlines until its

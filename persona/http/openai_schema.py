@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
-from .sampling import TokenLogprob
+from ..serving.sampling import TokenLogprob
 
 Endpoint = Literal["chat", "completions"]
 Status = Literal["supported", "refused", "ignored"]

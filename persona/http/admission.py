@@ -16,11 +16,11 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
-from .batching import when_all_done
-from .errors import InvalidConfig, Overloaded
+from ..serving.scheduler import when_all_done
+from ..errors import InvalidConfig, Overloaded
 
 if TYPE_CHECKING:
-    from .batching import Handle
+    from ..serving.scheduler import Handle
 
 
 class Ticket:

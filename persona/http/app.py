@@ -38,9 +38,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from .admission import AdmissionGate
-from .auth import AuthError, Scope, TokenStore
-from .batching import when_all_done
-from .errors import (
+from ..store.tokens import AuthError, Scope, TokenStore
+from ..serving.scheduler import when_all_done
+from ..errors import (
     AdapterNotFound,
     InvalidConfig,
     InvalidInteractions,
@@ -53,7 +53,7 @@ from .errors import (
     VersionNotFound,
 )
 from .openai_schema import chat_logprobs, completion_logprobs, refusal
-from .refs import parse_stack
+from ..refs import parse_stack
 
 MAX_TOKENS_LIMIT = 4096
 MAX_N = 16  # choices per request: n rows of the batch
@@ -260,7 +260,7 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
             raise _not_found(model)
 
     def sampling(body: _Common):
-        from .engine import SamplingParams
+        from ..serving.engine import SamplingParams
 
         if body.limit() > config.max_tokens_limit:
             raise ApiError(400, f"max_tokens is {body.limit()}; this server allows at most {config.max_tokens_limit}",
@@ -280,7 +280,7 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
             raise ApiError(400, str(exc), "invalid_request_error", param=param) from None
 
     def response_format(body: _Common):
-        from .constrain import ResponseFormat
+        from ..serving.constrain import ResponseFormat
 
         fmt = getattr(body, "response_format", None)
         if fmt is None or fmt.type == "text":
@@ -444,8 +444,8 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
         users = [p.ref for p in parse_stack(model) if p.ref.kind == "user"] if model != engine.base_name else []
         if len(users) != 1:
             return
-        from .data import Interaction
-        from .train import log_interactions
+        from ..interactions import Interaction
+        from ..training.trainer import log_interactions
 
         try:
             interaction = Interaction.from_json({"messages": messages + [{"role": "assistant", "content": answer}]},
@@ -455,7 +455,7 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
             pass  # logging is best effort; the answer was served
 
     async def complete(route: str, body: _Common, request: Request, *, chat: bool):
-        from .engine import GenerationRequest
+        from ..serving.engine import GenerationRequest
 
         started = time.perf_counter()
         scope = authorize(request)

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import click
 
-from .cli import _open, emit, json_option, store_option
-from .refs import MAX_STACK
+from .main import _open, emit, json_option, store_option
+from ..refs import MAX_STACK
 
 MAX_BODY_BYTES = 4 << 20  # persona.server.MAX_BODY_BYTES, without importing FastAPI for every command
 
 
 def _engine(store_root, max_resident: int = 16, max_batch: int = 8, route_top_k: int = 1):
-    from .engine import Engine
+    from ..serving.engine import Engine
 
     return Engine(_open(store_root), max_resident=max_resident, max_batch=max_batch, route_top_k=route_top_k)
 
@@ -26,7 +26,7 @@ def route_top_k_option(f):
 
 
 def _params(max_new_tokens, temperature, top_p, seed, stop):
-    from .engine import SamplingParams
+    from ..serving.engine import SamplingParams
 
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=tuple(stop))
 
@@ -64,7 +64,7 @@ def generate(model, prompt, raw, route_top_k, max_new_tokens, temperature, top_p
       persona generate user:alice+domain:auto --route-top-k 2 "Should I buy bonds?"
       persona generate smollm2-135m-instruct "What's my dog's name?"     (the base alone)
     """
-    from .engine import GenerationRequest
+    from ..serving.engine import GenerationRequest
 
     engine = _engine(store_root, max_resident=MAX_STACK, max_batch=1, route_top_k=route_top_k)
     try:
@@ -104,7 +104,7 @@ def chat(model, system, route_top_k, max_new_tokens, temperature, top_p, seed, s
       persona chat user:alice
       persona chat user:alice+domain:auto --system "Answer briefly."
     """
-    from .engine import GenerationRequest
+    from ..serving.engine import GenerationRequest
 
     engine = _engine(store_root, max_resident=MAX_STACK, max_batch=1, route_top_k=route_top_k)
     engine.check(model)  # fail before the first prompt
@@ -171,7 +171,7 @@ def serve(host, port, max_resident, max_batch, no_auth, log_interactions, max_bo
       persona serve --port 8000
       persona serve --port 8000 --route-top-k 2 --log-interactions
     """
-    from .server import ServerConfig, serve as run_server
+    from ..http.app import ServerConfig, serve as run_server
 
     if no_auth:
         click.secho("WARNING: --no-auth: authentication is OFF. Anyone who can reach "
@@ -210,7 +210,7 @@ def token_create(ref, admin, store_root, as_json) -> None:
       persona token create user:alice
       persona token create --admin --json
     """
-    from .auth import ADMIN, TokenStore
+    from ..store.tokens import ADMIN, TokenStore
 
     if bool(ref) == bool(admin):
         raise click.UsageError("give a user adapter (user:NAME) or --admin")
@@ -229,7 +229,7 @@ def token_list(store_root, as_json) -> None:
     Examples:
       persona token list --json
     """
-    from .auth import TokenStore
+    from ..store.tokens import TokenStore
 
     infos = TokenStore(_open(store_root)).list()
     if as_json:
@@ -252,7 +252,7 @@ def token_revoke(token_id, store_root, as_json) -> None:
     Examples:
       persona token revoke 1a2b3c4d5e6f
     """
-    from .auth import TokenStore
+    from ..store.tokens import TokenStore
 
     TokenStore(_open(store_root)).revoke(token_id)
     emit(as_json, {"token_id": token_id, "revoked": True}, f"revoked {token_id}")

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .data import Interaction, parse_interactions
-from .fsutil import PRIVATE_MODE, atomic_write_bytes, atomic_write_json, read_regular_file
+from ..interactions import Interaction, parse_interactions
+from .._fs import PRIVATE_MODE, atomic_write_bytes, atomic_write_json, read_regular_file
 
 REPLAY = "replay.jsonl"
 REPLAY_STATE = "replay.state.json"

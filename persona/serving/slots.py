@@ -22,9 +22,9 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .errors import InvalidConfig
-from .layers import AdapterWeights, LoraRuntime, SlotRoute
-from .refs import AdapterRef
+from ..errors import InvalidConfig
+from ..lora_runtime import AdapterWeights, LoraRuntime, SlotRoute
+from ..refs import AdapterRef
 
 
 def weights_nbytes(weights: AdapterWeights) -> int:

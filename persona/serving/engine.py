@@ -46,13 +46,13 @@ from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import torch
 
-from .base import BaseModel, load_base
-from .batching import BatchWorker, EngineClosed, Handle
+from ..base import BaseModel, load_base
+from .scheduler import BatchWorker, EngineClosed, Handle
 from .constrain import RowGrammar, Vocabulary
 from .detokenize import TextStream
-from .errors import BaseMismatch, InvalidConfig, InvalidPrompt, InvalidReference, NoDomainToRoute
-from .layers import LoraRuntime
-from .refs import MAX_STACK, RESERVED_NAMES, AdapterRef, StackPart, format_stack, parse_stack
+from ..errors import BaseMismatch, InvalidConfig, InvalidPrompt, InvalidReference, NoDomainToRoute
+from ..lora_runtime import LoraRuntime
+from ..refs import MAX_STACK, RESERVED_NAMES, AdapterRef, StackPart, format_stack, parse_stack
 from .sampling import SamplingParams, TokenLogprob, choose_tokens, make_generator, token_logprobs
 from .slots import AdapterCache, SlotBank, distinct_keys, group_rows
 
@@ -518,7 +518,7 @@ class Engine:
         # The router runs the base model: never while a batch has adapters routed on it.
         with self._lock, self._tokenizer_lock:
             if self._router is None:
-                from .route import Router
+                from ..compose.route import Router
 
                 self._router = Router(self.store, self.model, self.tokenizer)
             prompt = request.messages if request.messages is not None else request.prompt

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .cli import _open, emit, json_option, store_option
-from .compose import METHODS
+from .main import _open, emit, json_option, store_option
+from ..compose.merge import METHODS
 
 
 def _weights(ctx, param, value: str | None) -> list[float] | None:
@@ -39,7 +39,7 @@ def merge(parents, into, method, weights, density, rank, seed, store_root, as_js
       persona merge user:alice domain:finance --into merged:alice-fin --method cat --weights 1,0.5
       persona merge domain:a domain:b --into merged:ab --method ties --density 0.5
     """
-    from .compose import merge as merge_adapters
+    from ..compose.merge import merge as merge_adapters
 
     info = merge_adapters(_open(store_root), list(parents), into, method, weights, density, rank, seed=seed)
     parts = " + ".join(f"{e['adapter']}@v{e['version']} (w={e['weight']:g})" for e in info.lineage)
@@ -70,8 +70,8 @@ def route(prompt, top_k, method, temperature, store_root, as_json) -> None:
       persona route "How do index funds work?"
       persona route "How do index funds work?" --top-k 2 --json
     """
-    from .refs import StackPart, format_stack
-    from .route import Router, select
+    from ..refs import StackPart, format_stack
+    from ..compose.route import Router, select
 
     router = Router.load(_open(store_root), method=method, temperature=temperature)
     scores = router.scores(prompt)

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .data import Interaction, append_jsonl, parse_interactions
-from .errors import IntegrityError, InvalidInteractions
-from .fsutil import PRIVATE_MODE, atomic_write_bytes, atomic_write_json, read_regular_file
-from .refs import AdapterRef
+from ..interactions import Interaction, append_jsonl, parse_interactions
+from ..errors import IntegrityError, InvalidInteractions
+from .._fs import PRIVATE_MODE, atomic_write_bytes, atomic_write_json, read_regular_file
+from ..refs import AdapterRef
 
 PENDING = "pending.jsonl"
 PENDING_STATE = "pending.state.json"

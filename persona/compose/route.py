@@ -45,13 +45,13 @@ from typing import Any, Iterable, Mapping, Sequence, Union
 
 import torch
 
-from .embed import EMBEDDING_ID, embed_texts
-from .errors import AdapterNotFound, InvalidConfig, InvalidName, PersonaError, VersionNotFound
-from .fsutil import TMP_PREFIX, atomic_write_bytes
-from .layers import AdapterLinear, AdapterWeights
-from .refs import RESERVED_NAMES, AdapterRef
-from .replay import REPLAY, ReplayBuffer
-from .store import REFS, Store
+from ..embed import EMBEDDING_ID, embed_texts
+from ..errors import AdapterNotFound, InvalidConfig, InvalidName, PersonaError, VersionNotFound
+from .._fs import TMP_PREFIX, atomic_write_bytes
+from ..lora_runtime import AdapterLinear, AdapterWeights
+from ..refs import RESERVED_NAMES, AdapterRef
+from ..store.replay import REPLAY, ReplayBuffer
+from ..store.facade import REFS, Store
 
 ROUTE_METHODS = ("centroid", "arrow")
 CACHE_DIR = Path(".cache") / "router"
@@ -164,8 +164,8 @@ class Router:
     @classmethod
     def load(cls, store: Store, **options: Any) -> "Router":
         """A router over ``store`` with its base loaded (frozen) for the purpose."""
-        from .base import load_base
-        from .errors import BaseMismatch
+        from ..base import load_base
+        from ..errors import BaseMismatch
 
         base = load_base(store.config.base_id)
         if base.info.fingerprint != store.config.base_fingerprint:

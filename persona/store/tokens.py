@@ -22,9 +22,9 @@ from typing import Any, Sequence
 
 from filelock import FileLock
 
-from .errors import InvalidReference, PersonaError
-from .fsutil import PRIVATE_MODE, atomic_write_json, read_regular_file
-from .refs import AdapterRef, StackPart, parse_ref
+from ..errors import InvalidReference, PersonaError
+from .._fs import PRIVATE_MODE, atomic_write_json, read_regular_file
+from ..refs import AdapterRef, StackPart, parse_ref
 
 TOKENS_FILE = "tokens.json"
 ADMIN = "admin"

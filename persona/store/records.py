@@ -15,9 +15,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from .errors import DamagedAdapter, InvalidReference, PersonaError
-from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from .refs import AdapterRef, format_version, parse_ref
+from ..errors import DamagedAdapter, InvalidReference, PersonaError
+from ..peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from ..refs import AdapterRef, format_version, parse_ref
 
 META_FORMAT = 1
 # The only file names a version folder may hold besides meta.json: PEFT's two, and extra

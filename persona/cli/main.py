@@ -13,13 +13,13 @@ from typing import Any
 
 import click
 
-from . import __version__
-from .base import EMBEDDED_BASE, base_info
-from .cli_errors import JSON_FLAG, STORE_ROOT, to_cli_error
-from .errors import StoreNotInitialized
-from .lora import LoraSettings
-from .refs import parse_ref, parse_version
-from .store import Store, default_root
+from .. import __version__
+from ..base import EMBEDDED_BASE, base_info
+from ._common import JSON_FLAG, STORE_ROOT, to_cli_error
+from ..errors import StoreNotInitialized
+from ..peft_format import LoraSettings
+from ..refs import parse_ref, parse_version
+from ..store.facade import Store, default_root
 
 _ARGV = "persona.argv"
 
@@ -204,7 +204,7 @@ def show(ref, store_root, as_json) -> None:
       persona show user:alice@v2 --json
       persona show user:alice@candidate
     """
-    from .supersede import metrics_summary as superseded_summary
+    from ..training.supersede import metrics_summary as superseded_summary
 
     store, parsed = _open(store_root), parse_ref(ref)
     info = store.show(parsed)
@@ -403,8 +403,8 @@ def update(ref, data_file, all_, epochs, max_steps, lr, batch_size, seed, holdou
       persona update user:alice                 (train on the pending queue of `persona log`)
       persona update --all --max-steps 50
     """
-    from .data import read_interactions
-    from .train import Trainer, UpdateConfig
+    from ..interactions import read_interactions
+    from ..training.trainer import Trainer, UpdateConfig
 
     if bool(ref) == bool(all_):
         raise click.UsageError("give one adapter REF, or --all")
@@ -453,8 +453,8 @@ def log(ref, data_file, store_root, as_json) -> None:
     Examples:
       persona log user:alice --data examples/interactions/alice-2.jsonl
     """
-    from .data import read_interactions
-    from .train import log_interactions
+    from ..interactions import read_interactions
+    from ..training.trainer import log_interactions
 
     interactions = read_interactions(data_file)
     count = log_interactions(_open(store_root), parse_ref(ref), interactions)
@@ -478,8 +478,8 @@ def eval_(ref, data_file, versions, max_length, store_root, as_json) -> None:
       persona eval user:alice --data examples/interactions/alice-3.jsonl
       persona eval user:alice --data examples/interactions/alice-3.jsonl --versions v1,v2,base --json
     """
-    from .data import read_interactions
-    from .train import Trainer
+    from ..interactions import read_interactions
+    from ..training.trainer import Trainer
 
     interactions = read_interactions(data_file)
     store = _open(store_root)
@@ -518,8 +518,8 @@ def base(base_id, store_root, as_json) -> None:
 
 
 def _register() -> None:
-    from .cli_compose import COMMANDS as compose_commands
-    from .cli_serve import COMMANDS as serve_commands
+    from .compose import COMMANDS as compose_commands
+    from .serve import COMMANDS as serve_commands
 
     for command in serve_commands + compose_commands:
         main.add_command(command)

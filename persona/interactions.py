@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .errors import InvalidConfig, InvalidInteractions
-from .fsutil import open_private_append
+from ._fs import open_private_append
 
 if TYPE_CHECKING:
     import torch

@@ -32,8 +32,8 @@ from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
-from .base import BaseModel, load_base
-from .data import (
+from ..base import BaseModel, load_base
+from ..interactions import (
     Example,
     Interaction,
     TokenizedSet,
@@ -43,12 +43,12 @@ from .data import (
     iter_batches,
     tokenize_interactions,
 )
-from .errors import BaseMismatch, InvalidConfig, InvalidInteractions
-from .layers import Activation, AdapterWeights, LoraRuntime
-from .refs import CANDIDATE, CURRENT, AdapterRef, parse_ref
-from . import pending as pending_queue
-from .replay import ReplayBuffer
-from .store import Store, VersionInfo
+from ..errors import BaseMismatch, InvalidConfig, InvalidInteractions
+from ..lora_runtime import Activation, AdapterWeights, LoraRuntime
+from ..refs import CANDIDATE, CURRENT, AdapterRef, parse_ref
+from ..store import pending as pending_queue
+from ..store.replay import ReplayBuffer
+from ..store.facade import Store, VersionInfo
 from .supersede import SUPERSEDE_THRESHOLD, Supersession, SupersessionDetector, sample_replay
 
 FISHER_FILE = "fisher.safetensors"
@@ -522,7 +522,7 @@ class Trainer:
 
     def _fisher_for(self, parent_info: VersionInfo, parent_weights: AdapterWeights, replay_examples, config, below=()):
         """The parent's stored Fisher, else one estimated now on the replay buffer (the past data)."""
-        from .lora import PEFT_PREFIX
+        from ..peft_format import PEFT_PREFIX
 
         stored = self.store.load_extra(parent_info.ref, FISHER_FILE)
         if stored is None:
@@ -538,7 +538,7 @@ class Trainer:
                 below: Sequence[AdapterWeights] = ()) -> dict[str, torch.Tensor]:
         """Diagonal empirical Fisher of the LoRA factors, normalized to mean 1 (so reg_strength means
         the same for l2 and ewc), over up to ``fisher_samples`` examples, one at a time."""
-        from .lora import PEFT_PREFIX
+        from ..peft_format import PEFT_PREFIX
 
         pool = list(examples) + list(replay_examples)
         rng = random.Random(config.seed + 7)

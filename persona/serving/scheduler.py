@@ -17,7 +17,7 @@ from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-from .errors import PersonaError
+from ..errors import PersonaError
 
 if TYPE_CHECKING:
     from .engine import GenerationRequest, GenerationResult

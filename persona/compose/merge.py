@@ -40,10 +40,10 @@ import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
-from .errors import AdapterExists, InvalidConfig, InvalidReference
-from .lora import ADAPTER_WEIGHTS, PEFT_PREFIX, LoraSettings, lora_shapes
-from .refs import RESERVED_NAMES, AdapterRef, parse_ref
-from .store import LoadedAdapter, Store, VersionInfo
+from ..errors import AdapterExists, InvalidConfig, InvalidReference
+from ..peft_format import ADAPTER_WEIGHTS, PEFT_PREFIX, LoraSettings, lora_shapes
+from ..refs import RESERVED_NAMES, AdapterRef, parse_ref
+from ..store.facade import LoadedAdapter, Store, VersionInfo
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
 DENSITY_METHODS = frozenset({"ties", "dare_linear", "dare_ties"})
@@ -202,7 +202,7 @@ def _modules(tensors: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _check_compatible(store: Store, plan: MergePlan, loaded: Sequence[LoadedAdapter]) -> list[int]:
     """Refuse parents PEFT cannot merge correctly with this method; return their ranks."""
-    from .base import load_config
+    from ..base import load_config
 
     base_config = load_config(store.config.base_id)
     ranks, module_sets = [], []
@@ -264,7 +264,7 @@ def _peft_merge(store: Store, plan: MergePlan, loaded: Sequence[LoadedAdapter]) 
     from peft.utils import get_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
-    from .base import load_config
+    from ..base import load_config
 
     # The merge reads only the LoRA factors, never the base's weights, so the base's architecture
     # is built with uninitialised storage instead of being loaded (same module names and shapes).

@@ -23,8 +23,8 @@ from typing import IO, Any
 
 import click
 
-from .errors import PersonaError
-from .fsutil import TMP_PREFIX
+from ..errors import PersonaError
+from .._fs import TMP_PREFIX
 
 JSON_FLAG = "persona.json"
 """``ctx.meta`` key: whether the running command was given ``--json`` (set by its option)."""
@@ -82,7 +82,7 @@ def describe_os_error(exc: OSError, store_root: str | None = None) -> str:
 
 
 def _traceback_dirs() -> list[Path]:
-    from .base import cache_dir
+    from ..base import cache_dir
 
     return [cache_dir() / "errors", Path(tempfile.gettempdir())]
 

@@ -46,7 +46,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from .data import Interaction
+from ..interactions import Interaction
 
 if TYPE_CHECKING:  # torch loads only when detecting: `persona show` reads metrics without it
     import torch
@@ -212,7 +212,7 @@ class SupersessionDetector:
     def _embed(self, texts: Sequence[str]) -> "torch.Tensor":
         import torch
 
-        from .embed import embed_texts
+        from ..embed import embed_texts
 
         if self._centre is None:
             self._centre = embed_texts(self.model, self.tokenizer, _BACKGROUND).double().mean(0)

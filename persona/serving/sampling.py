@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from .constrain import ResponseFormat
-from .errors import InvalidConfig
+from ..errors import InvalidConfig
 
 MAX_NEW_TOKENS = 4096
 MAX_STOP_STRINGS = 16

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .errors import InvalidConfig
-from .lora import PEFT_PREFIX
+from .peft_format import PEFT_PREFIX
 
 _UNSUPPORTED = ("use_dora", "use_rslora", "lora_bias", "use_qalora")
 

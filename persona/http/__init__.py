@@ -1,0 +1,1 @@
+"""HTTP: the OpenAI-compatible server over the engine and the store (docs/SERVING.md)."""
