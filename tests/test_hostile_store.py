@@ -293,7 +293,8 @@ def test_merge_weights_beyond_the_bound_are_refused(store, weights):
 
 
 def test_merge_producing_nan_publishes_nothing(store, monkeypatch):
-    from persona import compose, merge
+    import persona.compose.merge as compose
+    from persona import merge
 
     real = compose._peft_merge
     monkeypatch.setattr(compose, "_peft_merge", lambda *a: (lambda t, c: (nan_copy(t), c))(*real(*a)))
@@ -356,7 +357,7 @@ def test_private_files_are_0600_from_the_start(store, replaced_modes):
 
 
 def test_pending_rewrite_keeps_0600(store, replaced_modes):
-    from persona import pending
+    from persona.store import pending
 
     pending.append(store.adapter_dir("user:alice"), [Interaction(text="a"), Interaction(text="b")])
     batch = pending.read(store.adapter_dir("user:alice"))
@@ -414,7 +415,7 @@ def trained(store, monkeypatch):
 
 
 def test_crash_after_publish_before_consume_does_not_retrain_rows(store, trained, monkeypatch):
-    from persona import pending
+    from persona.store import pending
     from persona.training.trainer import UpdateConfig, log_interactions
 
     trainer, seen = trained
@@ -444,7 +445,7 @@ def test_crash_after_publish_before_consume_does_not_retrain_rows(store, trained
 
 
 def test_crash_remnant_alone_leaves_nothing_pending_for_update_all(store, trained, monkeypatch):
-    from persona import pending
+    from persona.store import pending
     from persona.training.trainer import UpdateConfig, log_interactions
 
     trainer, seen = trained
