@@ -21,7 +21,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .errors import InvalidConfig
+from .errors import InvalidConfig, UnsupportedAdapter
 from .peft_format import PEFT_PREFIX
 
 _UNSUPPORTED = ("use_dora", "use_rslora", "lora_bias", "use_qalora")
@@ -40,19 +40,19 @@ class AdapterWeights:
         """Build from PEFT-format tensors and ``adapter_config.json``; refuse variants we do not compute."""
         for key in _UNSUPPORTED:
             if config.get(key):
-                raise InvalidConfig(f"adapter uses {key}, which persona does not support")
+                raise UnsupportedAdapter(f"adapter uses {key}, which persona does not support")
         if config.get("rank_pattern") or config.get("alpha_pattern"):
-            raise InvalidConfig("adapter uses per-module rank or alpha patterns, which persona does not support")
+            raise UnsupportedAdapter("adapter uses per-module rank or alpha patterns, which persona does not support")
         factors: dict[str, list] = {}
         for key, value in tensors.items():
             if not key.startswith(PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
-                raise InvalidConfig(f"unexpected tensor {key!r} in a LoRA adapter")
+                raise UnsupportedAdapter(f"unexpected tensor {key!r} in a LoRA adapter")
             module, part = key[len(PEFT_PREFIX):].rsplit(".", 2)[0], key.rsplit(".", 2)[1]
             slot = factors.setdefault(module, [None, None])
             slot[0 if part == "lora_A" else 1] = value.to(dtype)
         missing = [m for m, (a, b) in factors.items() if a is None or b is None]
         if missing:
-            raise InvalidConfig(f"adapter has an A without a B (or the reverse) for {missing[0]}")
+            raise UnsupportedAdapter(f"adapter has an A without a B (or the reverse) for {missing[0]}")
         return cls(
             factors={m: (a, b) for m, (a, b) in factors.items()},
             scale=float(config["lora_alpha"]) / float(config["r"]),
@@ -219,9 +219,9 @@ class LoraRuntime:
         for module, (a, b) in weights.factors.items():
             target = self.modules.get(module)
             if target is None:
-                raise InvalidConfig(f"adapter targets {module}, which this base has not wrapped or does not have")
+                raise UnsupportedAdapter(f"adapter targets {module}, which this base has not wrapped or does not have")
             if a.shape[1] != target.in_features or b.shape[0] != target.out_features or a.shape[0] != b.shape[1]:
-                raise InvalidConfig(
+                raise UnsupportedAdapter(
                     f"adapter shapes for {module} (A {tuple(a.shape)}, B {tuple(b.shape)}) do not fit the base "
                     f"({target.in_features} -> {target.out_features})"
                 )

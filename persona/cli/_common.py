@@ -1,7 +1,8 @@
 """How the ``persona`` command reports a failure: one line on stderr and a non-zero exit, never a
 traceback (issue 10, item 12).
 
-- A library error (:class:`~persona.errors.PersonaError`) prints its message as it is.
+- A library error (:class:`~persona.errors.PersonaError`) prints its message as it is and exits with
+  the code of its row in :data:`persona.errors.ERROR_TABLE`.
 - An ``OSError`` (a missing file, a read-only store, a full disk) prints what failed, on which
   path, and what to do.
 - Anything else is a bug: one line naming it, and the file the full traceback was written to
@@ -23,7 +24,7 @@ from typing import IO, Any
 
 import click
 
-from ..errors import PersonaError
+from ..errors import PersonaError, mapping_for
 from .._fs import TMP_PREFIX
 
 JSON_FLAG = "persona.json"
@@ -110,7 +111,7 @@ def to_cli_error(exc: BaseException, as_json: bool, store_root: str | None = Non
             return exc
         return CliError(exc.format_message(), type(exc).__name__, as_json=True, exit_code=exc.exit_code)
     if isinstance(exc, PersonaError):
-        return CliError(str(exc), type(exc).__name__, as_json=as_json)
+        return CliError(str(exc), type(exc).__name__, as_json=as_json, exit_code=mapping_for(exc).exit_code)
     if isinstance(exc, KeyboardInterrupt):
         return CliError("interrupted; nothing was published", "Interrupted", as_json=as_json, exit_code=130)
     if isinstance(exc, OSError):

@@ -17,7 +17,7 @@ from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-from ..errors import PersonaError
+from ..errors import EngineClosed
 
 if TYPE_CHECKING:
     from .engine import GenerationRequest, GenerationResult
@@ -25,10 +25,6 @@ if TYPE_CHECKING:
 
 _END = object()
 _STOP = object()
-
-
-class EngineClosed(PersonaError, RuntimeError):
-    """The engine was closed; it takes no more requests."""
 
 
 @dataclass(frozen=True)

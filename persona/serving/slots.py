@@ -22,7 +22,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from ..errors import InvalidConfig
+from ..errors import CapacityExceeded
 from ..lora_runtime import AdapterWeights, LoraRuntime, SlotRoute
 from ..refs import AdapterRef
 
@@ -259,7 +259,7 @@ class AdapterCache:
             if key not in protected:
                 self.evict(key)
                 return self._free.pop()
-        raise InvalidConfig(
+        raise CapacityExceeded(
             f"a batch needs more than max_resident={self.max_resident} adapters at once; raise max_resident"
         )
 

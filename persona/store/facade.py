@@ -39,6 +39,7 @@ from filelock import FileLock, Timeout
 from ..base import EMBEDDED_BASE, PICKLE_SUFFIXES, base_info, load_config
 from ..errors import (
     AdapterExists,
+    AdapterHasDependents,
     AdapterNotFound,
     BaseMismatch,
     DamagedAdapter,
@@ -47,10 +48,11 @@ from ..errors import (
     InvalidReference,
     LockTimeout,
     NonFiniteWeights,
-    PersonaError,
+    StoreDamaged,
     StoreExists,
     StoreNotInitialized,
     UnsafeWeightFile,
+    UnsupportedStoreFormat,
     VersionNotFound,
 )
 from .._fs import (
@@ -169,14 +171,6 @@ class LoadedAdapter:
         return self.info.ref
 
 
-class AdapterHasDependents(PersonaError):
-    """Deleting an adapter that merged, copied or layered adapters depend on, without cascade."""
-
-    def __init__(self, message: str, dependents: tuple[str, ...] = ()):
-        super().__init__(message)
-        self.dependents = dependents
-
-
 _RELATIONS = {"merge": "merged from", "from": "started from", "over": "layered on"}
 
 
@@ -268,13 +262,13 @@ class Store:
                     f"no adapter store at {self.root}: run `persona init --store {self.root}` first"
                 ) from None
             except ValueError as exc:
-                raise PersonaError(f"{path} is not valid JSON ({exc}); the store is damaged") from None
+                raise StoreDamaged(f"{path} is not valid JSON ({exc}); the store is damaged") from None
             if not isinstance(data, dict) or data.get("format") != STORE_FORMAT:
                 found = data.get("format") if isinstance(data, dict) else None
-                raise PersonaError(f"{path} has store format {found!r}; this persona reads format {STORE_FORMAT}")
+                raise UnsupportedStoreFormat(f"{path} has store format {found!r}; this persona reads format {STORE_FORMAT}")
             base = data.get("base")
             if not (isinstance(base, dict) and isinstance(base.get("id"), str) and isinstance(base.get("fingerprint"), str)):
-                raise PersonaError(f"{path} lacks the base's id and fingerprint; the store is damaged")
+                raise StoreDamaged(f"{path} lacks the base's id and fingerprint; the store is damaged")
             self._config = StoreConfig(
                 format=data["format"],
                 base_id=base["id"],

@@ -22,17 +22,13 @@ from typing import Any, Sequence
 
 from filelock import FileLock
 
-from ..errors import InvalidReference, PersonaError
+from ..errors import AuthError, InvalidReference
 from .._fs import PRIVATE_MODE, atomic_write_json, read_regular_file
 from ..refs import AdapterRef, StackPart, parse_ref
 
 TOKENS_FILE = "tokens.json"
 ADMIN = "admin"
 PREFIX = "psn_"
-
-
-class AuthError(PersonaError, PermissionError):
-    """A missing, malformed, unknown or revoked token."""
 
 
 @dataclass(frozen=True)
