@@ -1,0 +1,1 @@
+"""The server's routes, one ``APIRouter`` per group: completions, models, admin (health, metrics, schema)."""
