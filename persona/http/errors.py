@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import AuthError, PersonaError, mapping_for
+from ..errors import PersonaError, mapping_for
 from .metrics import route_label
 
 log = logging.getLogger("persona.http.app")  # the server's one log, whichever module writes to it
@@ -98,7 +98,7 @@ async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONRe
 
     try:
         await refuse_unrouted(request)
-    except (AuthError, PersonaError) as refused:
+    except PersonaError as refused:  # AuthError (401) or RequestTooLarge (413)
         return await on_persona_error(request, refused)
     return _answer(request, ErrorBody(exc.status_code, str(exc.detail), "invalid_request_error"))
 
