@@ -39,7 +39,9 @@ def main() -> None:
     import torch
 
     from persona import LoraSettings, ResponseFormat, Store
-    from persona.serving.engine import Engine, GenerationRequest, SamplingParams
+    from persona.serving.engine import Engine
+    from persona.serving.requests import GenerationRequest
+    from persona.serving.sampling import SamplingParams
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -52,7 +52,9 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from persona import LoraSettings, Store  # noqa: E402
 from persona.base import EMBEDDED_BASE, load_base, load_config, load_tokenizer, resolve_base  # noqa: E402
-from persona.serving.engine import Engine, GenerationRequest, SamplingParams  # noqa: E402
+from persona.serving.engine import Engine  # noqa: E402
+from persona.serving.requests import GenerationRequest  # noqa: E402
+from persona.serving.sampling import SamplingParams  # noqa: E402
 from persona.peft_format import (  # noqa: E402
     ADAPTER_WEIGHTS,
     init_lora_tensors,

@@ -33,7 +33,9 @@ from .lora_runtime import Activation, AdapterWeights, LoraRuntime
 from .peft_format import LoraSettings
 from .refs import AdapterRef, StackPart, format_stack, parse_ref, parse_stack
 from .compose.merge import METHODS as MERGE_METHODS, merge
-from .serving.engine import Engine, EngineClosed, EngineStats, GenerationRequest, GenerationResult, Handle
+from .serving.engine import Engine
+from .serving.requests import EngineStats, GenerationRequest, GenerationResult, Handle
+from .serving.scheduler import EngineClosed
 from .serving.constrain import ResponseFormat
 from .serving.sampling import SamplingParams, TokenLogprob, TopLogprob
 from .compose.route import RouteChoice, RouteScore, Router

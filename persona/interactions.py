@@ -732,18 +732,11 @@ def batch_indices(
 
 def collate(rows: Sequence[Example], pad_token_id: int) -> Batch:
     """Right-pad ``rows`` to the longest of them into one :class:`Batch`."""
-    import torch
+    from .base import pad_rows
 
-    lengths = [len(e) for e in rows]
-    width = max(lengths)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    for r, (row, n) in enumerate(zip(rows, lengths)):
-        input_ids[r, :n] = torch.tensor(row.input_ids, dtype=torch.long)
-        attention_mask[r, :n] = 1
-        labels[r, :n] = torch.tensor(row.labels, dtype=torch.long)
-    return Batch(input_ids, attention_mask, labels, num_tokens=sum(lengths),
+    input_ids, attention_mask = pad_rows([e.input_ids for e in rows], pad_token_id)
+    labels, _ = pad_rows([e.labels for e in rows], IGNORE_INDEX)
+    return Batch(input_ids, attention_mask, labels, num_tokens=sum(len(e) for e in rows),
                  num_target_tokens=int((labels != IGNORE_INDEX).sum()))
 
 

@@ -81,3 +81,33 @@ def test_embedded_base_end_to_end(isolated_store):
     assert torch.equal(base_logits, adapter_logits)
     assert sum(p.numel() for n, p in peft_model.named_parameters() if "lora_" in n) > 0
     assert store.verify().ok
+
+
+def test_pad_rows_pads_on_the_side_asked_and_masks_the_padding():
+    """One padding helper serves the decode loop (left), collate and embeddings (right) (issue 12)."""
+    from persona.base import pad_rows
+
+    ids, mask = pad_rows([[5, 6, 7], [8]], 0, side="left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = pad_rows([(5, 6, 7), (8,)], -100)
+    assert ids.tolist() == [[5, 6, 7], [8, -100, -100]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert ids.dtype == mask.dtype == torch.long
+
+
+def test_engine_trainer_and_router_refuse_a_base_their_store_is_not_bound_to(tiny_base, isolated_store, monkeypatch):
+    """The one base check (``check_base``) guards every consumer of a loaded base (issue 12)."""
+    import dataclasses
+
+    from persona import BaseMismatch, BaseModel, Engine, Router, Trainer
+
+    store = Store.init(isolated_store, base=tiny_base)
+    real = load_base(tiny_base)
+    foreign = BaseModel(dataclasses.replace(real.info, fingerprint="sha256:" + "0" * 64), real.model, real.tokenizer)
+    with pytest.raises(BaseMismatch, match="is bound to base"):
+        Engine(store, base=foreign)
+    with pytest.raises(BaseMismatch, match="is bound to base"):
+        Trainer(store, base=foreign)
+    monkeypatch.setattr(base_mod, "load_base", lambda *a, **k: foreign)
+    with pytest.raises(BaseMismatch, match="is bound to base"):
+        Router.load(store)
+    Engine(store, base=real).close()  # the right base passes

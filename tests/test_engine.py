@@ -21,7 +21,10 @@ from persona import (
 )
 from persona.base import load_base
 from persona.serving.detokenize import TextStream
-from persona.serving.engine import Engine, EngineClosed, GenerationRequest, SamplingParams
+from persona.serving.engine import Engine
+from persona.serving.requests import GenerationRequest
+from persona.serving.sampling import SamplingParams
+from persona.serving.scheduler import EngineClosed
 
 IDS = torch.tensor([[5, 17, 300, 42, 9, 11, 7, 8]] * 6) + torch.arange(6).view(-1, 1) * 13
 PROMPTS = ("Hello there", "The quick brown fox jumps over", "1 2 3", "Once upon a time, in a land far away,")

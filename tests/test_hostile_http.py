@@ -466,8 +466,7 @@ def test_an_error_in_the_middle_of_a_stream_ends_it_with_an_error_event(world, m
 
 def test_admission_gate_holds_a_place_until_the_request_ends():
     from persona.http.admission import AdmissionGate
-    from persona.serving.scheduler import Handle
-    from persona.serving.engine import GenerationRequest
+    from persona.serving.requests import GenerationRequest, Handle
     from persona.errors import Overloaded
 
     gate = AdmissionGate(max_total=3, max_per_key=2)

@@ -134,7 +134,8 @@ def engine(layered, tiny_base):
 
 
 def test_layered_adapter_served_with_its_layer_engine(engine):
-    from persona.serving.engine import GenerationRequest, SamplingParams
+    from persona.serving.requests import GenerationRequest
+    from persona.serving.sampling import SamplingParams
 
     models = ["user:carol", "user:carol+domain:finance@v1", "user:dave", "user:dave+domain:finance@v1",
               "user:carol*0.5", "user:dave*0.5+domain:finance@v1*0.5"]
@@ -185,7 +186,8 @@ def test_layered_adapter_depth_counts_its_layer(layered, tiny_base):
 
 def test_layered_adapter_with_domain_auto_never_routes_to_its_layer(engine, layered):
     from persona.interactions import Interaction
-    from persona.serving.engine import GenerationRequest, SamplingParams
+    from persona.serving.requests import GenerationRequest
+    from persona.serving.sampling import SamplingParams
     from persona.store.replay import ReplayBuffer
 
     for domain, words in (("finance", "stock bond dividend"), ("cooking", "pasta garlic oven")):
@@ -252,7 +254,8 @@ def server(layered, tiny_base):
 def test_layered_adapter_served_with_its_layer_server(server):
     import httpx
 
-    from persona.serving.engine import GenerationRequest, SamplingParams
+    from persona.serving.requests import GenerationRequest
+    from persona.serving.sampling import SamplingParams
 
     def chat(model, who):
         return httpx.post(server["url"] + "/v1/chat/completions", timeout=60,

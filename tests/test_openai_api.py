@@ -175,7 +175,8 @@ def test_bad_response_format_refused_with_param(server, fmt):
 
 def test_rows_without_constraints_are_unchanged_by_constrained_neighbours(server):
     from persona.serving.constrain import ResponseFormat
-    from persona.serving.engine import GenerationRequest, SamplingParams
+    from persona.serving.requests import GenerationRequest
+    from persona.serving.sampling import SamplingParams
 
     engine = server["engine"]
     plain = [GenerationRequest("user:alice", prompt="Once upon", params=SamplingParams(max_new_tokens=8)),

@@ -224,7 +224,9 @@ def test_cli_route(world, monkeypatch):
 
 def test_engine_serves_domain_auto_with_the_routers_choice(world):
     from persona import InvalidReference
-    from persona.serving.engine import Engine, GenerationRequest, SamplingParams
+    from persona.serving.engine import Engine
+    from persona.serving.requests import GenerationRequest
+    from persona.serving.sampling import SamplingParams
 
     store, trainer = world
     engine = Engine(store, base=trainer.base, max_resident=4)
@@ -247,7 +249,9 @@ def test_engine_serves_domain_auto_with_the_routers_choice(world):
 
 
 def test_engine_domain_auto_top_2_equals_the_weighted_stack_it_resolved_to(world, router):
-    from persona.serving.engine import Engine, GenerationRequest, SamplingParams
+    from persona.serving.engine import Engine
+    from persona.serving.requests import GenerationRequest
+    from persona.serving.sampling import SamplingParams
 
     store, trainer = world
     text = prompts("medicine", 1, seed=11)[0]
@@ -278,7 +282,9 @@ def test_engine_domain_auto_top_2_equals_the_weighted_stack_it_resolved_to(world
 
 def test_domain_auto_never_repeats_a_domain_the_stack_names(world):
     from persona import AdapterNotFound as NotFound
-    from persona.serving.engine import Engine, GenerationRequest, SamplingParams
+    from persona.serving.engine import Engine
+    from persona.serving.requests import GenerationRequest
+    from persona.serving.sampling import SamplingParams
 
     store, trainer = world
     text = prompts("medicine", 1, seed=12)[0]
@@ -293,7 +299,8 @@ def test_domain_auto_never_repeats_a_domain_the_stack_names(world):
 
 
 def test_route_top_k_limits(world):
-    from persona.serving.engine import Engine, GenerationRequest
+    from persona.serving.engine import Engine
+    from persona.serving.requests import GenerationRequest
 
     store, trainer = world
     for bad in (0, MAX_STACK + 1, True, 2.0):

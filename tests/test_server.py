@@ -66,7 +66,8 @@ CHAT = {"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 
 
 
 def test_openai_client_chat_matches_the_engine(server):
-    from persona.serving.engine import GenerationRequest, SamplingParams
+    from persona.serving.requests import GenerationRequest
+    from persona.serving.sampling import SamplingParams
 
     reply = client(server).chat.completions.create(model="user:alice", **CHAT)
     text = reply.choices[0].message.content
@@ -77,7 +78,8 @@ def test_openai_client_chat_matches_the_engine(server):
 
 
 def test_weighted_stack_is_served_as_the_engine_computes_it_and_echoed(server):
-    from persona.serving.engine import GenerationRequest, SamplingParams
+    from persona.serving.requests import GenerationRequest
+    from persona.serving.sampling import SamplingParams
 
     model = "user:alice+domain:finance*0.5"
     reply = client(server).chat.completions.create(model=model, **CHAT)

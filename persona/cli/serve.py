@@ -26,7 +26,7 @@ def route_top_k_option(f):
 
 
 def _params(max_new_tokens, temperature, top_p, seed, stop):
-    from ..serving.engine import SamplingParams
+    from ..serving.sampling import SamplingParams
 
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=tuple(stop))
 
@@ -64,7 +64,7 @@ def generate(model, prompt, raw, route_top_k, max_new_tokens, temperature, top_p
       persona generate user:alice+domain:auto --route-top-k 2 "Should I buy bonds?"
       persona generate smollm2-135m-instruct "What's my dog's name?"     (the base alone)
     """
-    from ..serving.engine import GenerationRequest
+    from ..serving.requests import GenerationRequest
 
     engine = _engine(store_root, max_resident=MAX_STACK, max_batch=1, route_top_k=route_top_k)
     try:
@@ -104,7 +104,7 @@ def chat(model, system, route_top_k, max_new_tokens, temperature, top_p, seed, s
       persona chat user:alice
       persona chat user:alice+domain:auto --system "Answer briefly."
     """
-    from ..serving.engine import GenerationRequest
+    from ..serving.requests import GenerationRequest
 
     engine = _engine(store_root, max_resident=MAX_STACK, max_batch=1, route_top_k=route_top_k)
     engine.check(model)  # fail before the first prompt

@@ -164,13 +164,11 @@ class Router:
     @classmethod
     def load(cls, store: Store, **options: Any) -> "Router":
         """A router over ``store`` with its base loaded (frozen) for the purpose."""
-        from ..base import load_base
-        from ..errors import BaseMismatch
+        from ..base import check_base, load_base
 
         base = load_base(store.config.base_id)
-        if base.info.fingerprint != store.config.base_fingerprint:
-            raise BaseMismatch(f"the store {store.root} is bound to base {store.config.base_fingerprint[:19]}, "
-                               f"the loaded base is {base.info.fingerprint[:19]}")
+        check_base(base.info, base_id=store.config.base_id, fingerprint=store.config.base_fingerprint,
+                   store_root=store.root)
         return cls(store, base.model, base.tokenizer, **options)
 
     # ------------------------------------------------------------------ public

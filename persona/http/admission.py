@@ -16,11 +16,11 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
-from ..serving.scheduler import when_all_done
+from ..serving.requests import when_all_done
 from ..errors import InvalidConfig, Overloaded
 
 if TYPE_CHECKING:
-    from ..serving.scheduler import Handle
+    from ..serving.requests import Handle
 
 
 class Ticket:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 from fastapi import Request
 
 from ..errors import PersonaError
-from ..serving.scheduler import when_all_done
+from ..serving.requests import when_all_done
 from .errors import describe, log
 from .openai_schema import chat_logprobs, completion_logprobs
 from .state import ServerState

@@ -39,7 +39,7 @@ class SamplingParams:
     before temperature, top-p, ``logit_bias`` or a grammar shaped the choice (what OpenAI reports).
     ``logit_bias`` adds a bias in [-100, 100] to given token ids' logits before choosing
     (``((token_id, bias), ...)`` or a mapping). ``response_format`` constrains the output to JSON
-    (``persona.constrain``).
+    (``persona.serving.constrain``).
     """
 
     max_new_tokens: int = 128

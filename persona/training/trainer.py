@@ -32,7 +32,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
-from ..base import BaseModel, load_base
+from ..base import BaseModel, check_base, load_base
 from ..interactions import (
     Example,
     Interaction,
@@ -43,7 +43,7 @@ from ..interactions import (
     iter_batches,
     tokenize_interactions,
 )
-from ..errors import BaseMismatch, InvalidConfig, InvalidInteractions
+from ..errors import InvalidConfig, InvalidInteractions
 from ..lora_runtime import Activation, AdapterWeights, LoraRuntime
 from ..refs import CANDIDATE, CURRENT, AdapterRef, parse_ref
 from ..store import pending as pending_queue
@@ -237,11 +237,8 @@ class Trainer:
     def __init__(self, store: Store, base: BaseModel | None = None):
         self.store = store
         self.base = base or load_base(store.config.base_id)
-        if self.base.info.fingerprint != store.config.base_fingerprint:
-            raise BaseMismatch(
-                f"the store {store.root} is bound to base {store.config.base_fingerprint[:19]}, "
-                f"the loaded base is {self.base.info.fingerprint[:19]}"
-            )
+        check_base(self.base.info, base_id=store.config.base_id, fingerprint=store.config.base_fingerprint,
+                   store_root=store.root)
         self.model = self.base.model
         self.tokenizer = self.base.tokenizer
         self.runtime = LoraRuntime.attach(self.model)
