@@ -76,7 +76,7 @@ def check_prompt_size(state: ServerState, body: CompletionCommon, chat: bool) ->
 
 def sampling(state: ServerState, body: CompletionCommon):
     """The body's :class:`~persona.serving.engine.SamplingParams` (400 naming the field at fault)."""
-    from ..serving.engine import SamplingParams
+    from ..serving.sampling import SamplingParams
 
     limit = state.config.max_tokens_limit
     if body.limit() > limit:
@@ -112,7 +112,7 @@ def response_format(body: CompletionCommon):
 
 def generation_request(state: ServerState, body: CompletionCommon, chat: bool):
     """Every check that needs no tokenizer, then the engine's request for one choice."""
-    from ..serving.engine import GenerationRequest
+    from ..serving.requests import GenerationRequest
 
     refuse_unsupported(state, body, "chat" if chat else "completions")
     refuse_unencodable(body)

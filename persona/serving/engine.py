@@ -52,7 +52,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from ..base import BaseModel, check_base, load_base, pad_rows
-from ..errors import InvalidConfig, InvalidPrompt
+from ..errors import EngineClosed, InvalidConfig, InvalidPrompt  # noqa: F401 - EngineClosed importable from here as before
 from ..lora_runtime import LoraRuntime
 from ..refs import MAX_STACK, StackPart
 from .constrain import Vocabulary
