@@ -127,7 +127,7 @@ def make_random_base(arch: Path, target: Path, seed: int = 0) -> str:
 
 def version_folder(store: Store, ref: str) -> Path:
     pinned = store.resolve(ref)
-    return store.adapter_dir(pinned) / f"v{pinned.version:04d}"
+    return store._adapter_dir(pinned) / f"v{pinned.version:04d}"
 
 
 Row = tuple[str, str, str, str]

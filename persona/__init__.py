@@ -15,6 +15,7 @@ from .errors import (
     BaseMismatch,
     BaseModelUnavailable,
     DamagedAdapter,
+    StoreDamaged,
     IntegrityError,
     InvalidConfig,
     InvalidInteractions,
@@ -39,7 +40,7 @@ from .serving.scheduler import EngineClosed
 from .serving.constrain import ResponseFormat
 from .serving.sampling import SamplingParams, TokenLogprob, TopLogprob
 from .compose.route import RouteChoice, RouteScore, Router
-from .store.facade import (
+from .store import (
     AdapterHasDependents,
     AdapterInfo,
     Dependent,
@@ -94,6 +95,7 @@ __all__ = [
     "BaseModel",
     "BaseModelUnavailable",
     "DamagedAdapter",
+    "StoreDamaged",
     "IntegrityError",
     "InvalidConfig",
     "InvalidInteractions",

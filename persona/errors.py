@@ -128,7 +128,8 @@ class DamagedAdapter(IntegrityError):
 
 
 class StoreDamaged(IntegrityError):
-    """The store's own ``persona.json`` is unreadable or lacks the base it is bound to."""
+    """The store's own files (``persona.json``, ``.retired.json``) are unreadable or malformed: the
+    whole store, not one adapter, cannot be trusted until it is repaired."""
 
 
 class UnsupportedStoreFormat(PersonaError):

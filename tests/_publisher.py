@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from persona.store import Store  # noqa: E402
+from persona.store import NewVersion, Store  # noqa: E402
 
 WORKER_DEADLINE_S = 30.0
 FILLER_ELEMENTS = 512 * 1024  # float32: 2 MiB
@@ -75,9 +75,8 @@ def publish_forever(store: Store, ref: str, tensors: dict, config: dict, seed: i
     while _alive(server, started):
         seq += 1
         info = store.publish_version(
-            ref, with_marker(tensors, seed, seq), config, parent=parent, set_alias="current",
-            metrics={"seed": seed, "seq": seq},
-        )
+            ref, NewVersion(with_marker(tensors, seed, seq), config, parent=parent, metrics={"seed": seed, "seq": seq}),
+            set_alias="current")
         if seq % 3 == 0:
             store.set_alias(ref, "candidate", info.version)
         parent = info.version
@@ -156,10 +155,9 @@ def burst(store: Store, ref: str, n: int, ident: int) -> None:
         # A pause outside the lock between publishes: filelock's waiters poll (every 50 ms), so
         # without it one writer re-takes the lock for all its publishes and they never interleave.
         time.sleep(rng.uniform(0.0, 0.06))
-        info = store.publish_version(
-            ref, with_marker(tensors, ident, seq), config, parent=versions[-1] if versions else None,
-            set_alias="current", metrics={"seed": ident, "seq": seq},
-        )
+        info = store.publish_version(ref, NewVersion(
+            with_marker(tensors, ident, seq), config, parent=versions[-1] if versions else None,
+            metrics={"seed": ident, "seq": seq}), set_alias="current")
         versions.append(info.version)
     print(json.dumps({"id": ident, "versions": versions}), flush=True)
 

@@ -3,6 +3,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from persona.store import NewVersion
 from persona.cli.main import main
 
 from test_refs import HOSTILE_NAMES
@@ -40,7 +41,7 @@ def test_alias_rollback_delete(cli, isolated_store):
     cli("create", "user:alice")
     store = Store.open(isolated_store)
     loaded = store.load("user:alice")
-    store.publish_version("user:alice", loaded.tensors, loaded.config, parent=1)
+    store.publish_version("user:alice", NewVersion(loaded.tensors, loaded.config, parent=1))
     assert json.loads(cli("rollback", "user:alice", "v1", "--json").output)["current"] == 1
     cli("alias", "user:alice", "stable", "v2")
     assert store.aliases("user:alice") == {"current": 1, "stable": 2}

@@ -14,6 +14,7 @@ import warnings
 import httpx
 import pytest
 
+from persona.store import NewVersion
 from persona import LoraSettings, Store
 from persona.store.tokens import TokenStore
 
@@ -30,8 +31,8 @@ def test_show_json_lists_the_healthy_versions_beside_a_version_copied_from_anoth
     for ref, extra in (("user:alice", 1), ("user:bob", 2)):
         for _ in range(extra):
             loaded = store.load(ref)
-            store.publish_version(ref, loaded.tensors, loaded.config, parent=1)
-    shutil.copytree(store.adapter_dir("user:bob") / "v0003", store.adapter_dir("user:alice") / "v0003")
+            store.publish_version(ref, NewVersion(loaded.tensors, loaded.config, parent=1))
+    shutil.copytree(store._adapter_dir("user:bob") / "v0003", store._adapter_dir("user:alice") / "v0003")
     shown = json.loads(run_cli("show", "user:alice", "--json").output)
     assert [v["version"] for v in shown["versions"]] == [1, 2]
     assert len(shown["damaged"]) == 1 and "user:alice@v0003" in shown["damaged"][0] and "user:bob" in shown["damaged"][0]
@@ -89,11 +90,11 @@ def server(tiny_base, tmp_path_factory):
     store.create("domain:finance", LoraSettings(seed=3, **RANK))
     # routable (the centroid router reads the replay buffer's prompts), as a trained domain would be
     from persona.interactions import parse_interactions
-    from persona.store.replay import ReplayBuffer
+    from persona.store.queues import ReplayBuffer
 
     row = json.dumps({"messages": [{"role": "user", "content": "What is a bond yield?"},
                                    {"role": "assistant", "content": "The return on a bond."}]})
-    ReplayBuffer(tuple(parse_interactions([row], source="finance")), 1).write(store.adapter_dir("domain:finance"))
+    ReplayBuffer(tuple(parse_interactions([row], source="finance")), 1).write(store._adapter_dir("domain:finance"))
     store.create("user:bob", LoraSettings(seed=2, **RANK))
     store.create("user:carol", over="domain:finance")  # the only domain: domain:auto has nothing else to pick
     tokens = TokenStore(store)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from persona.store import NewVersion
 from persona import BaseMismatch, InvalidConfig, InvalidReference, LoraSettings, Store
 from persona.cli.main import PersonaGroup
 from persona.cli.compose import COMMANDS
@@ -81,7 +82,7 @@ def test_every_method_publishes_an_adapter_peft_loads(store, tiny_base, method):
     from transformers import AutoModelForCausalLM
 
     info = merge(store, ["user:alice", "domain:finance"], f"merged:{method.replace('_', '-')}", method, **KW[method])
-    folder = store.adapter_dir(info.adapter) / info.label
+    folder = store._adapter_dir(info.adapter) / info.label
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), str(folder)).eval()
     with torch.no_grad():
         theirs = peft_model(IDS).logits
@@ -101,7 +102,7 @@ def test_every_method_publishes_an_adapter_peft_loads(store, tiny_base, method):
 
 def test_lineage_names_every_parent_version_sha_and_weight(store):
     loaded = store.load("user:alice")
-    store.publish_version("user:alice", {k: v * 2 for k, v in loaded.tensors.items()}, loaded.config, parent=1)
+    store.publish_version("user:alice", NewVersion({k: v * 2 for k, v in loaded.tensors.items()}, loaded.config, parent=1))
     info = merge(store, ["user:alice", "domain:finance@v1"], "merged:team", "ties", weights=[0.6, 0.4], density=0.3)
     parents = {(e["adapter"], e["version"]): e for e in info.lineage}
     assert set(parents) == {("user:alice", 2), ("domain:finance", 1)}
@@ -110,7 +111,7 @@ def test_lineage_names_every_parent_version_sha_and_weight(store):
     assert finance["sha256"] == store.version_info("domain:finance@v1").files["adapter_model.safetensors"]
     assert (alice["weight"], finance["weight"]) == (0.6, 0.4)
     assert all(e["method"] == "ties" and e["density"] == 0.3 and e["relation"] == "merge" for e in info.lineage)
-    meta = json.loads((store.adapter_dir("merged:team") / "v0001" / "meta.json").read_text())
+    meta = json.loads((store._adapter_dir("merged:team") / "v0001" / "meta.json").read_text())
     assert meta["lineage"] == [dict(e) for e in info.lineage]
     assert store.verify().ok
     # merging again publishes the next version of the merged adapter, with its own lineage
@@ -162,7 +163,7 @@ def test_different_targets_refused_for_factor_methods(store):
 
 
 def test_parent_from_another_base_is_refused(store):
-    meta_path = store.adapter_dir("domain:finance") / "v0001" / "meta.json"
+    meta_path = store._adapter_dir("domain:finance") / "v0001" / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta["base_fingerprint"] = "sha256:" + "0" * 64  # as if copied in from a store on another base
     meta_path.write_text(json.dumps(meta))
@@ -216,7 +217,7 @@ def test_delete_refuses_while_merges_derive_from_the_adapter_then_cascades(store
     merge(store, ["user:alice", "domain:finance"], "merged:af", "cat")
     merge(store, ["merged:af", "user:bob"], "merged:team", "svd", rank=4)  # derived from alice through merged:af
     merge(store, ["domain:finance", "user:bob"], "merged:fb", "cat")  # not derived from alice
-    untouched = {ref: digest_tree(store.adapter_dir(ref)) for ref in ("domain:finance", "user:bob", "merged:fb")}
+    untouched = {ref: digest_tree(store._adapter_dir(ref)) for ref in ("domain:finance", "user:bob", "merged:fb")}
     before = digest_tree(store.root / "user" / "alice")
 
     with pytest.raises(AdapterHasDependents, match="merged:af.*merged:team|merged:team.*merged:af") as refused:
@@ -228,14 +229,14 @@ def test_delete_refuses_while_merges_derive_from_the_adapter_then_cascades(store
     deleted = store.delete("user:alice", cascade=True)
     assert deleted == ("merged:team", "merged:af", "user:alice")  # most derived first
     assert not any(store.exists(r) for r in deleted)
-    assert {ref: digest_tree(store.adapter_dir(ref)) for ref in untouched} == untouched
+    assert {ref: digest_tree(store._adapter_dir(ref)) for ref in untouched} == untouched
     assert [a.adapter for a in store.list()] == ["user:bob", "domain:finance", "merged:fb"]
     assert store.verify().ok
 
 
 def test_dependents_include_copies_and_layers_and_any_version(store):
     loaded = store.load("user:alice")
-    store.publish_version("user:alice", loaded.tensors, loaded.config, parent=1)
+    store.publish_version("user:alice", NewVersion(loaded.tensors, loaded.config, parent=1))
     merge(store, ["user:alice@v1", "domain:finance"], "merged:old", "cat")  # names alice@v1 only
     store.create("user:carol", over="domain:finance")
     store.create("user:dave", source="domain:finance")

@@ -9,6 +9,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from persona.store import NewVersion
 from persona import (
     AdapterNotFound,
     IntegrityError,
@@ -68,7 +69,7 @@ def peft_model(tiny_base, store, refs):
     """A PEFT model with each pinned ref loaded as an adapter named after it."""
     model = None
     for ref in refs:
-        folder = str(store.adapter_dir(ref) / f"v{ref.version:04d}")
+        folder = str(store._adapter_dir(ref) / f"v{ref.version:04d}")
         name = str(ref).replace(":", "_").replace("@", "_")
         if model is None:
             base = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
@@ -224,7 +225,7 @@ def test_new_current_version_is_picked_up_and_pins_hold(engine, store, tiny_base
     loaded = store.load("user:a")
     gen = torch.Generator().manual_seed(99)
     new = {k: torch.randn(v.shape, generator=gen) * 0.2 for k, v in loaded.tensors.items()}
-    store.publish_version("user:a", new, loaded.config, parent=1)
+    store.publish_version("user:a", NewVersion(new, loaded.config, parent=1))
     assert engine.resolve("user:a") == (StackPart(store.resolve("user:a@v2")),)
     v2 = engine.logits(IDS[:1], None, ["user:a"])
     assert (v2 - v1).abs().max() > 1e-2
@@ -389,7 +390,7 @@ def test_submit_from_threads_runs_one_mixed_batch_with_correct_answers(store, ba
 
 
 def test_a_failing_request_fails_alone_and_the_worker_lives_on(store, engine):
-    weights = store.adapter_dir("domain:c") / "v0001" / "adapter_model.safetensors"
+    weights = store._adapter_dir("domain:c") / "v0001" / "adapter_model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.chmod(0o644)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from persona.store import NewVersion
 from persona import interactions as data
 from persona.errors import (
     AdapterNotFound,
@@ -151,7 +152,7 @@ def test_show_of_a_pinned_version_shows_only_that_version(cli, isolated_store):
 
     store = Store.open(isolated_store)
     loaded = store.load("user:alice")
-    store.publish_version("user:alice", loaded.tensors, loaded.config, parent=1)
+    store.publish_version("user:alice", NewVersion(loaded.tensors, loaded.config, parent=1))
     shown = json.loads(cli("show", "user:alice@v1", "--json").output)
     assert [v["version"] for v in shown["versions"]] == [1]
     assert [v["version"] for v in json.loads(cli("show", "user:alice", "--json").output)["versions"]] == [1, 2]
@@ -221,7 +222,7 @@ def busy_store(cli, isolated_store, tmp_path):
     cli("create", "domain:finance", "--rank", 2)
     store = Store.open(isolated_store)
     loaded = store.load("user:alice")
-    store.publish_version("user:alice", loaded.tensors, loaded.config, parent=1)
+    store.publish_version("user:alice", NewVersion(loaded.tensors, loaded.config, parent=1))
     cli("alias", "user:alice", "stable", "v2")
     token_id = json.loads(cli("token", "create", "user:alice", "--json").output)["token_id"]
     interactions = jsonl(tmp_path / "alice.jsonl", *[json.dumps(ALICE)] * 4)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from persona.store import NewVersion
 from persona import (
     DamagedAdapter,
     IntegrityError,
@@ -42,7 +43,7 @@ def store(tiny_base, isolated_store) -> Store:
 
 
 def meta_path(store: Store, ref: str, version: int = 1) -> Path:
-    return store.adapter_dir(ref) / f"v{version:04d}" / "meta.json"
+    return store._adapter_dir(ref) / f"v{version:04d}" / "meta.json"
 
 
 def edit_meta(store: Store, ref: str, change, version: int = 1) -> None:
@@ -81,7 +82,7 @@ def test_damaged_meta_damages_only_its_adapter(store, damage):
 
 
 def test_damaged_refs_json_damages_only_its_adapter(store):
-    (store.adapter_dir("user:alice") / "refs.json").write_text('{"aliases": {"current": "one"}}')
+    (store._adapter_dir("user:alice") / "refs.json").write_text('{"aliases": {"current": "one"}}')
     alice = store.show("user:alice")
     assert alice.is_damaged and "refs.json" in str(alice.damaged[0]) and len(alice.versions) == 1
     with pytest.raises(DamagedAdapter, match="refs.json is damaged"):
@@ -143,7 +144,7 @@ def test_meta_file_name_outside_the_version_folder_is_damage(store):
 
 def test_meta_file_name_is_checked_by_containment_at_load(store):
     # A plain name that is a symlink out of the folder: the name passes the pattern, containment does not.
-    folder = store.adapter_dir("user:alice") / "v0001"
+    folder = store._adapter_dir("user:alice") / "v0001"
     target = store.root.parent / "elsewhere.safetensors"
     shutil.copy(folder / "adapter_model.safetensors", target)
     (folder / "adapter_model.safetensors").unlink()
@@ -155,8 +156,8 @@ def test_meta_file_name_is_checked_by_containment_at_load(store):
 
 # ---------------------------------------------------------------- item 7: a version is where it claims
 def test_version_copied_from_another_user_is_refused(store):
-    alice = store.adapter_dir("user:alice")
-    shutil.copytree(store.adapter_dir("user:bob") / "v0001", alice / "v0002")
+    alice = store._adapter_dir("user:alice")
+    shutil.copytree(store._adapter_dir("user:bob") / "v0001", alice / "v0002")
     (alice / "refs.json").write_text(json.dumps({"aliases": {"current": 2}}))
     with pytest.raises(DamagedAdapter, match="claims to be user:bob@v0001"):
         store.load("user:alice")
@@ -165,7 +166,7 @@ def test_version_copied_from_another_user_is_refused(store):
 
 
 def test_version_renumbered_inside_its_adapter_is_refused(store):
-    alice = store.adapter_dir("user:alice")
+    alice = store._adapter_dir("user:alice")
     shutil.copytree(alice / "v0001", alice / "v0007")
     with pytest.raises(DamagedAdapter, match="claims to be user:alice@v0001"):
         store.load("user:alice@v7")
@@ -173,17 +174,17 @@ def test_version_renumbered_inside_its_adapter_is_refused(store):
 
 def test_symlinked_version_folder_is_refused(store, tmp_path):
     outside = tmp_path / "outside-v2"
-    shutil.copytree(store.adapter_dir("user:alice") / "v0001", outside)
+    shutil.copytree(store._adapter_dir("user:alice") / "v0001", outside)
     edit = json.loads((outside / "meta.json").read_text())
     (outside / "meta.json").write_text(json.dumps({**edit, "version": 2, "parent": 1}))
-    os.symlink(outside, store.adapter_dir("user:alice") / "v0002")
+    os.symlink(outside, store._adapter_dir("user:alice") / "v0002")
     with pytest.raises(DamagedAdapter, match="symlink"):
         store.load("user:alice@v2")
     assert "user/alice/v0002" in [p.path for p in store.verify().problems]
 
 
 def test_symlinked_adapter_folder_inside_the_root_is_refused(store):
-    os.symlink(store.adapter_dir("user:bob"), store.root / "user" / "mallory")
+    os.symlink(store._adapter_dir("user:bob"), store.root / "user" / "mallory")
     with pytest.raises(InvalidName, match="symlink"):
         store.load("user:mallory")
     listed = {a.adapter: a for a in store.list()}
@@ -227,8 +228,8 @@ def test_domain_lineage_is_followed_through_every_hop(merged_from_bob):
         store.create("domain:leak", source="merged:m2")
     loaded = store.load("merged:m")
     with pytest.raises(InvalidReference, match="user:bob"):  # the library path: a new version with that lineage
-        store.publish_version("domain:finance", loaded.tensors, loaded.config, parent=1,
-                              lineage=({"adapter": "merged:m", "version": 1, "relation": "from"},))
+        store.publish_version("domain:finance", NewVersion(
+            loaded.tensors, loaded.config, parent=1, lineage=({"adapter": "merged:m", "version": 1, "relation": "from"},)))
     with pytest.raises(InvalidReference, match="user:bob"):  # and create from tensors with that lineage
         store.create("domain:leak2", tensors=loaded.tensors, adapter_config=loaded.config,
                      lineage=({"adapter": "user:bob", "version": 1, "relation": "merge"},))
@@ -258,7 +259,7 @@ def test_verify_reports_a_domain_that_already_descends_from_a_user(merged_from_b
     assert problems and "descends from a user adapter" in problems[0].reason and "user:bob" in problems[0].reason
     loaded = store.load("domain:finance")  # and its next version (an update) is refused: the parent path
     with pytest.raises(InvalidReference, match=r"domain:finance@v1 \(parent\) <- merged:m@v1 \(from\) <- user:bob"):
-        store.publish_version("domain:finance", loaded.tensors, loaded.config, parent=1)
+        store.publish_version("domain:finance", NewVersion(loaded.tensors, loaded.config, parent=1))
 
 
 # ---------------------------------------------------------------- item 9: no NaN publishes
@@ -276,10 +277,10 @@ def test_non_finite_tensors_are_refused_on_create_and_publish(store):
     assert not store.exists("domain:nan") and not (store.root / "domain" / "nan").exists()
     inf = {k: v.clone().fill_(float("inf")) for k, v in loaded.tensors.items()}
     with pytest.raises(NonFiniteWeights):
-        store.publish_version("user:bob", inf, loaded.config, parent=1)
+        store.publish_version("user:bob", NewVersion(inf, loaded.config, parent=1))
     with pytest.raises(NonFiniteWeights):  # extras (an EWC Fisher) too
-        store.publish_version("user:bob", loaded.tensors, loaded.config, parent=1,
-                              extra_files={"fisher.safetensors": nan_copy(loaded.tensors)})
+        store.publish_version("user:bob", NewVersion(
+            loaded.tensors, loaded.config, parent=1, extra_files={"fisher.safetensors": nan_copy(loaded.tensors)}))
     assert store.version_numbers("user:bob") == [1] and store.verify().ok
 
 
@@ -339,13 +340,13 @@ def replaced_modes(monkeypatch):
 
 def test_private_files_are_0600_from_the_start(store, replaced_modes):
     from persona.store.tokens import TokenStore
-    from persona.store.replay import ReplayBuffer
+    from persona.store.queues import ReplayBuffer
     from persona.training.trainer import log_interactions
 
     old = os.umask(0o022)
     try:
         TokenStore(store).create("user:alice")
-        folder = store.adapter_dir("user:alice")
+        folder = store._adapter_dir("user:alice")
         ReplayBuffer((Interaction(text="hi"),), 1).write(folder)
         log_interactions(store, "user:alice", [Interaction(text="hello")])
     finally:
@@ -357,10 +358,10 @@ def test_private_files_are_0600_from_the_start(store, replaced_modes):
 
 
 def test_pending_rewrite_keeps_0600(store, replaced_modes):
-    from persona.store import pending
+    from persona.store import queues as pending
 
-    pending.append(store.adapter_dir("user:alice"), [Interaction(text="a"), Interaction(text="b")])
-    batch = pending.read(store.adapter_dir("user:alice"))
+    pending.append(store._adapter_dir("user:alice"), [Interaction(text="a"), Interaction(text="b")])
+    batch = pending.read(store._adapter_dir("user:alice"))
     pending.consume(store, store.resolve("user:alice").unpinned(), batch, 1)
     assert set(replaced_modes["pending.jsonl"]) == {0o600} and set(replaced_modes["pending.state.json"]) == {0o600}
 
@@ -370,7 +371,7 @@ def test_log_refuses_to_write_through_a_planted_pending_symlink(store, tmp_path)
 
     target = tmp_path / "victim.txt"
     target.write_text("untouched\n")
-    os.symlink(target, store.adapter_dir("user:alice") / "pending.jsonl")
+    os.symlink(target, store._adapter_dir("user:alice") / "pending.jsonl")
     with pytest.raises(IntegrityError, match="symlink; refusing to write through it"):
         log_interactions(store, "user:alice", [Interaction(text="hello")])
     assert target.read_text() == "untouched\n"
@@ -406,16 +407,16 @@ def trained(store, monkeypatch):
     seen: list[list[Interaction]] = []
     real = trainer._train_and_publish
 
-    def spy(ref, folder, interactions, *args, **kwargs):
+    def spy(ref, interactions, *args, **kwargs):
         seen.append(list(interactions))
-        return real(ref, folder, interactions, *args, **kwargs)
+        return real(ref, interactions, *args, **kwargs)
 
     monkeypatch.setattr(trainer, "_train_and_publish", spy)
     return trainer, seen
 
 
 def test_crash_after_publish_before_consume_does_not_retrain_rows(store, trained, monkeypatch):
-    from persona.store import pending
+    from persona.store import queues as pending
     from persona.training.trainer import UpdateConfig, log_interactions
 
     trainer, seen = trained
@@ -445,7 +446,7 @@ def test_crash_after_publish_before_consume_does_not_retrain_rows(store, trained
 
 
 def test_crash_remnant_alone_leaves_nothing_pending_for_update_all(store, trained, monkeypatch):
-    from persona.store import pending
+    from persona.store import queues as pending
     from persona.training.trainer import UpdateConfig, log_interactions
 
     trainer, seen = trained
@@ -473,20 +474,20 @@ def test_the_same_rows_logged_again_after_a_clean_update_are_trained(store, trai
 
 
 def test_replay_buffer_is_never_read_through_a_symlink(store, tmp_path):
-    from persona.store.replay import REPLAY, ReplayBuffer
+    from persona.store.queues import REPLAY, ReplayBuffer
 
     elsewhere = tmp_path / "someone-elses.jsonl"
     elsewhere.write_text(json.dumps({"text": "another user's secret"}) + "\n")
-    folder = store.adapter_dir("user:alice")
+    folder = store._adapter_dir("user:alice")
     (folder / REPLAY).symlink_to(elsewhere)
     with pytest.raises(IntegrityError, match="symlink"):
         ReplayBuffer.read(folder)
 
 
 def test_replay_row_holding_a_line_separator_survives_the_round_trip(store):
-    from persona.store.replay import ReplayBuffer
+    from persona.store.queues import ReplayBuffer
 
-    folder = store.adapter_dir("user:alice")
+    folder = store._adapter_dir("user:alice")
     row = Interaction.from_json({"prompt": "Where do I live?", "completion": "Lisbon\u2028(since May)"})
     ReplayBuffer((row,), 1).write(folder)
     assert [i.to_json() for i in ReplayBuffer.read(folder).items] == [row.to_json()]
@@ -506,7 +507,7 @@ def test_user_from_a_merge_of_another_user_is_refused_with_the_path(merged_from_
 def test_user_from_a_merge_of_its_own_adapter_is_allowed(merged_from_bob):
     store = merged_from_bob  # merged:m = user:bob + domain:finance
     loaded = store.load("merged:m")
-    info = store.publish_version("user:bob", loaded.tensors, loaded.config, parent=1,
-                                 lineage=({"adapter": "merged:m", "version": 1, "relation": "from"},))
+    info = store.publish_version("user:bob", NewVersion(
+            loaded.tensors, loaded.config, parent=1, lineage=({"adapter": "merged:m", "version": 1, "relation": "from"},)))
     assert info.version == 2
     assert store.create("user:eve", source="domain:finance").version == 1  # shared data: fine

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from persona.store import NewVersion
 from persona import InvalidReference, LoraSettings, Store
 from persona.interactions import read_interactions
 from persona.lora_runtime import AdapterWeights
@@ -38,13 +39,13 @@ def test_over_pins_the_domain_version(store):
     info = store.create("user:alice", over="domain:finance")
     assert info.over["adapter"] == "domain:finance" and info.over["version"] == 1 and len(info.over["sha256"]) == 64
     loaded = store.load("domain:finance")
-    store.publish_version("domain:finance", {k: v * 2 for k, v in loaded.tensors.items()}, loaded.config, parent=1)
+    store.publish_version("domain:finance", NewVersion({k: v * 2 for k, v in loaded.tensors.items()}, loaded.config, parent=1))
     assert store.version_info("user:alice").over_ref == store.resolve("domain:finance@v1")
 
 
 def test_layered_update_trains_only_the_user_adapter(store):
     store.create("user:alice", over="domain:finance")
-    domain_before = digest_tree(store.adapter_dir("domain:finance"))
+    domain_before = digest_tree(store._adapter_dir("domain:finance"))
     trainer = Trainer(store)
     data = read_interactions(EXAMPLES / "alice.jsonl")
     held = trainer.tokenize(data[:8], 96).examples
@@ -53,7 +54,7 @@ def test_layered_update_trains_only_the_user_adapter(store):
     assert alice_v1 == pytest.approx(trainer.loss(held, weights(store, "domain:finance"))[0], abs=1e-6)
     assert alice_v1 != pytest.approx(trainer.loss(held, None)[0], abs=1e-3)  # and differs from the base
     result = trainer.update("user:alice", data, UpdateConfig(epochs=1, max_length=96))
-    assert digest_tree(store.adapter_dir("domain:finance")) == domain_before
+    assert digest_tree(store._adapter_dir("domain:finance")) == domain_before
     assert store.version_info(result.version.ref).over["version"] == 1  # still on the same layer
     # the published user weights moved; the gate's baseline included the domain layer
     assert result.metrics["heldout_loss_before"] is not None
@@ -117,7 +118,7 @@ def layered(store) -> Store:
     """carol over domain:finance@v1; finance then moves to v2; dave holds carol's weights, unlayered."""
     store.create("user:carol", random_settings(5), over="domain:finance")
     finance = store.load("domain:finance")
-    store.publish_version("domain:finance", {k: v * -3 for k, v in finance.tensors.items()}, finance.config, parent=1)
+    store.publish_version("domain:finance", NewVersion({k: v * -3 for k, v in finance.tensors.items()}, finance.config, parent=1))
     carol = store.load("user:carol")
     store.create("user:dave", tensors=carol.tensors, adapter_config=carol.config)
     store.create("domain:cooking", random_settings(7))
@@ -188,11 +189,11 @@ def test_layered_adapter_with_domain_auto_never_routes_to_its_layer(engine, laye
     from persona.interactions import Interaction
     from persona.serving.requests import GenerationRequest
     from persona.serving.sampling import SamplingParams
-    from persona.store.replay import ReplayBuffer
+    from persona.store.queues import ReplayBuffer
 
     for domain, words in (("finance", "stock bond dividend"), ("cooking", "pasta garlic oven")):
         items = tuple(Interaction(messages=(("user", f"{words} {i}"), ("assistant", "ok"))) for i in range(4))
-        ReplayBuffer(items, len(items)).write(layered.adapter_dir(f"domain:{domain}"))
+        ReplayBuffer(items, len(items)).write(layered._adapter_dir(f"domain:{domain}"))
     request = GenerationRequest("user:carol+domain:auto", prompt="stock bond dividend",
                                 params=SamplingParams(max_new_tokens=2))
     assert engine.generate([request])[0].resolved == ("user:carol@v1", "domain:finance@v1", "domain:cooking@v1")

@@ -47,7 +47,7 @@ def test_single_adapter_matches_peft(store, tiny_base):
     for ref in ("user:a", "user:b"):
         with torch.no_grad(), runtime.activate([Activation(weights(store, ref))]):
             ours = model(IDS).logits
-        theirs = peft_logits(tiny_base, store.adapter_dir(ref) / "v0001", IDS)
+        theirs = peft_logits(tiny_base, store._adapter_dir(ref) / "v0001", IDS)
         assert (ours - theirs).abs().max() < 1e-4
 
 
@@ -59,8 +59,8 @@ def test_mixed_rows_each_compute_their_own_adapter(store, tiny_base):
     acts = [Activation(weights(store, "user:a"), rows=torch.tensor([0])), Activation(weights(store, "user:b"), rows=torch.tensor([2]))]
     with torch.no_grad(), runtime.activate(acts):
         mixed = model(IDS).logits
-    a = peft_logits(tiny_base, store.adapter_dir("user:a") / "v0001", IDS)
-    b = peft_logits(tiny_base, store.adapter_dir("user:b") / "v0001", IDS)
+    a = peft_logits(tiny_base, store._adapter_dir("user:a") / "v0001", IDS)
+    b = peft_logits(tiny_base, store._adapter_dir("user:b") / "v0001", IDS)
     assert (mixed[0] - a[0]).abs().max() < 1e-4
     assert torch.equal(mixed[1], base[1])  # no adapter on row 1
     assert (mixed[2] - b[2]).abs().max() < 1e-4

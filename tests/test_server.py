@@ -190,7 +190,7 @@ def test_logged_interactions_reach_the_users_pending_queue(server):
         assert store.show("user:bob").pending == before
         return
     assert store.show("user:bob").pending == before + 1
-    line = (store.adapter_dir("user:bob") / "pending.jsonl").read_text().strip().splitlines()[-1]
+    line = (store._adapter_dir("user:bob") / "pending.jsonl").read_text().strip().splitlines()[-1]
     logged = json.loads(line)["messages"]
     assert logged[0] == {"role": "user", "content": "Hello there"} and logged[-1]["role"] == "assistant"
     assert store.show("domain:finance").pending == 0

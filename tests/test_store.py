@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from persona.store import NewVersion
 from persona import (
     AdapterExists,
     AdapterNotFound,
@@ -22,7 +23,7 @@ from persona import (
     UnsafeWeightFile,
     VersionNotFound,
 )
-from persona.store.facade import PENDING, REPLAY
+from persona.store.queues import PENDING, REPLAY
 
 from test_refs import HOSTILE_NAMES
 
@@ -115,22 +116,22 @@ def test_publish_allocates_next_version_and_moves_aliases(store):
     store.create("user:alice")
     base = store.load("user:alice")
     tensors = {k: v + 1 for k, v in base.tensors.items()}
-    v2 = store.publish_version("user:alice", tensors, base.config, parent=1, metrics={"loss": 1.5})
+    v2 = store.publish_version("user:alice", NewVersion(tensors, base.config, parent=1, metrics={"loss": 1.5}))
     assert (v2.version, v2.parent, v2.metrics["loss"]) == (2, 1, 1.5)
     assert store.resolve("user:alice").version == 2
-    v3 = store.publish_version("user:alice", tensors, base.config, parent=2, set_alias="candidate")
+    v3 = store.publish_version("user:alice", NewVersion(tensors, base.config, parent=2), set_alias="candidate")
     assert store.resolve("user:alice").version == 2
     assert store.resolve("user:alice@candidate").version == 3 == v3.version
     loaded = store.load("user:alice@v2")
     assert all(torch.equal(loaded.tensors[k], tensors[k]) for k in tensors)
     with pytest.raises(VersionNotFound):
-        store.publish_version("user:alice", tensors, base.config, parent=9)
+        store.publish_version("user:alice", NewVersion(tensors, base.config, parent=9))
 
 
 def test_alias_rollback_and_missing_versions(store):
     store.create("user:alice")
     loaded = store.load("user:alice")
-    store.publish_version("user:alice", loaded.tensors, loaded.config, parent=1)
+    store.publish_version("user:alice", NewVersion(loaded.tensors, loaded.config, parent=1))
     store.rollback("user:alice", "v1")
     assert store.resolve("user:alice").version == 1
     store.set_alias("user:alice", "stable", 2)
@@ -270,7 +271,7 @@ def test_recreated_adapter_never_reuses_a_version_label(store):
     """A version label names one set of weights forever (engines and caches key on it), so a
     re-created adapter starts after its deleted namesake's last version, and no file names it."""
     store.create("user:alice", LoraSettings(init="random", seed=1))
-    store.publish_version("user:alice", *_weights_of(store, "user:alice"), parent=1)
+    store.publish_version("user:alice", NewVersion(*_weights_of(store, "user:alice"), parent=1))
     store.delete("user:alice")
     assert not any("alice" in p for p in tree(store.root))
     info = store.create("user:alice", LoraSettings(init="random", seed=2))

@@ -108,4 +108,4 @@ def test_concurrent_publishers_get_unique_increasing_versions_and_readers_never_
             parent = version
     # The last writer to take the lock published the highest number and moved `current` last.
     assert store.aliases(REF) == {"current": last_version}
-    assert not [p.name for p in store.adapter_dir(REF).iterdir() if p.name.startswith(".tmp-")]
+    assert not [p.name for p in store._adapter_dir(REF).iterdir() if p.name.startswith(".tmp-")]

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from persona.store import Store
+from persona.store import NewVersion, Store
 
 REF = "user:alice"
 PUBLISHER = Path(__file__).with_name("_publisher.py")
@@ -130,7 +130,7 @@ def _marked(tensors: dict, a: int, b: int) -> dict:
 
 def _assert_consistent(store: Store, ref: str, loaded: set[int], v1_keys: set[str]) -> tuple[list[int], dict[str, int]]:
     """Everything a reader can see of ``ref`` is whole. Returns (version numbers, aliases)."""
-    folder = store.adapter_dir(ref)
+    folder = store._adapter_dir(ref)
     names = [p.name for p in folder.iterdir()]
     refs = json.loads((folder / "refs.json").read_text())  # parses: never torn
     aliases = {alias: int(v) for alias, v in refs["aliases"].items()}
@@ -172,7 +172,7 @@ def test_sigkill_during_publish_leaves_only_whole_versions_and_valid_aliases(sto
     store.create(REF)
     v1_keys = set(store.load(REF).tensors)
     tensors, config = _template(store, REF)
-    folder = store.adapter_dir(REF)
+    folder = store._adapter_dir(REF)
     server = server_factory(store.root, REF)
     rng = random.Random(20240607)
     loaded: set[int] = set()
@@ -207,10 +207,9 @@ def test_sigkill_during_publish_leaves_only_whole_versions_and_valid_aliases(sto
         seen["published_by_workers"] += numbers[-1] - last_current
 
         # The next publish succeeds, takes the next number, and clears the crashed writer's temp dirs.
-        info = store.publish_version(
-            REF, _marked(tensors, -1, trial), config, parent=aliases["current"], set_alias="current",
-            metrics={"seed": -1, "seq": trial},
-        )
+        info = store.publish_version(REF, NewVersion(
+            _marked(tensors, -1, trial), config, parent=aliases["current"], metrics={"seed": -1, "seq": trial}),
+            set_alias="current")
         assert info.version == numbers[-1] + 1
         assert store.aliases(REF)["current"] == info.version
         stale_dirs = [p.name for p in folder.iterdir() if p.name.startswith(TMP) and p.is_dir()]
@@ -274,14 +273,14 @@ def test_sigkill_during_create_leaves_no_adapter_or_a_complete_one(store, server
 
 def test_publish_clears_a_stale_version_temp_dir_of_a_crashed_writer(store):
     store.create(REF)
-    folder = store.adapter_dir(REF)
+    folder = store._adapter_dir(REF)
     stale = folder / f"{TMP}v0002-0123456789ab"
     stale.mkdir()
     (stale / "adapter_model.safetensors").write_bytes(b"half a file")
     assert store.version_numbers(REF) == [1]
 
     loaded = store.load(REF)
-    info = store.publish_version(REF, loaded.tensors, loaded.config, parent=1)
+    info = store.publish_version(REF, NewVersion(loaded.tensors, loaded.config, parent=1))
 
     assert info.version == 2
     assert not stale.exists()
@@ -291,12 +290,12 @@ def test_publish_clears_a_stale_version_temp_dir_of_a_crashed_writer(store):
 def test_publish_clears_a_stale_refs_temp_file_of_a_crashed_writer(store):
     """Regression: stale temps were removed with rmtree(ignore_errors=True), which left files behind."""
     store.create(REF)
-    folder = store.adapter_dir(REF)
+    folder = store._adapter_dir(REF)
     stale = folder / f"{TMP}refs.json-0123456789ab"
     stale.write_bytes(b'{"aliases": {"curr')  # what a kill inside atomic_write_json leaves
 
     loaded = store.load(REF)
-    store.publish_version(REF, loaded.tensors, loaded.config, parent=1)
+    store.publish_version(REF, NewVersion(loaded.tensors, loaded.config, parent=1))
 
     assert store.aliases(REF) == {"current": 2}
     assert not stale.exists()

@@ -8,7 +8,7 @@ import pytest
 from persona import InvalidInteractions, LoraSettings, Store
 from persona.interactions import Interaction, parse_interactions
 from persona.lora_runtime import AdapterWeights
-from persona.store.replay import ReplayBuffer
+from persona.store.queues import ReplayBuffer
 from persona.training.supersede import (
     SupersessionDetector,
     answers_differ,
@@ -136,7 +136,7 @@ def test_revised_fact_update_is_promoted_not_gated_as_forgetting(store, trainer)
     kept = trainer.tokenize(_facts("Lisbon")[4:], 64).examples
     expected, _ = trainer.loss(kept, AdapterWeights.from_peft(parent.tensors, parent.config))
     assert m["replay_loss_before"] == pytest.approx(expected, rel=1e-5)
-    after = ReplayBuffer.read(store.adapter_dir("user:alice"))
+    after = ReplayBuffer.read(store._adapter_dir("user:alice"))
     assert not any("Lisbon" in i.completion for i in after.items)
     assert sum("Tennis" in i.completion for i in after.items) == 4
     assert sum("Porto" in i.completion for i in after.items) == 8
@@ -150,7 +150,7 @@ def test_update_that_damages_unrelated_rows_is_still_refused_with_supersession(s
     assert result.metrics["superseded"]["count"] == 4 and result.metrics["replay_eval_examples"] == 4
     assert not result.promoted and "replay loss rose" in result.reason and "4 superseded" in result.reason
     # a refused update leaves the replay buffer (and its old facts) as it was
-    items = ReplayBuffer.read(store.adapter_dir(store.resolve("user:alice"))).items
+    items = ReplayBuffer.read(store._adapter_dir(store.resolve("user:alice"))).items
     assert sum("Lisbon" in i.completion for i in items) == 4
 
 

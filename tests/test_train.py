@@ -17,7 +17,7 @@ from persona import AdapterNotFound, InvalidConfig, InvalidInteractions, LoraSet
 from persona.base import fingerprint
 from persona.interactions import parse_interactions, read_interactions
 from persona.lora_runtime import Activation, AdapterWeights
-from persona.store.replay import ReplayBuffer
+from persona.store.queues import ReplayBuffer
 from persona.training.trainer import Trainer, UpdateConfig, log_interactions
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "interactions"
@@ -92,7 +92,7 @@ def test_base_stays_frozen_and_bit_identical(store, trainer, tiny_base):
 
 
 def test_updating_one_user_leaves_another_untouched(store, trainer):
-    bob_dir = store.adapter_dir("user:bob")
+    bob_dir = store._adapter_dir("user:bob")
     before = file_hashes(bob_dir)
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
     bob = store.load("user:bob")
@@ -167,7 +167,7 @@ def test_gate_rules(trainer):
 
 
 def test_replay_buffer_fills_and_is_mixed_in(store, trainer):
-    folder = store.adapter_dir("user:alice")
+    folder = store._adapter_dir("user:alice")
     trainer.update("user:alice", alice(), UpdateConfig(**FAST, replay_capacity=16))
     buffer = ReplayBuffer.read(folder)
     assert len(buffer.items) == 16 and buffer.seen == len(alice())
@@ -175,7 +175,7 @@ def test_replay_buffer_fills_and_is_mixed_in(store, trainer):
     # supersede off: the tiny random model's embeddings are noise, and replay mixing is the subject here
     result = trainer.update("user:alice", alice(12), UpdateConfig(**FAST, replay_capacity=16, supersede=False))
     assert result.metrics["replay_examples"] == 16 and result.metrics["replay_loss_before"] is not None
-    assert not (store.adapter_dir("user:bob") / "replay.jsonl").exists()
+    assert not (store._adapter_dir("user:bob") / "replay.jsonl").exists()
 
 
 def test_replayed_rows_come_on_top_and_the_gate_evaluates_a_sample(store, trainer):
@@ -227,7 +227,7 @@ def test_reservoir_is_bounded_and_uniform():
 def test_l2_regularization_pulls_toward_parent(store, trainer):
     trainer.update("user:alice", alice(), UpdateConfig(**FAST, replay_capacity=0))
     parent = store.load("user:alice").tensors
-    store_path = store.adapter_dir("user:alice")
+    store_path = store._adapter_dir("user:alice")
 
     def distance(strength):
         trainer.update("user:alice", read_interactions(EXAMPLES / "bob.jsonl")[:24],
@@ -292,7 +292,7 @@ def test_interrupted_update_publishes_nothing_and_frees_the_lock(store, trainer,
     with pytest.raises(KeyboardInterrupt):
         trainer.update("user:alice", alice(), UpdateConfig(**FAST))
     assert store.version_numbers("user:alice") == [1]
-    assert not [p for p in store.adapter_dir("user:alice").iterdir() if p.name.startswith(".tmp")]
+    assert not [p for p in store._adapter_dir("user:alice").iterdir() if p.name.startswith(".tmp")]
     quick = Store(store.root, lock_timeout=0.5)
     with quick.lock("user:alice"), quick.lock("user:alice", purpose="update"):
         pass

@@ -19,7 +19,7 @@ from ._common import JSON_FLAG, STORE_ROOT, to_cli_error
 from ..errors import StoreNotInitialized
 from ..peft_format import LoraSettings
 from ..refs import parse_ref, parse_version
-from ..store.facade import Store, default_root
+from ..store import Store, default_root
 
 _ARGV = "persona.argv"
 
@@ -454,10 +454,9 @@ def log(ref, data_file, store_root, as_json) -> None:
       persona log user:alice --data examples/interactions/alice-2.jsonl
     """
     from ..interactions import read_interactions
-    from ..training.trainer import log_interactions
 
     interactions = read_interactions(data_file)
-    count = log_interactions(_open(store_root), parse_ref(ref), interactions)
+    count = _open(store_root).log(parse_ref(ref), interactions)
     pending = _open(store_root).show(parse_ref(ref)).pending
     emit(as_json, {"adapter": parse_ref(ref).id, "logged": count, "pending": pending},
          f"logged {count} interactions for {parse_ref(ref).id} ({pending} pending)")

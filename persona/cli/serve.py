@@ -210,11 +210,11 @@ def token_create(ref, admin, store_root, as_json) -> None:
       persona token create user:alice
       persona token create --admin --json
     """
-    from ..store.tokens import ADMIN, TokenStore
+    from ..store.tokens import ADMIN
 
     if bool(ref) == bool(admin):
         raise click.UsageError("give a user adapter (user:NAME) or --admin")
-    secret, info = TokenStore(_open(store_root)).create(ADMIN if admin else ref)
+    secret, info = _open(store_root).tokens.create(ADMIN if admin else ref)
     emit(as_json, {"token": secret, **info.to_dict()},
          f"{secret}\n(token id {info.token_id} for {info.subject}; shown once, stored only as a hash)")
 
@@ -229,9 +229,8 @@ def token_list(store_root, as_json) -> None:
     Examples:
       persona token list --json
     """
-    from ..store.tokens import TokenStore
 
-    infos = TokenStore(_open(store_root)).list()
+    infos = _open(store_root).tokens.list()
     if as_json:
         emit(True, [i.to_dict() for i in infos])
         return
@@ -252,9 +251,8 @@ def token_revoke(token_id, store_root, as_json) -> None:
     Examples:
       persona token revoke 1a2b3c4d5e6f
     """
-    from ..store.tokens import TokenStore
 
-    TokenStore(_open(store_root)).revoke(token_id)
+    _open(store_root).tokens.revoke(token_id)
     emit(as_json, {"token_id": token_id, "revoked": True}, f"revoked {token_id}")
 
 

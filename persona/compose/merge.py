@@ -43,7 +43,7 @@ from typing import Any, Mapping, Sequence
 from ..errors import AdapterExists, InvalidConfig, InvalidReference
 from ..peft_format import ADAPTER_WEIGHTS, PEFT_PREFIX, LoraSettings, lora_shapes
 from ..refs import RESERVED_NAMES, AdapterRef, parse_ref
-from ..store.facade import LoadedAdapter, Store, VersionInfo
+from ..store import LoadedAdapter, NewVersion, Store, VersionInfo
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
 DENSITY_METHODS = frozenset({"ties", "dare_linear", "dare_ties"})
@@ -187,7 +187,7 @@ def merge(
                                 lineage=lineage)
         except AdapterExists:
             # A new version of an existing merge is not trained from the previous one: no parent.
-            return store.publish_version(plan.into, tensors, config, parent=None, lineage=lineage)
+            return store.publish_version(plan.into, NewVersion(tensors, config, lineage=lineage))
 
 
 def _modules(tensors: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

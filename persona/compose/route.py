@@ -37,7 +37,6 @@ validated against the domain's version, replay digest and the base fingerprint b
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,15 +45,14 @@ from typing import Any, Iterable, Mapping, Sequence, Union
 import torch
 
 from ..embed import EMBEDDING_ID, embed_texts
-from ..errors import AdapterNotFound, InvalidConfig, InvalidName, PersonaError, VersionNotFound
-from .._fs import TMP_PREFIX, atomic_write_bytes
+from ..errors import AdapterNotFound, InvalidConfig, PersonaError
+from .._fs import atomic_write_bytes
 from ..lora_runtime import AdapterLinear, AdapterWeights
-from ..refs import RESERVED_NAMES, AdapterRef
-from ..store.replay import REPLAY, ReplayBuffer
-from ..store.facade import REFS, Store
+from ..refs import AdapterRef
+from ..store import Store
 
 ROUTE_METHODS = ("centroid", "arrow")
-CACHE_DIR = Path(".cache") / "router"
+CACHE_DIR = "router"  # under the store's cache folder (Store.cache_dir)
 _EPS = 1e-6
 
 Prompt = Union[str, Sequence[Mapping[str, str]], Sequence[Sequence[str]], Any]
@@ -227,19 +225,8 @@ class Router:
     # ------------------------------------------------------------------ store side
 
     def _domains(self) -> dict[str, int]:
-        """``{name: current version}`` of every domain adapter, read from the store's folders."""
-        folder = self.store.root / "domain"
-        found: dict[str, int] = {}
-        if not folder.is_dir():
-            return found
-        for child in folder.iterdir():
-            if child.name.startswith(TMP_PREFIX) or child.name in RESERVED_NAMES or not (child / REFS).is_file():
-                continue
-            try:
-                found[child.name] = self.store.resolve(AdapterRef("domain", child.name)).version
-            except (InvalidName, AdapterNotFound, VersionNotFound):
-                continue  # a stray folder, or deleted while we looked
-        return found
+        """``{name: current version}`` of every domain adapter."""
+        return self.store.domains()
 
     def _build(self, domain: str, version: int) -> Any:
         if self.method == "centroid":
@@ -248,20 +235,16 @@ class Router:
 
     # ------------------------------------------------------------------ centroid
     def _cache_path(self, domain: str) -> Path:
-        return self.store.root / CACHE_DIR / "centroid" / f"{domain}.safetensors"
+        return self.store.cache_dir(CACHE_DIR) / "centroid" / f"{domain}.safetensors"
 
     def _centroid(self, domain: str, version: int) -> dict[str, torch.Tensor]:
         from safetensors.torch import load as load_safetensors, save
 
-        folder = self.store.adapter_dir(AdapterRef("domain", domain))
-        try:
-            replay_bytes = (folder / REPLAY).read_bytes()
-        except FileNotFoundError:
-            replay_bytes = b""
+        ref = AdapterRef("domain", domain)
         key = {
             "adapter": f"domain:{domain}",
             "version": str(version),
-            "replay_sha256": hashlib.sha256(replay_bytes).hexdigest(),
+            "replay_sha256": self.store.replay_digest(ref),
             "base_fingerprint": self.store.config.base_fingerprint,
             "embedding": EMBEDDING_ID,
             "max_tokens": str(self.max_tokens),
@@ -277,7 +260,7 @@ class Router:
             except Exception:  # a damaged cache file is recomputed, never trusted
                 pass
         texts = []
-        for item in ReplayBuffer.read(folder).items:
+        for item in self.store.replay(ref).items:
             try:
                 texts.append(prompt_text(item))
             except InvalidConfig:
@@ -293,7 +276,7 @@ class Router:
         return stats
 
     def _prune_cache(self, domains: set[str]) -> None:
-        folder = self.store.root / CACHE_DIR / "centroid"
+        folder = self.store.cache_dir(CACHE_DIR) / "centroid"
         if not folder.is_dir():
             return
         for path in folder.glob("*.safetensors"):

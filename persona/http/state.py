@@ -45,7 +45,7 @@ class ServerState:
     @classmethod
     def over(cls, engine, config: ServerConfig) -> "ServerState":
         gate = AdmissionGate(config.max_queue, config.max_per_token)
-        return cls(engine=engine, config=config, tokens=TokenStore(engine.store), gate=gate,
+        return cls(engine=engine, config=config, tokens=engine.store.tokens, gate=gate,
                    metrics=Metrics(engine, gate))
 
     @property

@@ -1,4 +1,5 @@
-"""A version's ``meta.json``: the typed record and its one strict parser.
+"""The store's typed records: a version's ``meta.json`` (with its one strict parser), an adapter's
+versions and aliases, a loaded version, and a problem found in either.
 
 Every reader of a version goes through :func:`parse_meta`. A ``meta.json`` that is not JSON, lacks a
 required key, holds a value of the wrong type, names a file that is not a plain file name of the
@@ -17,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 from ..errors import DamagedAdapter, InvalidReference, PersonaError
 from ..peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from ..refs import AdapterRef, format_version, parse_ref
+from ..refs import CURRENT, AdapterRef, format_version, parse_ref
 
 META_FORMAT = 1
 # The only file names a version folder may hold besides meta.json: PEFT's two, and extra
@@ -219,3 +220,67 @@ def parse_meta(raw: bytes, *, adapter: str, version: int, aliases: tuple[str, ..
             reason=f"damaged meta.json: {bad}",
         ) from None
     return VersionInfo(aliases=aliases, **fields)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong in the store: where (adapter, version, file) and why."""
+
+    adapter: str
+    version: int | None
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        where = self.adapter + (f"@{format_version(self.version)}" if self.version else "")
+        return f"{where}: {self.path}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """An adapter with all its versions and aliases."""
+
+    adapter: str
+    kind: str
+    name: str
+    versions: tuple[VersionInfo, ...]
+    aliases: Mapping[str, int]
+    pending: int
+    replay: int
+    # Why this adapter is damaged (unreadable meta.json or refs.json, a symlink, ...): ``versions``
+    # then holds only its readable versions, and the damaged ones are refused for loading.
+    damaged: tuple[Problem, ...] = ()
+
+    @property
+    def current(self) -> int | None:
+        return self.aliases.get(CURRENT)
+
+    @property
+    def is_damaged(self) -> bool:
+        return bool(self.damaged)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "adapter": self.adapter,
+            "kind": self.kind,
+            "name": self.name,
+            "current": self.current,
+            "aliases": dict(self.aliases),
+            "pending": self.pending,
+            "replay": self.replay,
+            "versions": [v.to_dict() for v in self.versions],
+            "damaged": [str(p) for p in self.damaged],
+        }
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """An adapter version read from the store, its hashes checked."""
+
+    info: VersionInfo
+    config: Mapping[str, Any]
+    tensors: Mapping[str, Any]
+
+    @property
+    def ref(self) -> AdapterRef:
+        return self.info.ref

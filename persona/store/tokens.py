@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Sequence
-
-from filelock import FileLock
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import AuthError, InvalidReference
 from .._fs import PRIVATE_MODE, atomic_write_json, read_regular_file
 from ..refs import AdapterRef, StackPart, parse_ref
+
+if TYPE_CHECKING:
+    from .facade import Store
 
 TOKENS_FILE = "tokens.json"
 ADMIN = "admin"
@@ -67,19 +69,17 @@ def _hash(secret: str) -> str:
 
 
 class TokenStore:
-    """The tokens of one adapter store (``Store.root / tokens.json``)."""
+    """The tokens of one adapter store (``Store.root / tokens.json``); reach it as ``store.tokens``."""
 
-    def __init__(self, store):
+    def __init__(self, store: "Store"):
         self.store = store
         self.path = store.root / TOKENS_FILE
 
-    def _lock(self) -> FileLock:
-        (self.store.root / ".locks").mkdir(parents=True, exist_ok=True)
-        return FileLock(str(self.store.root / ".locks" / "tokens.lock"), timeout=60)
+    def _lock(self):
+        """The store's lock of ``tokens.json`` (:class:`~persona.errors.LockTimeout` after the store's timeout)."""
+        return self.store._file_lock("tokens", "another writer has held the lock of the API tokens")
 
     def _read(self) -> dict[str, dict[str, str]]:
-        import json
-
         try:
             return json.loads(read_regular_file(self.path))["tokens"]  # never through a planted symlink
         except FileNotFoundError:

@@ -27,7 +27,6 @@ import math
 import random
 import time
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import torch
@@ -46,9 +45,7 @@ from ..interactions import (
 from ..errors import InvalidConfig, InvalidInteractions
 from ..lora_runtime import Activation, AdapterWeights, LoraRuntime
 from ..refs import CANDIDATE, CURRENT, AdapterRef, parse_ref
-from ..store import pending as pending_queue
-from ..store.replay import ReplayBuffer
-from ..store.facade import Store, VersionInfo
+from ..store import NewVersion, ReplayBuffer, Store, VersionInfo
 from .supersede import SUPERSEDE_THRESHOLD, Supersession, SupersessionDetector, sample_replay
 
 FISHER_FILE = "fisher.safetensors"
@@ -306,17 +303,16 @@ class Trainer:
 
         With ``interactions=None`` the pending queue is consumed: the interactions trained on are
         removed from it only after the new version is published, and the version records them, so
-        a crash in between does not train them again (see :mod:`persona.pending`).
+        a crash in between does not train them again (see :mod:`persona.store.queues`).
         """
         config = config or UpdateConfig()
         ref = parse_ref(ref).unpinned()
-        folder = self.store.adapter_dir(ref)
         with self.store.lock(ref, purpose="update"):
             from_pending = interactions is None
             batch = None
             if from_pending:
                 self.store.show(ref)  # AdapterNotFound before "nothing pending"
-                batch = pending_queue.take(self.store, ref)
+                batch = self.store.take_pending(ref)
                 interactions = list(batch.interactions)
                 if not interactions:
                     raise InvalidInteractions(
@@ -325,13 +321,13 @@ class Trainer:
             interactions = list(interactions)
             if not interactions:
                 raise InvalidInteractions("no interactions to train on")
-            result = self._train_and_publish(ref, folder, interactions, config, progress,
+            result = self._train_and_publish(ref, interactions, config, progress,
                                              pending=batch.record() if batch else None)
             if batch is not None:
-                pending_queue.consume(self.store, ref, batch, result.version.version)
+                self.store.consume_pending(ref, batch, result.version.version)
         return result
 
-    def _train_and_publish(self, ref: AdapterRef, folder: Path, interactions: list[Interaction], config: UpdateConfig,
+    def _train_and_publish(self, ref: AdapterRef, interactions: list[Interaction], config: UpdateConfig,
                            progress: bool, pending: Mapping[str, Any] | None = None) -> UpdateResult:
         started = time.perf_counter()
         parent_info = self.store.version_info(ref)
@@ -345,7 +341,7 @@ class Trainer:
         held_set = self.tokenize(held_items, config.max_length)
         if not train_set.examples:
             raise InvalidInteractions("after truncation no example has a token to train on; raise max_length")
-        replay = ReplayBuffer.read(folder)
+        replay = self.store.replay(ref)
         # Rows the new data revises are neither replayed nor counted as forgetting (issue 11).
         supersession = self._supersession(replay.items, interactions, config)
         replay_set = self.tokenize(list(supersession.kept), config.max_length) if supersession.kept else None
@@ -402,23 +398,20 @@ class Trainer:
         metrics = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
         if supersession.count and promoted:
             replay = ReplayBuffer(supersession.kept, replay.seen)  # the revised rows leave the buffer
-        version = self.store.publish_version(
-            ref,
+        version = self.store.publish_version(ref, NewVersion(
             new_weights.to_peft(),
             parent.config,
             parent=parent_info.version,
-            set_alias=CURRENT if promoted else CANDIDATE,
             metrics=metrics,
             training=config.to_dict() | {"reg_applied": reg, "precision_applied": precision},
             data_digest=data_digest(interactions),
             extra_files=extra,
             settings=None,
             pending=pending,
-        )
+        ), set_alias=CURRENT if promoted else CANDIDATE)
         if promoted and (config.replay_capacity or supersession.count):
             # Only data a current version learned joins the reservoir; a rejected candidate's does not.
-            with self.store.lock(ref):
-                replay.offer(interactions, config.replay_capacity, config.seed).write(folder)
+            self.store.write_replay(ref, replay.offer(interactions, config.replay_capacity, config.seed))
         return UpdateResult(ref.id, version, parent_info.version, promoted, reason, metrics)
 
     def _gate(self, held_before: float, held_after: float, replay_before: float, replay_after: float,
@@ -564,14 +557,11 @@ class Trainer:
         results = []
         for adapter in self.store.list():
             # Rows a published version consumed before a crash are not pending any more.
-            if adapter.pending and adapter.pending > pending_queue.drop_consumed(self.store, AdapterRef(adapter.kind, adapter.name)):
+            if adapter.pending and adapter.pending > self.store.drop_consumed_pending(AdapterRef(adapter.kind, adapter.name)):
                 results.append(self.update(AdapterRef(adapter.kind, adapter.name), None, config, progress=progress))
         return results
 
 
 def log_interactions(store: Store, ref: str | AdapterRef, interactions: Sequence[Interaction]) -> int:
     """Append validated interactions to an adapter's pending queue; returns how many."""
-    ref = parse_ref(ref).unpinned()
-    store.show(ref)  # AdapterNotFound when missing
-    with store.lock(ref):
-        return pending_queue.append(store.adapter_dir(ref), list(interactions))
+    return store.log(ref, interactions)

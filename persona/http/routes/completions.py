@@ -100,11 +100,10 @@ def log_chat(state: ServerState, model: str, messages: list[dict[str, str]], ans
     if len(users) != 1:
         return
     from ...interactions import Interaction
-    from ...training.trainer import log_interactions
 
     try:
         interaction = Interaction.from_json({"messages": messages + [{"role": "assistant", "content": answer_text}]},
                                             source="server", line=1)
-        log_interactions(state.store, users[0].unpinned(), [interaction])
+        state.store.log(users[0].unpinned(), [interaction])
     except (InvalidInteractions, PersonaError):
         pass  # logging is best effort; the answer was served
