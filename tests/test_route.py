@@ -116,7 +116,7 @@ def test_refreshes_when_a_domain_gets_a_new_version(tiny_base, isolated_store):
     text = prompts("cooking", 1, seed=7)[0]
     before = {s.adapter: s.score for s in router.scores(text)}
     assert set(before) == {"domain:finance@v2", "domain:medicine@v2"}
-    cache = store.root / CACHE_DIR / "centroid" / "medicine.safetensors"
+    cache = store.cache_dir(CACHE_DIR) / "centroid" / "medicine.safetensors"
     assert cache.is_file()
 
     train(trainer, "domain:medicine", "cooking", seed=2)  # medicine@v3 now also knows cooking prompts
@@ -133,7 +133,7 @@ def test_refreshes_when_a_domain_gets_a_new_version(tiny_base, isolated_store):
     assert router.route(text)[0].adapter == "domain:cooking@v2"
     store.delete("domain:cooking")  # and disappears, its cache with it
     assert "domain:cooking@v2" not in {s.adapter for s in router.scores(text)}
-    assert not (store.root / CACHE_DIR / "centroid" / "cooking.safetensors").exists()
+    assert not (store.cache_dir(CACHE_DIR) / "centroid" / "cooking.safetensors").exists()
 
 
 def test_cache_is_reused_by_a_new_router_and_recomputed_if_stale(world, monkeypatch):
@@ -149,7 +149,7 @@ def test_cache_is_reused_by_a_new_router_and_recomputed_if_stale(world, monkeypa
     router = Router(store, trainer.model, trainer.tokenizer)
     router.scores("stock bond")
     assert calls == [1]  # centroids came from ROOT/.cache/router, only the prompt was embedded
-    cache = store.root / CACHE_DIR / "centroid" / "finance.safetensors"
+    cache = store.cache_dir(CACHE_DIR) / "centroid" / "finance.safetensors"
     cache.write_bytes(b"garbage")  # damaged: recomputed, never trusted
     Router(store, trainer.model, trainer.tokenizer).scores("stock bond")
     assert calls[1:] == [16, 1]

@@ -166,7 +166,7 @@ def read(folder: Path) -> PendingBatch:
     return PendingBatch(tuple(interactions), _digest(lines))
 
 
-def drop_consumed(store: "Store", ref: AdapterRef) -> int:
+def drop_consumed(store: Store, ref: AdapterRef) -> int:
     """Remove rows the newest pending-trained version consumed but a crash left queued; return how many."""
     ref = ref.unpinned()
     folder = store._adapter_dir(ref)
@@ -184,14 +184,14 @@ def drop_consumed(store: "Store", ref: AdapterRef) -> int:
         return dropped
 
 
-def take(store: "Store", ref: AdapterRef) -> PendingBatch:
+def take(store: Store, ref: AdapterRef) -> PendingBatch:
     """The queue to train on, after dropping what a published version already consumed."""
     drop_consumed(store, ref)
     with store.lock(ref):
         return read(store._adapter_dir(ref))
 
 
-def consume(store: "Store", ref: AdapterRef, batch: PendingBatch, version: int) -> bool:
+def consume(store: Store, ref: AdapterRef, batch: PendingBatch, version: int) -> bool:
     """Remove ``batch`` from the head of the queue now that ``version`` (trained on it) is published.
 
     Removes only while the head still is that batch, so a concurrent :func:`drop_consumed` and this

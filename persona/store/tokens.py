@@ -71,7 +71,7 @@ def _hash(secret: str) -> str:
 class TokenStore:
     """The tokens of one adapter store (``Store.root / tokens.json``); reach it as ``store.tokens``."""
 
-    def __init__(self, store: "Store"):
+    def __init__(self, store: Store):
         self.store = store
         self.path = store.root / TOKENS_FILE
 
