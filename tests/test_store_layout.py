@@ -1,4 +1,4 @@
-"""The store's layout module: a damaged store raises DamagedStore, and every store lock, the API
+"""The store's layout module: a damaged store raises StoreDamaged, and every store lock, the API
 tokens' included, times out with LockTimeout after the store's own timeout (issue 12)."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from filelock import FileLock
 
-from persona import DamagedStore, IntegrityError, LockTimeout, Store
+from persona import IntegrityError, LockTimeout, Store, StoreDamaged
+from persona.errors import UnsupportedStoreFormat
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -22,18 +23,23 @@ def root(tmp_path) -> Path:
     return tmp_path / "store"
 
 
-@pytest.mark.parametrize("body", ["{not json", json.dumps({"format": 99, "base": {"id": "x", "fingerprint": "y"}}),
-                                  json.dumps({"format": 1})])
+@pytest.mark.parametrize("body", ["{not json", json.dumps({"format": 1})])
 def test_damaged_persona_json_raises_damaged_store(root, body):
     (root / "persona.json").write_text(body)
-    with pytest.raises(DamagedStore, match="persona.json"):
+    with pytest.raises(StoreDamaged, match="persona.json"):
+        Store.open(root)
+
+
+def test_persona_json_of_another_format_raises_unsupported_store_format(root):
+    (root / "persona.json").write_text(json.dumps({"format": 99, "base": {"id": "x", "fingerprint": "y"}}))
+    with pytest.raises(UnsupportedStoreFormat, match="format 99"):
         Store.open(root)
 
 
 def test_damaged_retired_record_raises_damaged_store(root):
     (root / ".retired.json").write_text('{"abc": "not a number"}')
     store = Store.open(root)
-    with pytest.raises(DamagedStore, match="never reused") as caught:
+    with pytest.raises(StoreDamaged, match="never reused") as caught:
         store.delete("merged:team")
     assert isinstance(caught.value, IntegrityError)  # what it raised before it had its own class
     assert store.exists("merged:team")
