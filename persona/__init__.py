@@ -6,119 +6,207 @@
 >>> store.load("user:alice").tensors                  # hash-checked safetensors
 >>> trainer = persona.Trainer(store)                  # loads the frozen base once
 >>> trainer.update("user:alice", persona.read_interactions("alice.jsonl"))
+
+The public names below are loaded on first use (huggingface_hub's lazy ``__init__`` is the model):
+``import persona`` and the ``persona`` command's ``--help``/``--version`` do not import torch, and
+``persona.Engine`` imports the serving stack only when it is touched (issue 12, item 7).
 """
 
-from .base import EMBEDDED_BASE, BaseInfo, BaseModel, base_info, load_base
-from .errors import (
-    AdapterExists,
-    AdapterNotFound,
-    BaseMismatch,
-    BaseModelUnavailable,
-    DamagedAdapter,
-    StoreDamaged,
-    IntegrityError,
-    InvalidConfig,
-    InvalidInteractions,
-    InvalidName,
-    InvalidReference,
-    LockTimeout,
-    NonFiniteWeights,
-    PersonaError,
-    StoreExists,
-    StoreNotInitialized,
-    UnsafeWeightFile,
-    VersionNotFound,
-)
-from .interactions import Interaction, data_digest, parse_interactions, read_interactions
-from .lora_runtime import Activation, AdapterWeights, LoraRuntime
-from .peft_format import LoraSettings
-from .refs import AdapterRef, StackPart, format_stack, parse_ref, parse_stack
-from .compose.merge import METHODS as MERGE_METHODS, merge
-from .serving.engine import Engine
-from .serving.requests import EngineStats, GenerationRequest, GenerationResult, Handle
-from .serving.scheduler import EngineClosed
-from .serving.constrain import ResponseFormat
-from .serving.sampling import SamplingParams, TokenLogprob, TopLogprob
-from .compose.route import RouteChoice, RouteScore, Router
-from .store import (
-    AdapterHasDependents,
-    AdapterInfo,
-    Dependent,
-    LoadedAdapter,
-    Problem,
-    Store,
-    StoreConfig,
-    VerifyReport,
-    VersionInfo,
-)
-from .training.trainer import EvalResult, Trainer, UpdateConfig, UpdateResult, log_interactions
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+# submodule (relative to this package) -> the public names it provides, grouped by subpackage
+_SUBMOD_ATTRS: dict[str, list[str]] = {
+    # core
+    "base": ["EMBEDDED_BASE", "BaseInfo", "BaseModel", "base_info", "load_base"],
+    "errors": [
+        "AdapterExists",
+        "AdapterNotFound",
+        "BaseMismatch",
+        "BaseModelUnavailable",
+        "DamagedAdapter",
+        "IntegrityError",
+        "InvalidConfig",
+        "InvalidInteractions",
+        "InvalidName",
+        "InvalidReference",
+        "LockTimeout",
+        "NonFiniteWeights",
+        "EngineClosed",
+        "PersonaError",
+        "StoreDamaged",
+        "StoreExists",
+        "StoreNotInitialized",
+        "UnsafeWeightFile",
+        "VersionNotFound",
+    ],
+    "interactions": ["Interaction", "data_digest", "parse_interactions", "read_interactions"],
+    "lora_runtime": ["Activation", "AdapterWeights", "LoraRuntime"],
+    "peft_format": ["LoraSettings"],
+    "refs": ["AdapterRef", "StackPart", "format_stack", "parse_ref", "parse_stack"],
+    # store/
+    "store": [
+        "AdapterHasDependents",
+        "AdapterInfo",
+        "Dependent",
+        "LoadedAdapter",
+        "Problem",
+        "Store",
+        "StoreConfig",
+        "VerifyReport",
+        "VersionInfo",
+    ],
+    # training/
+    "training.config": ["UpdateConfig"],
+    "training.trainer": ["EvalResult", "Trainer", "UpdateResult", "log_interactions"],
+    # serving/
+    "serving.engine": ["Engine"],
+    "serving.requests": ["EngineStats", "GenerationRequest", "GenerationResult", "Handle"],
+    "serving.constrain": ["ResponseFormat"],
+    "serving.sampling": ["SamplingParams", "TokenLogprob", "TopLogprob"],
+    # compose/
+    "compose.merge": ["merge"],
+    "compose.route": ["RouteChoice", "RouteScore", "Router"],
+}
+_RENAMED = {"MERGE_METHODS": ("compose.merge", "METHODS")}  # public name -> (submodule, its name there)
+
+_NAME_TO_SOURCE: dict[str, tuple[str, str]] = {
+    **{name: (module, name) for module, names in _SUBMOD_ATTRS.items() for name in names},
+    **_RENAMED,
+}
+
 __all__ = [
-    "EMBEDDED_BASE",
-    "Engine",
-    "EngineClosed",
-    "EngineStats",
-    "GenerationRequest",
-    "GenerationResult",
-    "Handle",
-    "SamplingParams",
-    "ResponseFormat",
-    "TokenLogprob",
-    "TopLogprob",
-    "MERGE_METHODS",
-    "AdapterHasDependents",
-    "Dependent",
-    "RouteChoice",
-    "RouteScore",
-    "Router",
-    "merge",
     "Activation",
-    "AdapterWeights",
-    "EvalResult",
-    "Interaction",
-    "LoraRuntime",
-    "Trainer",
-    "UpdateConfig",
-    "UpdateResult",
-    "data_digest",
-    "log_interactions",
-    "parse_interactions",
-    "read_interactions",
     "AdapterExists",
+    "AdapterHasDependents",
     "AdapterInfo",
     "AdapterNotFound",
     "AdapterRef",
+    "AdapterWeights",
     "BaseInfo",
     "BaseMismatch",
     "BaseModel",
     "BaseModelUnavailable",
     "DamagedAdapter",
-    "StoreDamaged",
+    "Dependent",
+    "EMBEDDED_BASE",
+    "Engine",
+    "EngineClosed",
+    "EngineStats",
+    "EvalResult",
+    "GenerationRequest",
+    "GenerationResult",
+    "Handle",
     "IntegrityError",
+    "Interaction",
     "InvalidConfig",
     "InvalidInteractions",
     "InvalidName",
     "InvalidReference",
     "LoadedAdapter",
     "LockTimeout",
+    "LoraRuntime",
     "LoraSettings",
+    "MERGE_METHODS",
     "NonFiniteWeights",
     "PersonaError",
     "Problem",
+    "ResponseFormat",
+    "RouteChoice",
+    "RouteScore",
+    "Router",
+    "SamplingParams",
     "StackPart",
     "Store",
     "StoreConfig",
+    "StoreDamaged",
     "StoreExists",
     "StoreNotInitialized",
+    "TokenLogprob",
+    "TopLogprob",
+    "Trainer",
     "UnsafeWeightFile",
+    "UpdateConfig",
+    "UpdateResult",
     "VerifyReport",
     "VersionInfo",
     "VersionNotFound",
     "base_info",
+    "data_digest",
     "format_stack",
     "load_base",
+    "log_interactions",
+    "merge",
+    "parse_interactions",
     "parse_ref",
     "parse_stack",
+    "read_interactions",
 ]
+"""Every public name; tests/test_lazy_import.py checks it lists exactly the names above."""
+
+
+def __getattr__(name: str) -> Any:
+    """Import the submodule that provides ``name`` on first access, and cache the value here."""
+    source = _NAME_TO_SOURCE.get(name)
+    if source is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attr = source
+    value = getattr(importlib.import_module(f".{module}", __name__), attr)
+    globals()[name] = value  # later accesses skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ loads these on demand
+    from .base import EMBEDDED_BASE, BaseInfo, BaseModel, base_info, load_base
+    from .compose.merge import METHODS as MERGE_METHODS, merge
+    from .compose.route import RouteChoice, RouteScore, Router
+    from .errors import (
+        AdapterExists,
+        AdapterNotFound,
+        BaseMismatch,
+        BaseModelUnavailable,
+        DamagedAdapter,
+        EngineClosed,
+        IntegrityError,
+        InvalidConfig,
+        InvalidInteractions,
+        InvalidName,
+        InvalidReference,
+        LockTimeout,
+        NonFiniteWeights,
+        PersonaError,
+        StoreDamaged,
+        StoreExists,
+        StoreNotInitialized,
+        UnsafeWeightFile,
+        VersionNotFound,
+    )
+    from .interactions import Interaction, data_digest, parse_interactions, read_interactions
+    from .lora_runtime import Activation, AdapterWeights, LoraRuntime
+    from .peft_format import LoraSettings
+    from .refs import AdapterRef, StackPart, format_stack, parse_ref, parse_stack
+    from .serving.constrain import ResponseFormat
+    from .serving.engine import Engine
+    from .serving.requests import EngineStats, GenerationRequest, GenerationResult, Handle
+    from .serving.sampling import SamplingParams, TokenLogprob, TopLogprob
+    from .store import (
+        AdapterHasDependents,
+        AdapterInfo,
+        Dependent,
+        LoadedAdapter,
+        Problem,
+        Store,
+        StoreConfig,
+        VerifyReport,
+        VersionInfo,
+    )
+    from .training.config import UpdateConfig
+    from .training.trainer import EvalResult, Trainer, UpdateResult, log_interactions

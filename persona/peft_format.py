@@ -35,16 +35,21 @@ class LoraSettings:
     2.0
     """
 
-    rank: int = field(default=8, metadata={"help": "LoRA rank r: the inner dimension of B @ A."})
-    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / rank."})
-    dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input during training."})
+    # metadata: help and validated range, from which the CLI builds its options (persona.cli._common)
+    rank: int = field(default=8, metadata={
+        "help": "LoRA rank r.", "range": {"min": 1, "max": 1024}})
+    alpha: float = field(default=16.0, metadata={
+        "help": "LoRA alpha (scale = alpha / rank).", "range": {"min": 0, "max": 1e4, "min_open": True}})
+    dropout: float = field(default=0.05, metadata={
+        "help": "LoRA dropout.", "range": {"min": 0, "max": 1, "max_open": True}})
     target_modules: tuple[str, ...] | None = field(
         default=None,
-        metadata={"help": "Module name suffixes to adapt (e.g. q_proj,v_proj). None: the base architecture's default."},
+        metadata={"help": "Module names to adapt, e.g. q_proj,v_proj (comma-separated on the command line). "
+                          "Default: every linear layer of each block (the base architecture's default)."},
     )
     init: Literal["default", "random"] = field(
         default="default",
-        metadata={"help": "default: B=0 (the adapter starts as the identity); random: A and B both random (tests)."},
+        metadata={"help": "default: B=0, the new adapter leaves the base's output unchanged."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the initialisation."})
 

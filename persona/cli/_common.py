@@ -1,5 +1,7 @@
-"""How the ``persona`` command reports a failure: one line on stderr and a non-zero exit, never a
-traceback (issue 10, item 12).
+"""What every ``persona`` command shares: the group that reports failures, ``--store``/``--json``,
+options generated from the library's config dataclasses, and how a failure is shown.
+
+A failure is one line on stderr and a non-zero exit, never a traceback (issue 10, item 12):
 
 - A library error (:class:`~persona.errors.PersonaError`) prints its message as it is and exits with
   the code of its row in :data:`persona.errors.ERROR_TABLE`.
@@ -13,19 +15,30 @@ traceback (issue 10, item 12).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
+import sys
 import tempfile
 import time
 import traceback
+import types
+import typing
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, Callable, Literal, Mapping, TypeVar
 
 import click
 
 from ..errors import PersonaError, mapping_for
 from .._fs import TMP_PREFIX
+from ..refs import MAX_STACK
+
+if TYPE_CHECKING:
+    from ..serving.engine import Engine
+    from ..store import Store
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 JSON_FLAG = "persona.json"
 """``ctx.meta`` key: whether the running command was given ``--json`` (set by its option)."""
@@ -121,3 +134,155 @@ def to_cli_error(exc: BaseException, as_json: bool, store_root: str | None = Non
     summary = " ".join(str(exc).split())[:300]
     message = f"unexpected {type(exc).__name__}{': ' + summary if summary else ''} (a bug in persona; {where})"
     return CliError(message, type(exc).__name__, as_json=as_json)
+
+
+_ARGV = "persona.argv"
+
+
+class PersonaGroup(click.Group):
+    """Turns every failure into one line on stderr and a non-zero exit (see :func:`to_cli_error`)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta.setdefault(_ARGV, list(args))  # the group's own parse: every argument, before the command's
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.Abort):  # a normal exit, or click's own "Aborted!"
+            raise
+        except (Exception, KeyboardInterrupt) as exc:
+            # --json as the command parsed it; before its options were parsed, as it was typed
+            as_json = ctx.meta.get(JSON_FLAG, "--json" in ctx.meta.get(_ARGV, ()))
+            raise to_cli_error(exc, as_json, store_root=ctx.meta.get(STORE_ROOT)) from None
+
+
+def _remember_store(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from ..store import default_root
+
+    ctx.meta[STORE_ROOT] = value or str(default_root())  # named by an error whose OSError names no file
+    return value
+
+
+def store_option(f: F) -> F:
+    return click.option(
+        "--store",
+        "store_root",
+        envvar="PERSONA_HOME",
+        type=click.Path(file_okay=False),
+        default=None,
+        show_envvar=True,
+        callback=_remember_store,
+        help="Store root folder. Default: ./adapters.",
+    )(f)
+
+
+def _remember_json(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    ctx.meta[JSON_FLAG] = value  # meta is shared with the group, which prints errors as JSON then
+    return value
+
+
+def json_option(f: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, callback=_remember_json,
+                        help="Print machine-readable JSON on stdout (errors: {\"error\": {...}} on stderr).")(f)
+
+
+def emit(as_json: bool, data: Any, text: str | None = None) -> None:
+    """Print ``data`` as JSON with ``--json``, else ``text`` (when there is one)."""
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+    elif text is not None:
+        click.echo(text)
+
+
+def open_store(store_root: str | None) -> "Store":
+    from ..store import Store
+
+    return Store.open(store_root)
+
+
+def open_engine(store_root: str | None, max_resident: int = 16, max_batch: int = 8, route_top_k: int = 1) -> "Engine":
+    from ..serving.engine import Engine
+
+    return Engine(open_store(store_root), max_resident=max_resident, max_batch=max_batch, route_top_k=route_top_k)
+
+
+def route_top_k_option(f: F) -> F:
+    return click.option(
+        "--route-top-k", type=click.IntRange(1, MAX_STACK), default=1, show_default=True,
+        help="How many domain adapters domain:auto becomes, weighted by the router (softmax of their scores, "
+             "summing to 1; 1: the best domain at weight 1).",
+    )(f)
+
+
+class FieldOption(click.Option):
+    """An option generated from a config dataclass field: ``source`` is ``(dataclass, field name)``."""
+
+    def __init__(self, *args: Any, source: tuple[type, str], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.source = source
+
+
+def _comma_tuple(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
+    return tuple(t.strip() for t in value.split(",") if t.strip()) if value else None
+
+
+def _field_type(cls: type, f: dataclasses.Field) -> Any:
+    """The field's type, ``X | None`` read as ``X`` (a ``None`` default stays the option's default)."""
+    hint = f.type
+    if isinstance(hint, str):  # ``from __future__ import annotations``: evaluated where the class was written
+        hint = eval(hint, vars(sys.modules[cls.__module__]))  # noqa: S307 - the dataclass's own annotation
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = args[0] if len(args) == 1 else hint
+    return hint
+
+
+def _option_kwargs(cls: type, f: dataclasses.Field) -> dict[str, Any]:
+    hint, bounds = _field_type(cls, f), f.metadata.get("range")
+    kwargs: dict[str, Any] = {"default": f.default, "show_default": True, "help": f.metadata.get("help")}
+    if typing.get_origin(hint) is Literal:
+        kwargs["type"] = click.Choice(list(typing.get_args(hint)))
+    elif hint is bool:
+        kwargs["is_flag"] = True
+    elif hint is int:
+        kwargs["type"] = click.IntRange(**bounds) if bounds else int
+    elif hint is float:
+        kwargs["type"] = click.FloatRange(**bounds) if bounds else float
+    elif typing.get_origin(hint) is tuple and f.default == ():  # a repeatable option
+        kwargs["multiple"] = True
+    elif typing.get_origin(hint) is tuple:  # a tuple or None: comma-separated on the command line
+        kwargs["callback"] = _comma_tuple
+    else:
+        raise TypeError(f"no option for {cls.__name__}.{f.name}: {hint!r}")
+    return kwargs
+
+
+def options_from(cls: type, options: Mapping[str, str]) -> Callable[[F], F]:
+    """Click options for fields of the config dataclass ``cls``, in the order of ``options``.
+
+    ``options`` maps a field name to its option declaration (``"--lr"``, ``"--supersede/--no-supersede"``).
+    Each option's default is the field's default, its help the field's ``metadata["help"]``, and its
+    type the field's type narrowed to ``metadata["range"]`` (``click.IntRange``/``FloatRange`` keywords),
+    so a default, range or help is written once, on the dataclass. The command receives each value
+    under the field's name.
+
+    >>> @options_from(LoraSettings, {"rank": "--rank", "target_modules": "--targets"})  # doctest: +SKIP
+    ... def create(rank, target_modules): ...
+    """
+    by_name = {f.name: f for f in dataclasses.fields(cls)}
+
+    def decorate(command: F) -> F:
+        for name, decls in reversed(options.items()):  # the last decorator applied is shown first
+            option = click.option(*decls.split(), name, cls=FieldOption, source=(cls, name),
+                                  **_option_kwargs(cls, by_name[name]))
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def field_values(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of a command's keyword arguments that are fields of ``cls``: ``cls(**field_values(cls, kw))``."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in values.items() if k in names}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .main import _open, emit, json_option, store_option
 from ..compose.merge import METHODS
+from ._common import emit, json_option, open_store, store_option
 
 
 def _weights(ctx, param, value: str | None) -> list[float] | None:
@@ -41,7 +41,7 @@ def merge(parents, into, method, weights, density, rank, seed, store_root, as_js
     """
     from ..compose.merge import merge as merge_adapters
 
-    info = merge_adapters(_open(store_root), list(parents), into, method, weights, density, rank, seed=seed)
+    info = merge_adapters(open_store(store_root), list(parents), into, method, weights, density, rank, seed=seed)
     parts = " + ".join(f"{e['adapter']}@v{e['version']} (w={e['weight']:g})" for e in info.lineage)
     emit(as_json, info.to_dict(),
          f"merged {parts} -> {info.adapter}@{info.label} ({method}, rank {info.lora.get('rank')})")
@@ -73,7 +73,7 @@ def route(prompt, top_k, method, temperature, store_root, as_json) -> None:
     from ..refs import StackPart, format_stack
     from ..compose.route import Router, select
 
-    router = Router.load(_open(store_root), method=method, temperature=temperature)
+    router = Router.load(open_store(store_root), method=method, temperature=temperature)
     scores = router.scores(prompt)
     choices = select(scores, top_k, temperature)
     data = {

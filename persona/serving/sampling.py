@@ -8,13 +8,15 @@ with it (given the same logits).
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, fields
-from typing import Any, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-import torch
-
-from .constrain import ResponseFormat
 from ..errors import InvalidConfig
+
+if TYPE_CHECKING:  # torch is imported where tokens are chosen: the CLI builds its options from SamplingParams
+    import torch
+
+    from .constrain import ResponseFormat
 
 MAX_NEW_TOKENS = 4096
 MAX_STOP_STRINGS = 16
@@ -42,14 +44,26 @@ class SamplingParams:
     (``persona.serving.constrain``).
     """
 
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    logprobs: int | None = None
-    logit_bias: tuple[tuple[int, float], ...] = ()
-    response_format: ResponseFormat | None = None
+    # metadata: help and validated range, from which the CLI builds its options (persona.cli._common)
+    max_new_tokens: int = field(default=128, metadata={
+        "help": "Most tokens to generate (further capped by the base's context length).",
+        "range": {"min": 1, "max": MAX_NEW_TOKENS}})
+    temperature: float = field(default=0.0, metadata={
+        "help": "Sampling temperature; 0 is greedy.", "range": {"min": 0, "max": 100}})
+    top_p: float = field(default=1.0, metadata={
+        "help": "Nucleus sampling: the smallest set of likeliest tokens whose probability reaches top_p.",
+        "range": {"min": 0, "max": 1, "min_open": True}})
+    stop: tuple[str, ...] = field(default=(), metadata={
+        "help": "Stop string (repeatable); the text before it is returned."})
+    seed: int | None = field(default=None, metadata={
+        "help": "Sampling seed (same seed, same text), in [0, 2**63)."})
+    logprobs: int | None = field(default=None, metadata={
+        "help": "Alternatives recorded per generated token, with its log-probability (None: none recorded).",
+        "range": {"min": 0, "max": MAX_TOP_LOGPROBS}})
+    logit_bias: tuple[tuple[int, float], ...] = field(default=(), metadata={
+        "help": "(token_id, bias) pairs, bias in [-100, 100], added to those tokens' logits before choosing."})
+    response_format: ResponseFormat | None = field(default=None, metadata={
+        "help": "Constrain the output to JSON (persona.serving.constrain)."})
 
     def __post_init__(self) -> None:
         n = self.max_new_tokens
@@ -82,7 +96,7 @@ class SamplingParams:
             raise InvalidConfig(
                 f"logprobs must be None or an integer in 0..{MAX_TOP_LOGPROBS} (alternatives per token), got {k!r}"
             )
-        if self.response_format is not None and not isinstance(self.response_format, ResponseFormat):
+        if self.response_format is not None and not isinstance(self.response_format, _response_format_class()):
             raise InvalidConfig(
                 f"response_format must be a ResponseFormat or None, got {type(self.response_format).__name__}"
             )
@@ -108,6 +122,12 @@ class SamplingParams:
         if unknown:
             raise InvalidConfig(f"unknown sampling setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**data)
+
+
+def _response_format_class() -> type:
+    from .constrain import ResponseFormat  # imports torch: only a request with a response_format gets here
+
+    return ResponseFormat
 
 
 def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
@@ -165,6 +185,8 @@ def token_logprobs(
     text is those bytes as UTF-8 (a token that ends inside a character shows U+FFFD, the bytes stay
     exact).
     """
+    import torch
+
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     chosen = logprobs.gather(1, torch.tensor(list(tokens), device=logprobs.device).view(-1, 1)).view(-1).tolist()
     k = max(top, default=0)
@@ -188,6 +210,8 @@ def token_logprobs(
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
     """The row's own random stream (None for greedy rows); an unseeded row gets a fresh random seed."""
+    import torch
+
     if params.greedy:
         return None
     seed = params.seed if params.seed is not None else secrets.randbits(63)
@@ -209,6 +233,8 @@ def choose_tokens(
 
 
 def _sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    import torch
+
     probs = torch.softmax(logits / p.temperature, dim=-1)
     if p.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)

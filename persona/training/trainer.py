@@ -26,8 +26,8 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -42,87 +42,14 @@ from ..interactions import (
     iter_batches,
     tokenize_interactions,
 )
-from ..errors import InvalidConfig, InvalidInteractions
+from ..errors import InvalidInteractions
 from ..lora_runtime import Activation, AdapterWeights, LoraRuntime
 from ..refs import CANDIDATE, CURRENT, AdapterRef, parse_ref
 from ..store import NewVersion, ReplayBuffer, Store, VersionInfo
-from .supersede import SUPERSEDE_THRESHOLD, Supersession, SupersessionDetector, sample_replay
+from .config import FORGETTING_FLOOR, UpdateConfig  # noqa: F401 - re-exported: UpdateConfig moved to config.py
+from .supersede import Supersession, SupersessionDetector, sample_replay
 
 FISHER_FILE = "fisher.safetensors"
-FORGETTING_FLOOR = 0.05
-"""Replay-loss rise (nats per token) that never counts as forgetting: the kept answers' tokens lose
-at most ~5% of their probability (exp(-0.05) = 0.95). A relative bound alone fails on a replay loss
-near zero: benchmarks/revision.py measured a kept-row rise of 0.0009 -> 0.0119 nats (+1208%) while
-every unchanged fact still won; see docs/TRAINING.md."""
-
-
-@dataclass(frozen=True)
-class UpdateConfig:
-    """How an update trains and when its result becomes ``current``."""
-
-    epochs: int = field(default=3, metadata={"help": "Passes over the new data."})
-    max_steps: int | None = field(default=None, metadata={"help": "Stop after this many optimizer steps."})
-    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the LoRA factors."})
-    batch_size: int = field(default=8, metadata={"help": "New-data rows per step (replayed rows come on top)."})
-    seed: int = field(default=0, metadata={"help": "Seed of the split, shuffling, dropout and replay sampling."})
-    holdout_fraction: float = field(default=0.1, metadata={"help": "Share of the new data kept for evaluation."})
-    max_length: int = field(default=512, metadata={"help": "Tokens per example; longer ones are truncated and counted."})
-    replay_fraction: float = field(default=0.5, metadata={"help": "Replayed rows added to each batch, as a share of batch_size."})
-    replay_capacity: int = field(default=256, metadata={"help": "Interactions kept in the adapter's replay buffer."})
-    gate_replay_samples: int = field(default=32, metadata={"help": "Replay examples (a seeded sample) the gate evaluates on."})
-    reg: Literal["none", "l2", "ewc"] = field(default="none", metadata={"help": "Pull toward the parent version."})
-    reg_strength: float = field(default=0.1, metadata={"help": "Weight of the pull (Fisher normalized to mean 1 for ewc)."})
-    max_forgetting: float = field(default=0.05, metadata={"help": "Allowed relative rise of the replay loss."})
-    forgetting_floor: float = field(default=FORGETTING_FLOOR, metadata={
-        "help": "Allowed absolute rise of the replay loss in nats per token, whatever the relative bound says."})
-    supersede: bool = field(default=True, metadata={
-        "help": "Leave replay rows that the new data revises out of replay and the gate (persona.supersede)."})
-    supersede_threshold: float = field(default=SUPERSEDE_THRESHOLD, metadata={
-        "help": "Question score from which an older row with a different answer counts as revised."})
-    replay_recency: float = field(default=1.0, metadata={
-        "help": "Sampling weight of the newest replay row over the oldest (1: uniform)."})
-    force: bool = field(default=False, metadata={"help": "Promote to current whatever the gate says."})
-    grad_clip: float = field(default=1.0, metadata={"help": "Max gradient norm."})
-    fisher_samples: int = field(default=32, metadata={"help": "Examples used for the EWC Fisher estimate."})
-    precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={
-        "help": "Training compute: bf16 autocast where the hardware has native bf16 (auto), or fp32."})
-
-    def __post_init__(self) -> None:
-        def need(ok: bool, what: str) -> None:
-            if not ok:
-                raise InvalidConfig(what)
-
-        need(isinstance(self.epochs, int) and 1 <= self.epochs <= 1000, f"epochs must be in 1..1000, got {self.epochs!r}")
-        need(self.max_steps is None or (isinstance(self.max_steps, int) and self.max_steps >= 1), f"max_steps must be >= 1, got {self.max_steps!r}")
-        need(isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate <= 1, f"learning_rate must be in (0, 1], got {self.learning_rate!r}")
-        need(isinstance(self.batch_size, int) and 1 <= self.batch_size <= 4096, f"batch_size must be in 1..4096, got {self.batch_size!r}")
-        need(0 <= self.holdout_fraction < 1, f"holdout_fraction must be in [0, 1), got {self.holdout_fraction!r}")
-        need(isinstance(self.max_length, int) and self.max_length >= 8, f"max_length must be >= 8, got {self.max_length!r}")
-        need(0 <= self.replay_fraction <= 1, f"replay_fraction must be in [0, 1], got {self.replay_fraction!r}")
-        need(isinstance(self.replay_capacity, int) and self.replay_capacity >= 0, "replay_capacity must be >= 0")
-        need(isinstance(self.gate_replay_samples, int) and self.gate_replay_samples >= 1, "gate_replay_samples must be >= 1")
-        need(self.reg in ("none", "l2", "ewc"), f"reg must be none, l2 or ewc, got {self.reg!r}")
-        need(self.reg_strength >= 0, "reg_strength must be >= 0")
-        need(self.max_forgetting >= 0, "max_forgetting must be >= 0")
-        need(isinstance(self.forgetting_floor, (int, float)) and 0 <= self.forgetting_floor <= 10,
-             f"forgetting_floor must be in [0, 10] nats, got {self.forgetting_floor!r}")
-        need(isinstance(self.supersede, bool), f"supersede must be true or false, got {self.supersede!r}")
-        need(isinstance(self.supersede_threshold, (int, float)) and -1 <= self.supersede_threshold <= 1,
-             f"supersede_threshold must be in [-1, 1], got {self.supersede_threshold!r}")
-        need(isinstance(self.replay_recency, (int, float)) and 1 <= self.replay_recency <= 1000,
-             f"replay_recency must be in [1, 1000], got {self.replay_recency!r}")
-        need(self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16, got {self.precision!r}")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "UpdateConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InvalidConfig(f"unknown update option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

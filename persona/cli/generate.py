@@ -1,0 +1,105 @@
+"""CLI commands that generate text with adapters in this process: ``generate`` and ``chat``."""
+
+from __future__ import annotations
+
+import click
+
+from ..refs import MAX_STACK
+from ..serving.sampling import SamplingParams
+from ._common import emit, field_values, json_option, open_engine, options_from, route_top_k_option, store_option
+
+
+@click.command()
+@click.argument("model")
+@click.argument("prompt")
+@click.option("--raw", is_flag=True, help="Send PROMPT as plain text instead of a chat message through the chat template.")
+@route_top_k_option
+@options_from(SamplingParams, {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
+                                "top_p": "--top-p", "seed": "--seed", "stop": "--stop"})
+@store_option
+@json_option
+def generate(model, prompt, raw, route_top_k, store_root, as_json, **sampling) -> None:
+    """Answer PROMPT with MODEL: an adapter (user:alice), a stack (user:alice+domain:finance) or the base's name.
+
+    \b
+    A part of a stack may carry a weight that scales its LoRA delta, in (0, 10]:
+    'user:alice+domain:finance*0.5' (quote it: * is a shell wildcard). domain:auto
+    lets the router pick domains for PROMPT (--route-top-k of them); --json shows
+    the stack that ran ("resolved").
+
+    \b
+    Examples:
+      persona generate user:alice "What's my dog's name?"
+      persona generate 'user:alice+domain:finance*0.5' "Should I buy bonds?"
+      persona generate user:alice+domain:auto --route-top-k 2 "Should I buy bonds?"
+      persona generate smollm2-135m-instruct "What's my dog's name?"     (the base alone)
+    """
+    from ..serving.requests import GenerationRequest
+
+    engine = open_engine(store_root, max_resident=MAX_STACK, max_batch=1, route_top_k=route_top_k)
+    try:
+        request = GenerationRequest(
+            model=model, prompt=prompt if raw else None,
+            messages=None if raw else ({"role": "user", "content": prompt},),
+            params=SamplingParams(**field_values(SamplingParams, sampling)),
+        )
+        if as_json:
+            result = engine.generate([request])[0]
+            emit(True, {"model": model, "resolved": list(result.resolved), "text": result.text,
+                        "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
+                        "completion_tokens": result.completion_tokens})
+            return
+        for delta in engine.stream(request):
+            click.echo(delta, nl=False)
+        click.echo()
+    finally:
+        engine.close()
+
+
+@click.command()
+@click.argument("model")
+@click.option("--system", default=None, help="A system message for the conversation.")
+@route_top_k_option
+@options_from(SamplingParams, {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
+                                "top_p": "--top-p", "seed": "--seed", "stop": "--stop"})
+@store_option
+def chat(model, system, route_top_k, store_root, **sampling) -> None:
+    """Chat with MODEL interactively (empty line or Ctrl-D to quit).
+
+    \b
+    MODEL is what `persona generate` takes, weighted stacks included. With domain:auto the
+    router picks again at every turn, from the conversation's user turns so far.
+
+    \b
+    Examples:
+      persona chat user:alice
+      persona chat user:alice+domain:auto --system "Answer briefly."
+    """
+    from ..serving.requests import GenerationRequest
+
+    engine = open_engine(store_root, max_resident=MAX_STACK, max_batch=1, route_top_k=route_top_k)
+    engine.check(model)  # fail before the first prompt
+    messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    click.echo(f"chatting with {model} (empty line to quit)", err=True)
+    try:
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                break
+            if not line.strip():
+                break
+            messages.append({"role": "user", "content": line})
+            request = GenerationRequest(model=model, messages=tuple(messages),
+                                        params=SamplingParams(**field_values(SamplingParams, sampling)))
+            pieces = []
+            for delta in engine.stream(request):
+                pieces.append(delta)
+                click.echo(delta, nl=False)
+            click.echo()
+            messages.append({"role": "assistant", "content": "".join(pieces)})
+    finally:
+        engine.close()
+
+
+COMMANDS = [generate, chat]

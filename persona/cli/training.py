@@ -1,0 +1,142 @@
+"""CLI commands that train adapters: ``update``, ``log`` (queue interactions for the next update) and
+``eval``."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from ..refs import parse_ref
+from ..training.config import UpdateConfig
+from ._common import emit, field_values, json_option, open_store, options_from, store_option
+
+
+def _progress(as_json: bool) -> bool:
+    return not as_json and sys.stderr.isatty()
+
+
+def _install_sigterm() -> None:
+    """SIGTERM behaves like Ctrl-C: training stops, nothing is published, locks are released."""
+    import signal
+
+    def raise_interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, raise_interrupt)
+
+
+@click.command()
+@click.argument("ref", required=False)
+@click.option("--data", "data_file", type=click.Path(dir_okay=False), help="Interactions (JSON Lines). Default: the adapter's pending queue.")
+@click.option("--all", "all_", is_flag=True, help="Update every adapter that has pending interactions (base loaded once).")
+@options_from(UpdateConfig, {
+    "epochs": "--epochs", "max_steps": "--max-steps", "learning_rate": "--lr", "batch_size": "--batch-size",
+    "seed": "--seed", "holdout_fraction": "--holdout", "replay_fraction": "--replay", "reg": "--reg",
+    "reg_strength": "--reg-strength", "max_forgetting": "--max-forgetting", "forgetting_floor": "--forgetting-floor",
+    "max_length": "--max-length", "precision": "--precision", "force": "--force",
+    "supersede": "--supersede/--no-supersede", "supersede_threshold": "--supersede-threshold",
+    "replay_recency": "--replay-recency",
+})
+@store_option
+@json_option
+def update(ref, data_file, all_, store_root, as_json, **settings) -> None:
+    """Train REF's current version on new interactions and publish the next version.
+
+    \b
+    The new version becomes `current` only if its held-out loss beats the parent's and its loss on
+    the replay buffer rose by at most --max-forgetting (or --forgetting-floor); otherwise it is published as `candidate`
+    and the reason is recorded (see `persona show REF`). Ctrl-C or SIGTERM publishes nothing.
+
+    \b
+    Examples:
+      persona update user:alice --data examples/interactions/alice.jsonl
+      persona update user:alice                 (train on the pending queue of `persona log`)
+      persona update --all --max-steps 50
+    """
+    from ..interactions import read_interactions
+    from ..training.trainer import Trainer
+
+    if bool(ref) == bool(all_):
+        raise click.UsageError("give one adapter REF, or --all")
+    if all_ and data_file:
+        raise click.UsageError("--all trains each adapter on its own pending queue; --data does not apply")
+    config = UpdateConfig(**field_values(UpdateConfig, settings))
+    store = open_store(store_root)
+    parsed = parse_ref(ref) if ref else None
+    if parsed is not None:
+        store.show(parsed)  # fail fast, before loading the base
+    interactions = read_interactions(data_file) if data_file else None  # validated before any training
+    _install_sigterm()
+    trainer = Trainer(store)
+    results = trainer.update_all(config, progress=_progress(as_json)) if all_ else [
+        trainer.update(parsed, interactions, config, progress=_progress(as_json))
+    ]
+    if as_json:
+        emit(True, [r.to_dict() for r in results] if all_ else results[0].to_dict())
+        return
+    if all_ and not results:
+        click.echo("no adapter has pending interactions")
+    for r in results:
+        alias_name = "current" if r.promoted else "candidate"
+        m = r.metrics
+        click.echo(f"{r.adapter}: published {r.version.label} (parent v{r.parent}) as {alias_name}: {r.reason}")
+        click.echo(f"  {m['steps']} steps on {m['train_examples']} examples (+{m['replay_examples']} in replay), "
+                   f"{m['seconds']:.1f}s" + (f"; {m['truncated']} truncated" if m["truncated"] else ""))
+
+
+@click.command()
+@click.argument("ref")
+@click.option("--data", "data_file", required=True, type=click.Path(dir_okay=False), help="Interactions (JSON Lines).")
+@store_option
+@json_option
+def log(ref, data_file, store_root, as_json) -> None:
+    """Append interactions to REF's pending queue, for the next `persona update REF`.
+
+    \b
+    Examples:
+      persona log user:alice --data examples/interactions/alice-2.jsonl
+    """
+    from ..interactions import read_interactions
+
+    interactions = read_interactions(data_file)
+    count = open_store(store_root).log(parse_ref(ref), interactions)
+    pending = open_store(store_root).show(parse_ref(ref)).pending
+    emit(as_json, {"adapter": parse_ref(ref).id, "logged": count, "pending": pending},
+         f"logged {count} interactions for {parse_ref(ref).id} ({pending} pending)")
+
+
+@click.command("eval")
+@click.argument("ref")
+@click.option("--data", "data_file", required=True, type=click.Path(dir_okay=False), help="Interactions (JSON Lines).")
+@click.option("--versions", default=None, help="Comma-separated versions or aliases to compare, e.g. v1,v3,base (base: no adapter).")
+@options_from(UpdateConfig, {"max_length": "--max-length"})
+@store_option
+@json_option
+def eval_(ref, data_file, versions, max_length, store_root, as_json) -> None:
+    """Loss and perplexity of REF (or of several versions) on interactions.
+
+    \b
+    Examples:
+      persona eval user:alice --data examples/interactions/alice-3.jsonl
+      persona eval user:alice --data examples/interactions/alice-3.jsonl --versions v1,v2,base --json
+    """
+    from ..interactions import read_interactions
+    from ..training.trainer import Trainer
+
+    interactions = read_interactions(data_file)
+    store = open_store(store_root)
+    parsed = parse_ref(ref)
+    store.show(parsed)
+    selectors = [v.strip() for v in versions.split(",") if v.strip()] if versions else [parsed.selector]
+    results = Trainer(store).evaluate(parsed, interactions, selectors, max_length=max_length)
+    if as_json:
+        emit(True, [r.to_dict() for r in results])
+        return
+    click.echo(f"{'VERSION':10} {'LOSS':>8} {'PPL':>10} {'TOKENS':>8}")
+    for r in results:
+        layer = f"  (over {r.over})" if r.over else ""
+        click.echo(f"{r.version:10} {r.loss:8.4f} {r.perplexity:10.2f} {r.tokens:8d}{layer}")
+
+
+COMMANDS = [update, log, eval_]
