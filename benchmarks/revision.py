@@ -38,7 +38,8 @@ from _common import header, table, workspace  # noqa: E402
 import torch  # noqa: E402
 
 from persona import Interaction, LoraSettings, Store, load_base  # noqa: E402
-from persona.interactions import collate, tokenize_interactions  # noqa: E402
+from persona.training.batches import collate  # noqa: E402
+from persona.training.tokenize import tokenize_interactions  # noqa: E402
 from persona.lora_runtime import Activation, AdapterWeights  # noqa: E402
 from persona.training.supersede import row_digest  # noqa: E402
 from persona.training.trainer import Trainer, UpdateConfig  # noqa: E402

@@ -28,9 +28,11 @@ import torch  # noqa: E402
 
 import persona.lora_runtime as layers  # noqa: E402
 from persona import EMBEDDED_BASE, LoraSettings, Store, load_base  # noqa: E402
-from persona.interactions import collate, read_interactions  # noqa: E402
+from persona.interactions import read_interactions  # noqa: E402
+from persona.training.batches import collate  # noqa: E402
 from persona.lora_runtime import Activation, AdapterWeights  # noqa: E402
-from persona.training.trainer import Trainer, _loss_sum  # noqa: E402
+from persona.training.evaluate import loss_sum  # noqa: E402
+from persona.training.trainer import Trainer  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "interactions"
 
@@ -68,9 +70,9 @@ def main() -> None:
             with trainer.runtime.activate([Activation(weights)]):
                 began = time.perf_counter()
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    loss_sum, n = _loss_sum(trainer.model, batch)
+                    summed, n = loss_sum(trainer.model, batch)
                 optimizer.zero_grad(set_to_none=True)
-                (loss_sum / n).backward()
+                (summed / n).backward()
                 optimizer.step()
                 return time.perf_counter() - began
 

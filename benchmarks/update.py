@@ -38,9 +38,11 @@ import torch  # noqa: E402
 
 from persona import LoraSettings, Store, load_base  # noqa: E402
 from persona.base import fingerprint  # noqa: E402
-from persona.interactions import iter_batches, read_interactions  # noqa: E402
+from persona.interactions import read_interactions  # noqa: E402
+from persona.training.batches import iter_batches  # noqa: E402
 from persona.lora_runtime import AdapterWeights  # noqa: E402
-from persona.training.trainer import Trainer, UpdateConfig, _loss_sum, split_holdout  # noqa: E402
+from persona.training.evaluate import loss_sum  # noqa: E402
+from persona.training.trainer import Trainer, UpdateConfig, split_holdout  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "interactions"
 FILES = ["alice.jsonl", "alice-2.jsonl", "alice-3.jsonl"]
@@ -114,7 +116,7 @@ def loss_of(model, examples, pad_id):
     total, n = 0.0, 0
     with torch.no_grad():
         for batch in iter_batches(list(examples), 8, shuffle=False, pad_token_id=pad_id):
-            s, k = _loss_sum(model, batch)
+            s, k = loss_sum(model, batch)
             total, n = total + float(s), n + k
     return total / max(n, 1)
 

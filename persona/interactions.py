@@ -1,4 +1,4 @@
-"""Interactions: reading and validating training data, tokenizing it, batching it.
+"""Interactions: the training data type, its strict validation, JSON Lines reading and appending, its digest.
 
 An interactions file is JSON Lines, one interaction a line, in one of three formats::
 
@@ -8,7 +8,8 @@ An interactions file is JSON Lines, one interaction a line, in one of three form
 
 This module is the boundary where that data comes in, so it is strict, and it either returns every
 interaction of a file or raises :class:`~persona.errors.InvalidInteractions`; nothing half-read
-ever reaches training.
+ever reaches training. It is a core module (the store reads and appends with it), so it never
+imports torch; tokenizing is :mod:`persona.training.tokenize`, batching :mod:`persona.training.batches`.
 
 Decisions:
 
@@ -23,31 +24,17 @@ Decisions:
   unknown keys (named, with the allowed ones); keys of two formats in one object; ``prompt``
   without ``completion`` (or the reverse); content that is not a string (``null``, a number, or
   OpenAI's list of content parts); content that is empty or only whitespace; a role other than
-  ``system``, ``user``, ``assistant``; ``system`` anywhere but first; a chat without an assistant
+  those of :data:`ROLES`; ``system`` anywhere but first; a chat without an assistant
   turn; a message key other than ``role`` and ``content`` (so ``name``, ``weight``, tool calls are
   refused rather than silently ignored); a file with no interactions.
 - One optional key beside any format: ``"supersedes": "TEXT"`` (a non-empty string) marks the line
   as a correction: older replay rows whose text contains TEXT stop being replayed or counted by the
-  gate (see :mod:`persona.supersede`).
+  gate (see :mod:`persona.training.supersede`).
 - Accepted: blank lines (skipped, but still counted for line numbers); a UTF-8 byte-order mark at
   the start; chats whose turns do not alternate (``user, user, assistant``) or that end on a user
-  turn. Every role is valid, and alternation is the chat template's business: a template that
-  refuses such a chat is reported by :func:`tokenize_interactions` with the file and line.
+  turn. Every role is valid, and alternation is the chat template's business (checked when the
+  chat is tokenized).
 - Content is kept exactly as given (no stripping), so the digest is of what the user supplied.
-- Loss is on assistant content plus the end-of-turn marker that follows it (``<|im_end|>`` for
-  ChatML), found by rendering the conversation with the base tokenizer's chat template and mapping
-  character spans to tokens through the fast tokenizer's offsets. A token that overlaps a trained
-  span is trained. ``prompt``/``completion`` is rendered as a two-turn chat (user, assistant), so
-  training matches inference through the same template; without a chat template it is
-  ``prompt + completion + eos`` (no separator is added). ``text`` is trained on every token, with
-  eos appended.
-- Truncation keeps the start. ``TokenizedSet.truncated`` counts examples that were cut and kept;
-  ``TokenizedSet.dropped`` counts examples left with nothing to train on (no target after the
-  first position, which a causal LM never predicts). The two counts do not overlap.
-- Batches are right-padded to their own longest row. Rows are length-grouped inside "mega-batches"
-  of :data:`GROUP_BATCHES` batches (as ``transformers``' ``LengthGroupedSampler`` does), batch order
-  is shuffled by the seed, and the batch holding the longest row comes first so an out-of-memory
-  shows up on the first step, not the last.
 - :func:`data_digest` hashes canonical JSON Lines (sorted keys, no spaces, UTF-8), order-sensitive;
   ``source`` and ``line`` are not part of it.
 """
@@ -57,31 +44,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
-from .errors import InvalidConfig, InvalidInteractions
+from .errors import InvalidInteractions
 from ._fs import open_private_append
-
-if TYPE_CHECKING:
-    import torch
 
 __all__ = [
     "MAX_LINE_BYTES",
     "MAX_REPORTED_ERRORS",
+    "ROLES",
+    "SYSTEM_ALIAS",
     "Interaction",
-    "Example",
-    "TokenizedSet",
-    "Batch",
     "read_interactions",
     "parse_interactions",
-    "tokenize_interactions",
-    "iter_batches",
-    "batch_indices",
-    "collate",
     "data_digest",
     "append_jsonl",
 ]
@@ -89,10 +67,11 @@ __all__ = [
 MAX_LINE_BYTES = 1_000_000
 MAX_SKIPPED_BYTES = 16 * MAX_LINE_BYTES
 MAX_REPORTED_ERRORS = 20
-GROUP_BATCHES = 50
-IGNORE_INDEX = -100
 
 ROLES = ("system", "user", "assistant")
+"""The chat roles, the package's one list: training data takes exactly these. A request to serve
+(:class:`~persona.serving.engine.GenerationRequest`, the HTTP API) also takes :data:`SYSTEM_ALIAS`."""
+SYSTEM_ALIAS = "developer"  # OpenAI's newer name for system; requests render it as "system"
 _FORMATS = 'one of {"messages": [...]}, {"prompt": ..., "completion": ...}, {"text": ...}'
 _ALLOWED_KEYS = ("completion", "messages", "prompt", "supersedes", "text")
 _MESSAGE_KEYS = ("content", "role")
@@ -449,295 +428,6 @@ def parse_interactions(lines: Iterable[str] | str, source: str = "<input>") -> l
             yield n, (line if size <= MAX_LINE_BYTES else None), size
 
     return _collect(numbered(), source)
-
-
-# --------------------------------------------------------------------------------------------------
-# Tokenization
-
-
-@dataclass(frozen=True)
-class Example:
-    """A tokenized interaction: ``labels`` is ``input_ids`` with ``-100`` where no loss is taken."""
-
-    input_ids: tuple[int, ...]
-    labels: tuple[int, ...]
-    source: str = field(default="<input>", compare=False)
-    line: int = field(default=1, compare=False)
-
-    def __post_init__(self) -> None:
-        if len(self.input_ids) != len(self.labels):
-            raise ValueError("input_ids and labels must have the same length")
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    @property
-    def num_target_tokens(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE_INDEX)
-
-
-@dataclass(frozen=True)
-class TokenizedSet:
-    """The examples of a set of interactions, with what truncation cost (never silent)."""
-
-    examples: tuple[Example, ...]
-    truncated: int
-    dropped: int
-    max_length: int
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __iter__(self) -> Iterator[Example]:
-        return iter(self.examples)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(e) for e in self.examples)
-
-    @property
-    def num_target_tokens(self) -> int:
-        return sum(e.num_target_tokens for e in self.examples)
-
-
-def _render(tokenizer: Any, messages: Sequence[tuple[str, str]], generation_prompt: bool = False) -> str:
-    text = tokenizer.apply_chat_template(
-        [{"role": r, "content": c} for r, c in messages], tokenize=False, add_generation_prompt=generation_prompt
-    )
-    if not isinstance(text, str):
-        raise InvalidConfig("the tokenizer's apply_chat_template(tokenize=False) did not return text")
-    return text
-
-
-def _find_content(text: str, content: str, start: int) -> tuple[int, int]:
-    pos = text.find(content, start)
-    if pos >= 0:
-        return pos, pos + len(content)
-    stripped = content.strip()  # some templates trim message content
-    pos = text.find(stripped, start)
-    if pos >= 0:
-        return pos, pos + len(stripped)
-    raise _LineError("the chat template does not reproduce a message's content verbatim; cannot place the loss")
-
-
-def _generation_prompt(tokenizer: Any) -> str:
-    """What the template writes to open an assistant turn (``<|im_start|>assistant\\n`` in ChatML)."""
-    probe = (("user", "x"),)
-    head, plain = _render(tokenizer, probe, generation_prompt=True), _render(tokenizer, probe)
-    return head[len(plain) :] if head.startswith(plain) else ""
-
-
-def _assistant_start(tokenizer: Any, full: str, before: Sequence[tuple[str, str]], cursor: int) -> int:
-    """Where the assistant turn after ``before`` begins in ``full``: the end of its generation prompt."""
-    if before:
-        try:
-            head = _render(tokenizer, before, generation_prompt=True)
-        except Exception:  # some templates refuse a partial conversation
-            head = ""
-        if head and full.startswith(head):
-            return len(head)
-    # Not incremental (an assistant turn first, after a default system prompt, say).
-    opener = _generation_prompt(tokenizer)
-    pos = full.find(opener, cursor) if opener else -1
-    return pos + len(opener) if pos >= 0 else cursor
-
-
-def _chat_spans(tokenizer: Any, messages: Sequence[tuple[str, str]]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered chat and the character spans to train on: assistant content + end-of-turn.
-
-    Each assistant turn starts where the prefix conversation rendered with a generation prompt
-    ends; its end-of-turn marker is what the template writes after the content (whitespace aside).
-    A template that does not render incrementally falls back to finding the content in order.
-    """
-    full = _render(tokenizer, messages)
-    spans: list[tuple[int, int]] = []
-    cursor = 0
-    for n, (role, content) in enumerate(messages):
-        if role != "assistant":
-            try:
-                cursor = _find_content(full, content, cursor)[1]
-            except _LineError:  # a template may fold or drop a non-assistant message; no loss there
-                pass
-            continue
-        start, end = _find_content(full, content, _assistant_start(tokenizer, full, messages[:n], cursor))
-        turn = _render(tokenizer, messages[: n + 1])
-        marker = turn[end:].strip() if full.startswith(turn) and len(turn) >= end else ""
-        if not marker and tokenizer.eos_token and full.startswith(tokenizer.eos_token, end):
-            marker = tokenizer.eos_token
-        if marker and full.startswith(marker, end):
-            end += len(marker)
-        spans.append((start, end))
-        cursor = end
-    return full, spans
-
-
-def _encode(
-    tokenizer: Any, text: str, spans: list[tuple[int, int]], *, special: bool, eos: bool
-) -> tuple[list[int], list[int]]:
-    enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    labels = [IGNORE_INDEX] * len(ids)
-    s = 0
-    for j, (a, b) in enumerate(enc["offset_mapping"]):
-        if b <= a:
-            continue  # added special tokens (bos) have no characters
-        while s < len(spans) and spans[s][1] <= a:
-            s += 1
-        if s < len(spans) and spans[s][0] < b:
-            labels[j] = ids[j]
-    if eos and tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
-        ids.append(tokenizer.eos_token_id)
-        labels.append(tokenizer.eos_token_id if spans else IGNORE_INDEX)
-    return ids, labels
-
-
-def _tokenize_one(tokenizer: Any, i: Interaction) -> tuple[list[int], list[int]]:
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    if i.messages is not None:
-        if not has_template:
-            raise InvalidConfig("the tokenizer has no chat template, so chat interactions cannot be rendered")
-        text, spans = _chat_spans(tokenizer, i.messages)
-        return _encode(tokenizer, text, spans, special=False, eos=False)
-    if i.prompt is not None and has_template:
-        text, spans = _chat_spans(tokenizer, (("user", i.prompt), ("assistant", i.completion or "")))
-        return _encode(tokenizer, text, spans, special=False, eos=False)
-    if i.prompt is not None:
-        text = i.prompt + (i.completion or "")
-        return _encode(tokenizer, text, [(len(i.prompt), len(text))], special=True, eos=True)
-    text = i.text or ""
-    return _encode(tokenizer, text, [(0, len(text))], special=True, eos=True)
-
-
-def tokenize_interactions(interactions: Iterable[Interaction], tokenizer: Any, max_length: int = 1024) -> TokenizedSet:
-    """Tokenize for causal-LM training, with loss only on what the model should learn to say.
-
-    Needs a fast (offset-mapping) tokenizer. Chats and prompt/completion pairs go through the
-    tokenizer's chat template; see the module docstring for exactly which tokens are trained.
-
-    >>> ts = tokenize_interactions(read_interactions("alice.jsonl"), tok, max_length=512)  # doctest: +SKIP
-    >>> ts.truncated, ts.dropped   # doctest: +SKIP
-    (0, 0)
-    """
-    if not isinstance(max_length, int) or max_length < 2:
-        raise InvalidConfig(f"max_length must be an integer >= 2, got {max_length!r}")
-    if not getattr(tokenizer, "is_fast", False):
-        raise InvalidConfig("tokenize_interactions needs a fast tokenizer (one that returns offset mappings)")
-    examples: list[Example] = []
-    truncated = dropped = 0
-    for i in interactions:
-        try:
-            ids, labels = _tokenize_one(tokenizer, i)
-        except _LineError as e:
-            raise InvalidInteractions(f"{i.source}:{i.line}: {e}") from None
-        except (InvalidConfig, InvalidInteractions):
-            raise
-        except Exception as e:  # the template raised (jinja's raise_exception, e.g. on alternation)
-            raise InvalidInteractions(f"{i.source}:{i.line}: the tokenizer's chat template refused it: {e}") from e
-        cut = len(ids) > max_length
-        ids, labels = ids[:max_length], labels[:max_length]
-        # position 0 is never predicted by a causal LM, so a target there alone trains nothing
-        if all(x == IGNORE_INDEX for x in labels[1:]):
-            dropped += 1
-            continue
-        truncated += cut
-        examples.append(Example(tuple(ids), tuple(labels), source=i.source, line=i.line))
-    return TokenizedSet(tuple(examples), truncated=truncated, dropped=dropped, max_length=max_length)
-
-
-# --------------------------------------------------------------------------------------------------
-# Batching
-
-
-@dataclass(frozen=True, eq=False)
-class Batch:
-    """Right-padded tensors of shape ``(rows, longest row)``; ``labels`` is -100 on padding.
-
-    ``num_tokens`` counts real (non-padding) tokens; ``num_target_tokens`` counts those with a loss.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-    num_tokens: int
-    num_target_tokens: int
-
-    def to(self, device: Any) -> Batch:
-        return Batch(
-            self.input_ids.to(device),
-            self.attention_mask.to(device),
-            self.labels.to(device),
-            self.num_tokens,
-            self.num_target_tokens,
-        )
-
-
-def _batch_order(
-    lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool, group_by_length: bool
-) -> list[list[int]]:
-    rng = random.Random(seed)
-    order = list(range(len(lengths)))
-    if shuffle:
-        rng.shuffle(order)
-    if group_by_length:
-        group = batch_size * GROUP_BATCHES
-        order = [
-            i for k in range(0, len(order), group) for i in sorted(order[k : k + group], key=lambda i: -lengths[i])
-        ]
-    batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
-    if shuffle:
-        rng.shuffle(batches)
-        if group_by_length and batches:
-            longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
-            batches.insert(0, batches.pop(longest))
-    return batches
-
-
-def iter_batches(
-    examples: Sequence[Example] | TokenizedSet,
-    batch_size: int,
-    *,
-    seed: int = 0,
-    shuffle: bool = True,
-    pad_token_id: int,
-    group_by_length: bool = True,
-) -> Iterator[Batch]:
-    """Yield every example exactly once, in batches padded only to each batch's longest row.
-
-    The same examples, batch size and seed give the same batches. ``shuffle=False`` is
-    deterministic without randomness (length-grouped unless ``group_by_length=False``, which keeps
-    the given order).
-
-    >>> for batch in iter_batches(ts, 8, seed=0, pad_token_id=tok.pad_token_id):  # doctest: +SKIP
-    ...     loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-    ...                  labels=batch.labels).loss
-    """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise InvalidConfig(f"batch_size must be a positive integer, got {batch_size!r}")
-    if not isinstance(pad_token_id, int):
-        raise InvalidConfig(f"pad_token_id must be an integer token id, got {pad_token_id!r}")
-    rows = list(examples.examples if isinstance(examples, TokenizedSet) else examples)
-    for indices in batch_indices(rows, batch_size, seed=seed, shuffle=shuffle, group_by_length=group_by_length):
-        yield collate([rows[i] for i in indices], pad_token_id)
-
-
-def batch_indices(
-    examples: Sequence[Example], batch_size: int, *, seed: int = 0, shuffle: bool = True, group_by_length: bool = True
-) -> list[list[int]]:
-    """The row indices of each batch :func:`iter_batches` would yield, for callers that add rows
-    of their own (the trainer mixes replayed examples into each batch) before :func:`collate`."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise InvalidConfig(f"batch_size must be a positive integer, got {batch_size!r}")
-    return _batch_order([len(e) for e in examples], batch_size, seed, shuffle, group_by_length)
-
-
-def collate(rows: Sequence[Example], pad_token_id: int) -> Batch:
-    """Right-pad ``rows`` to the longest of them into one :class:`Batch`."""
-    from .base import pad_rows
-
-    input_ids, attention_mask = pad_rows([e.input_ids for e in rows], pad_token_id)
-    labels, _ = pad_rows([e.labels for e in rows], IGNORE_INDEX)
-    return Batch(input_ids, attention_mask, labels, num_tokens=sum(len(e) for e in rows),
-                 num_target_tokens=int((labels != IGNORE_INDEX).sum()))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""persona.interactions: validation of interactions, loss masks, truncation, batching, digest, appending."""
+"""persona.interactions (validation, digest, appending), persona.training.tokenize (loss masks,
+truncation) and persona.training.batches (batching)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,14 @@ import pytest
 
 from persona import interactions as data
 from persona.interactions import (
-    Example,
     Interaction,
     append_jsonl,
     data_digest,
-    iter_batches,
     parse_interactions,
     read_interactions,
-    tokenize_interactions,
 )
+from persona.training.batches import iter_batches
+from persona.training.tokenize import Example, tokenize_interactions
 from persona.errors import InvalidConfig, InvalidInteractions
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "interactions"
@@ -477,3 +477,20 @@ def test_interaction_with_a_lone_surrogate_is_refused_however_it_is_built(fields
 
 def test_interaction_with_a_paired_astral_character_is_accepted():
     assert Interaction(text="dog \U0001f415").text == "dog \U0001f415"
+
+
+def test_interactions_and_tokenize_import_without_torch():
+    """The store reads and appends interactions: a core module that must not pull torch in (issue 12)."""
+    import subprocess
+    import sys
+
+    package = Path(__file__).resolve().parent.parent / "persona"
+    code = (
+        "import sys, types\n"
+        f"pkg = types.ModuleType('persona'); pkg.__path__ = [{str(package)!r}]\n"
+        "sys.modules['persona'] = pkg  # the package's eager __init__ is not what this test is about\n"
+        "import persona.interactions, persona.training.tokenize, persona.training.gate\n"
+        "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -18,6 +18,7 @@ from persona.base import fingerprint
 from persona.interactions import parse_interactions, read_interactions
 from persona.lora_runtime import Activation, AdapterWeights
 from persona.store.queues import ReplayBuffer
+from persona.training.gate import GateDecision, decide
 from persona.training.trainer import Trainer, UpdateConfig, log_interactions
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "interactions"
@@ -60,6 +61,40 @@ def test_update_publishes_child_version_with_metrics(store, trainer):
     # what was trained is what is stored: the new tensors differ from the parent's
     t1, t2 = store.load("user:alice@v1").tensors, store.load("user:alice@v2").tensors
     assert any(not torch.equal(t1[k], t2[k]) for k in t1)
+
+
+# What meta.json's "metrics" held before UpdateMetrics replaced the loose dict (issue 12): readers
+# (persona show, the revision benchmark) look these keys up by name.
+METRIC_KEYS = [
+    "heldout_loss_before", "heldout_loss_after", "heldout_tokens", "replay_loss_before", "replay_loss_after",
+    "replay_tokens", "forgetting", "train_loss_first", "train_loss_last", "steps", "train_examples",
+    "heldout_examples", "replay_examples", "replay_eval_examples", "truncated", "dropped", "seconds", "gate",
+    "superseded",
+]
+
+
+def test_update_metrics_write_the_same_meta_json_keys_with_null_for_unmeasured(store, trainer):
+    result = trainer.update("user:alice", alice(), UpdateConfig(**FAST))
+    recorded = store.version_info("user:alice@v2").metrics
+    assert list(result.metrics) == METRIC_KEYS and dict(recorded) == dict(result.metrics)
+    assert recorded["gate"] == {"promoted": True, "reason": result.reason, "forced": False}
+    # no replay buffer yet: nothing measured is written as null (never NaN, which is not JSON), no forgetting
+    assert recorded["replay_loss_before"] is None and recorded["replay_loss_after"] is None
+    assert recorded["forgetting"] == 0.0 and recorded["replay_eval_examples"] == 0
+
+
+def test_gate_decision_is_a_frozen_value_that_records_force():
+    import dataclasses
+
+    refused = decide(2.0, 2.1, 1.0, 1.0, max_forgetting=0.05, forgetting_floor=0.05)
+    assert refused == GateDecision(False, "held-out loss did not improve (2.0000 -> 2.1000)", forced=False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        refused.promoted = True
+    forced = decide(2.0, 2.1, 1.0, 1.0, max_forgetting=0.05, forgetting_floor=0.05, force=True)
+    assert forced.to_dict() == {"promoted": True, "reason": f"forced: {refused.reason}", "forced": True}
+    # forcing an update the gate passes anyway still records that force was asked for, as meta.json always did
+    passed = decide(2.0, 1.5, 1.0, 1.0, max_forgetting=0.05, forgetting_floor=0.05, force=True)
+    assert passed.promoted and passed.forced and not passed.reason.startswith("forced")
 
 
 def test_same_seed_and_data_give_the_same_weights(store, trainer):
@@ -145,23 +180,28 @@ def test_gate_keeps_a_forgetful_version_as_candidate_unless_forced(store, traine
     assert store.resolve("user:alice").version == 4
 
 
-def test_gate_rules(trainer):
+def test_gate_rules():
+    def gate(held_before, held_after, replay_before, replay_after, config):
+        d = decide(held_before, held_after, replay_before, replay_after, max_forgetting=config.max_forgetting,
+                   forgetting_floor=config.forgetting_floor, force=config.force)
+        return d.promoted, d.reason
+
     cfg = UpdateConfig(max_forgetting=0.1)
     nan = float("nan")
-    assert trainer._gate(2.0, 1.5, 1.0, 1.05, cfg)[0] is True
-    assert trainer._gate(2.0, 1.5, nan, nan, cfg)[0] is True  # no replay yet: nothing to forget
-    promoted, reason = trainer._gate(2.0, 2.1, 1.0, 1.0, cfg)
+    assert gate(2.0, 1.5, 1.0, 1.05, cfg)[0] is True
+    assert gate(2.0, 1.5, nan, nan, cfg)[0] is True  # no replay yet: nothing to forget
+    promoted, reason = gate(2.0, 2.1, 1.0, 1.0, cfg)
     assert not promoted and "did not improve" in reason
-    promoted, reason = trainer._gate(2.0, 1.5, 1.0, 1.2, cfg)
+    promoted, reason = gate(2.0, 1.5, 1.0, 1.2, cfg)
     assert not promoted and "over the 10.0% bound" in reason
-    promoted, reason = trainer._gate(2.0, nan, 1.0, 1.0, cfg)
+    promoted, reason = gate(2.0, nan, 1.0, 1.0, cfg)
     assert not promoted and "no held-out data" in reason
     # Near zero, a relative bound reads noise as forgetting; the absolute floor (nats per token) does not.
-    assert trainer._gate(2.0, 1.5, 0.001, 0.04, cfg)[0] is True
-    promoted, reason = trainer._gate(2.0, 1.5, 0.001, 0.06, cfg)
+    assert gate(2.0, 1.5, 0.001, 0.04, cfg)[0] is True
+    promoted, reason = gate(2.0, 1.5, 0.001, 0.06, cfg)
     assert not promoted and "0.050-nat floor" in reason
-    assert trainer._gate(2.0, 1.5, 0.001, 0.002, UpdateConfig(max_forgetting=0.1, forgetting_floor=0.0))[0] is False
-    assert trainer._gate(2.0, 1.5, 0.0, 0.0, UpdateConfig(forgetting_floor=0.0))[0] is True
+    assert gate(2.0, 1.5, 0.001, 0.002, UpdateConfig(max_forgetting=0.1, forgetting_floor=0.0))[0] is False
+    assert gate(2.0, 1.5, 0.0, 0.0, UpdateConfig(forgetting_floor=0.0))[0] is True
     with pytest.raises(InvalidConfig):
         UpdateConfig(forgetting_floor=-0.1)
 
@@ -189,7 +229,7 @@ def test_replayed_rows_come_on_top_and_the_gate_evaluates_a_sample(store, traine
 
 
 def test_training_precision_is_recorded_and_bf16_tracks_fp32(store, trainer):
-    from persona.training.trainer import training_precision
+    from persona.training.optimize import training_precision
 
     assert training_precision("auto", trainer.model) in ("fp32", "bf16")
     assert training_precision("fp32", trainer.model) == "fp32"

@@ -11,12 +11,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
 
+from ..interactions import ROLES, SYSTEM_ALIAS
+
 MAX_N = 16  # choices per request: n rows of the batch
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal[(*ROLES, SYSTEM_ALIAS)]
     content: str | list[dict[str, Any]]
     name: str | None = Field(default=None, min_length=1, max_length=256)
 

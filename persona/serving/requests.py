@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Mapping, Sequence
 
 from ..errors import InvalidConfig, InvalidReference
+from ..interactions import ROLES as CHAT_ROLES, SYSTEM_ALIAS
 from ..refs import AdapterRef, StackPart
 from .sampling import SamplingParams, TokenLogprob
 
@@ -32,7 +33,7 @@ __all__ = [
     "when_all_done",
 ]
 
-ROLES = ("system", "developer", "user", "assistant", "tool")  # developer: OpenAI's newer name for system
+ROLES = (*CHAT_ROLES, SYSTEM_ALIAS, "tool")  # the alias is rendered as system; tool turns go to the template as given
 FinishReason = Literal["stop", "length"]
 _END = object()  # the last event of a handle's stream
 
@@ -70,7 +71,7 @@ class GenerationRequest:
                     raise InvalidConfig(f"message {i} must have the keys 'role' and 'content' (and optionally 'name')")
                 if m["role"] not in ROLES or not isinstance(m["content"], str):
                     raise InvalidConfig(f"message {i}: role must be one of {', '.join(ROLES)} and content a string")
-                message = {"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
+                message = {"role": "system" if m["role"] == SYSTEM_ALIAS else m["role"], "content": m["content"]}
                 if "name" in m:
                     if not isinstance(m["name"], str) or not m["name"]:
                         raise InvalidConfig(f"message {i}: name must be a non-empty string")

@@ -23,6 +23,7 @@ from ..schemas import ChatRequest, CompletionCommon, CompletionRequest
 from ..state import ServerState, server_state
 from ..streaming import ClientGone, results_unless_gone, sse_chunks, stream_unless_gone, total, usage
 from ...errors import EngineClosed, InvalidInteractions, PersonaError
+from ...interactions import SYSTEM_ALIAS
 from ...refs import parse_stack
 
 router = APIRouter()
@@ -47,7 +48,7 @@ async def complete(state: ServerState, request: Request, scope, body: Completion
     handles = await admit(state, scope, gen, body.n)
     messages = None
     if chat:  # the interaction log keeps OpenAI's plain form: developer as system, no names
-        messages = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]}
+        messages = [{"role": "system" if m["role"] == SYSTEM_ALIAS else m["role"], "content": m["content"]}
                     for m in gen.messages]
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
