@@ -183,7 +183,7 @@ def pair_scores(base) -> None:
     """Every ordered pair of the 64 questions (8 facts x 8 phrasings), each with its fact's answer
     (old value for the older row, new value for the newer): how many same-fact pairs reach each
     threshold on the question score alone, and how many different-fact pairs do (false)."""
-    from persona.supersede import SupersessionDetector, answers_differ, subject_conflict
+    from persona.training.supersede import SupersessionDetector, answers_differ, subject_conflict
 
     detector = SupersessionDetector(base.model, base.tokenizer)
     rows = [(slot, q, template.format(v=pool[0]), template.format(v=pool[1]))

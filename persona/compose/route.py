@@ -23,7 +23,7 @@ the more accurate there at the same cost (see docs).
 Weights are a softmax of the top-k scores divided by ``temperature`` (default 0.1): the scores are
 cosines, so a domain 0.1 closer gets e times the weight of the next, near-ties share, and top-1 is
 weight 1 exactly. It equals the softmax over every domain restricted to the top k and renormalized
-to sum to 1. ``domain:auto*W`` in a stack multiplies these weights by W (see ``persona.engine``).
+to sum to 1. ``domain:auto*W`` in a stack multiplies these weights by W (see ``persona.serving.engine``).
 
 Per-domain state is cached in memory keyed by (domain, version) and checked on every call (one
 small ``refs.json`` read per domain), so a new version is picked up at once. Centroids are also
