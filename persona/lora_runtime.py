@@ -22,9 +22,7 @@ import torch
 from torch import nn
 
 from .errors import InvalidConfig, UnsupportedAdapter
-from .peft_format import PEFT_PREFIX
-
-_UNSUPPORTED = ("use_dora", "use_rslora", "lora_bias", "use_qalora")
+from .peft_format import PeftConfig, group_factors, peft_tensors, refuse_variants
 
 
 @dataclass(frozen=True)
@@ -36,35 +34,25 @@ class AdapterWeights:
     dropout: float = 0.0
 
     @classmethod
-    def from_peft(cls, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], *, dtype=torch.float32) -> "AdapterWeights":
-        """Build from PEFT-format tensors and ``adapter_config.json``; refuse variants we do not compute."""
-        for key in _UNSUPPORTED:
-            if config.get(key):
-                raise UnsupportedAdapter(f"adapter uses {key}, which persona does not support")
-        if config.get("rank_pattern") or config.get("alpha_pattern"):
-            raise UnsupportedAdapter("adapter uses per-module rank or alpha patterns, which persona does not support")
-        factors: dict[str, list] = {}
-        for key, value in tensors.items():
-            if not key.startswith(PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
-                raise UnsupportedAdapter(f"unexpected tensor {key!r} in a LoRA adapter")
-            module, part = key[len(PEFT_PREFIX):].rsplit(".", 2)[0], key.rsplit(".", 2)[1]
-            slot = factors.setdefault(module, [None, None])
-            slot[0 if part == "lora_A" else 1] = value.to(dtype)
+    def from_peft(cls, tensors: Mapping[str, torch.Tensor], config: PeftConfig | Mapping[str, Any], *,
+                  dtype=torch.float32) -> "AdapterWeights":
+        """Build from PEFT-format tensors and ``adapter_config.json`` (typed, or its JSON mapping);
+        refuse variants we do not compute."""
+        config = PeftConfig.of(config)
+        refuse_variants(config, UnsupportedAdapter, "adapter", "which persona does not support")
+        factors = group_factors(tensors, lambda key: UnsupportedAdapter(f"unexpected tensor {key!r} in a LoRA adapter"))
         missing = [m for m, (a, b) in factors.items() if a is None or b is None]
         if missing:
             raise UnsupportedAdapter(f"adapter has an A without a B (or the reverse) for {missing[0]}")
         return cls(
-            factors={m: (a, b) for m, (a, b) in factors.items()},
-            scale=float(config["lora_alpha"]) / float(config["r"]),
-            dropout=float(config.get("lora_dropout") or 0.0),
+            factors={m: (a.to(dtype), b.to(dtype)) for m, (a, b) in factors.items()},
+            scale=config.scaling,
+            dropout=config.lora_dropout,
         )
 
     def to_peft(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for module, (a, b) in self.factors.items():
-            out[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.detach().clone()
-            out[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.detach().clone()
-        return out
+        """The factors as PEFT-keyed tensors (copies), ready to store."""
+        return peft_tensors({m: (a.detach().clone(), b.detach().clone()) for m, (a, b) in self.factors.items()})
 
 
 @dataclass(frozen=True)

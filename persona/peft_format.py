@@ -1,23 +1,41 @@
-"""LoRA settings and fresh adapter weights, in PEFT's own on-disk format.
+"""PEFT's on-disk adapter format, in one place: ``adapter_config.json`` as a typed frozen
+:class:`PeftConfig`, the LoRA tensor key names, the LoRA variants persona refuses, LoRA settings, and
+fresh adapter weights.
 
 A new adapter is built from the base's *config* alone: the model is instantiated on the meta device
 (no weights read, no memory), the target ``nn.Linear`` modules are found, and A/B tensors are made
 with PEFT's initialisation (A: Kaiming-uniform, B: zeros, so a new adapter leaves the base's output
 unchanged). The keys and ``adapter_config.json`` are exactly what ``PeftModel.save_pretrained``
-writes, so PEFT, vLLM, LoRAX and TGI load our versions as they are.
+writes, so PEFT, vLLM, LoRAX and TGI load our versions as they are. No torch at import time: this is a
+core module that ``persona list`` imports.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal, Mapping
+from types import MappingProxyType
+from typing import Any, Callable, Literal, Mapping, TypeVar
 
-from .errors import InvalidConfig
+from .errors import InvalidConfig, UnsupportedAdapter
+
+_T = TypeVar("_T")
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+_FACTOR_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+
+# The LoRA variants persona neither computes (lora_runtime) nor merges correctly (PEFT merges them
+# silently wrong: huggingface/peft#3761), in the order they are checked: config key -> what it is.
+UNSUPPORTED_VARIANTS: dict[str, str] = {
+    "use_dora": "DoRA",
+    "use_rslora": "rsLoRA",
+    "lora_bias": "LoRA bias",
+    "use_qalora": "QALoRA",
+    "rank_pattern": "per-module rank patterns",
+    "alpha_pattern": "per-module alpha patterns",
+}
 
 # Every linear projection inside a block: attention and MLP (QLoRA's finding that adapting all
 # linear layers matters). Architectures not listed fall back to PEFT's own defaults.
@@ -84,15 +102,14 @@ class LoraSettings:
         return cls(**data)
 
     @classmethod
-    def from_peft(cls, config: Mapping[str, Any]) -> "LoraSettings":
+    def from_peft(cls, config: "PeftConfig | Mapping[str, Any]") -> "LoraSettings":
         """The settings of an existing adapter, from its ``adapter_config.json``."""
-        targets = config.get("target_modules") or None
-        if isinstance(targets, str):  # PEFT also allows one name or a regex
-            targets = (targets,)
+        config = PeftConfig.of(config)
+        targets = config.target_modules
         return cls(
-            rank=int(config["r"]),
-            alpha=float(config["lora_alpha"]),
-            dropout=float(config.get("lora_dropout") or 0.0),
+            rank=config.r,
+            alpha=config.lora_alpha,
+            dropout=config.lora_dropout,
             target_modules=tuple(sorted(targets)) if targets else None,
         )
 
@@ -150,8 +167,7 @@ def init_lora_tensors(shapes: dict[str, tuple[int, int]], settings: LoraSettings
             _kaiming_uniform(b, generator)
         else:
             b.zero_()
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b
+        tensors.update(peft_tensors({name: (a, b)}))
     return tensors
 
 
@@ -165,22 +181,164 @@ def _kaiming_uniform(t, generator) -> None:
 
 def peft_adapter_config(settings: LoraSettings, targets: tuple[str, ...], base_model: str) -> dict[str, Any]:
     """The ``adapter_config.json`` PEFT would write for these settings."""
-    from peft import LoraConfig
+    return PeftConfig.for_settings(settings, targets, base_model).to_json()
 
-    config = LoraConfig(
-        r=settings.rank,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules=list(targets),
-        task_type="CAUSAL_LM",
-        base_model_name_or_path=base_model,
-        init_lora_weights=settings.init != "random",
-    )
-    out = {}
-    for key, value in config.to_dict().items():
-        if isinstance(value, set):
-            value = sorted(value)
-        elif hasattr(value, "value") and isinstance(value, str):  # PEFT's str enums
-            value = value.value
-        out[key] = value
+
+# ------------------------------------------------------------------------------ adapter_config.json
+
+
+@dataclass(frozen=True)
+class PeftConfig:
+    """An adapter's ``adapter_config.json``: the fields persona reads, typed, over the whole document.
+
+    ``from_json(d).to_json() == d``: every field PEFT wrote (persona reads a handful of ~50) is kept
+    as written, so a stored config is republished byte for byte. Build one with :meth:`from_json`
+    (a stored file), :meth:`for_settings` (a new adapter) or :meth:`from_lora_config` (PEFT's own
+    object, e.g. a merge's result). A config missing ``r`` or ``lora_alpha`` raises
+    :class:`~persona.errors.UnsupportedAdapter`.
+
+    >>> PeftConfig.from_json({"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}).scaling
+    2.0
+    """
+
+    document: Mapping[str, Any] = field(repr=False)
+    r: int = field(init=False)
+    lora_alpha: float = field(init=False)
+    lora_dropout: float = field(init=False)
+    target_modules: tuple[str, ...] | None = field(init=False)  # PEFT also allows one name or a regex
+    peft_type: str = field(init=False)
+    base_model_name_or_path: str | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        doc = dict(self.document)
+        try:
+            r, alpha = int(doc["r"]), float(doc["lora_alpha"])
+            dropout = float(doc.get("lora_dropout") or 0.0)
+        except (KeyError, TypeError, ValueError) as e:
+            raise UnsupportedAdapter(f"adapter_config.json has no usable r / lora_alpha / lora_dropout ({e!r})") from None
+        targets = doc.get("target_modules") or None
+        if isinstance(targets, str):
+            targets = (targets,)
+        set_ = object.__setattr__
+        set_(self, "document", MappingProxyType(doc))
+        set_(self, "r", r)
+        set_(self, "lora_alpha", alpha)
+        set_(self, "lora_dropout", dropout)
+        set_(self, "target_modules", tuple(targets) if targets else None)
+        set_(self, "peft_type", str(doc.get("peft_type", "LORA")))
+        set_(self, "base_model_name_or_path", doc.get("base_model_name_or_path"))
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "PeftConfig":
+        """The config of a parsed ``adapter_config.json`` object."""
+        return cls(data)
+
+    @classmethod
+    def of(cls, config: "PeftConfig | Mapping[str, Any]") -> "PeftConfig":
+        """``config`` itself, or parsed when given as the JSON mapping (callers may pass either)."""
+        return config if isinstance(config, PeftConfig) else cls.from_json(config)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object to write: exactly the document this config was made from."""
+        return dict(self.document)
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / self.r
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """The unsupported LoRA variants this config turns on (keys of :data:`UNSUPPORTED_VARIANTS`)."""
+        return tuple(key for key in UNSUPPORTED_VARIANTS if self.document.get(key))
+
+    @classmethod
+    def for_settings(cls, settings: LoraSettings, targets: tuple[str, ...], base_model: str) -> "PeftConfig":
+        """The config PEFT would write for a new adapter with these settings."""
+        from peft import LoraConfig
+
+        config = LoraConfig(
+            r=settings.rank,
+            lora_alpha=settings.alpha,
+            lora_dropout=settings.dropout,
+            target_modules=list(targets),
+            task_type="CAUSAL_LM",
+            base_model_name_or_path=base_model,
+            init_lora_weights=settings.init != "random",
+        )
+        return cls.from_lora_config(config, base_model)
+
+    @classmethod
+    def from_lora_config(cls, config: Any, base_model: str) -> "PeftConfig":
+        """PEFT's ``LoraConfig`` as persona writes it: JSON values only, bound to ``base_model``, and
+        ``inference_mode`` off (as every stored ``adapter_config.json``)."""
+        out = {}
+        for key, value in config.to_dict().items():
+            if isinstance(value, (set, frozenset)):
+                value = sorted(value)
+            elif isinstance(value, str) and hasattr(value, "value"):  # PEFT's str enums
+                value = value.value
+            out[key] = value
+        out["base_model_name_or_path"] = base_model
+        out["inference_mode"] = False
+        return cls(out)
+
+    def to_lora_config(self) -> Any:
+        """PEFT's ``LoraConfig`` for this config, from the fields this PEFT knows (another version may
+        have written more)."""
+        from peft import LoraConfig
+
+        known = {f.name for f in fields(LoraConfig)}
+        return LoraConfig.from_peft_type(**{k: v for k, v in self.document.items() if k in known})
+
+
+def refuse_variants(config: PeftConfig | Mapping[str, Any], error: Callable[[str], Exception], subject: str,
+                    why: str) -> None:
+    """Raise ``error("{subject} uses {key} ({what}), {why}")`` for the first unsupported LoRA variant
+    ``config`` turns on (the one check for serving, training and merging)."""
+    variants = PeftConfig.of(config).variants
+    if variants:
+        raise error(f"{subject} uses {variants[0]} ({UNSUPPORTED_VARIANTS[variants[0]]}), {why}")
+
+
+# ------------------------------------------------------------------------------------ tensor keys
+
+
+def lora_key(module: str, part: Literal["A", "B"]) -> str:
+    """The key PEFT saves factor ``part`` of ``module`` under.
+
+    >>> lora_key("model.layers.0.self_attn.q_proj", "A")
+    'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'
+    """
+    return f"{PEFT_PREFIX}{module}.lora_{part}.weight"
+
+
+def parse_lora_key(key: str) -> tuple[str, Literal["A", "B"]] | None:
+    """``(module, "A" | "B")`` of a LoRA factor key, or None for any other key."""
+    if not key.startswith(PEFT_PREFIX) or not key.endswith(_FACTOR_SUFFIXES):
+        return None
+    parts = key[len(PEFT_PREFIX):].rsplit(".", 2)
+    if len(parts) != 3:  # "base_model.model.lora_A.weight": no module name
+        return None
+    return parts[0], "A" if parts[1] == "lora_A" else "B"
+
+
+def peft_tensors(factors: Mapping[str, tuple[_T, _T]]) -> dict[str, _T]:
+    """``module -> (A, B)`` as PEFT-keyed tensors, module by module, A before B."""
+    out: dict[str, _T] = {}
+    for module, (a, b) in factors.items():
+        out[lora_key(module, "A")] = a
+        out[lora_key(module, "B")] = b
     return out
+
+
+def group_factors(tensors: Mapping[str, _T], unexpected: Callable[[str], Exception]) -> dict[str, tuple[_T | None, _T | None]]:
+    """PEFT-keyed tensors as ``module -> (A, B)`` (None where a factor is absent); a key that is not a
+    LoRA factor raises ``unexpected(key)``."""
+    out: dict[str, list] = {}
+    for key, value in tensors.items():
+        parsed = parse_lora_key(key)
+        if parsed is None:
+            raise unexpected(key)
+        module, part = parsed
+        out.setdefault(module, [None, None])[0 if part == "A" else 1] = value
+    return {module: (a, b) for module, (a, b) in out.items()}

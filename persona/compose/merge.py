@@ -41,7 +41,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 from ..errors import AdapterExists, InvalidConfig, InvalidReference
-from ..peft_format import ADAPTER_WEIGHTS, PEFT_PREFIX, LoraSettings, lora_shapes
+from ..peft_format import ADAPTER_WEIGHTS, LoraSettings, PeftConfig, group_factors, lora_shapes, refuse_variants
 from ..refs import RESERVED_NAMES, AdapterRef, parse_ref
 from ..store import LoadedAdapter, NewVersion, Store, VersionInfo
 
@@ -56,8 +56,6 @@ MAX_RANK = 1024  # LoraSettings' bound
 # |weight| bound: weights beyond it overflow float32 in PEFT's arithmetic (linear takes sqrt(w), cat
 # and svd scale by w) and published all-NaN adapters (issue 10, item 9); useful weights are O(1).
 MAX_WEIGHT = 100.0
-# PEFT merges these variants silently wrong (the merged config inherits them from the first parent).
-_UNSUPPORTED_VARIANTS = ("use_rslora", "use_dora", "lora_bias", "use_qalora", "rank_pattern", "alpha_pattern")
 
 
 @dataclass(frozen=True)
@@ -190,14 +188,9 @@ def merge(
             return store.publish_version(plan.into, NewVersion(tensors, config, lineage=lineage))
 
 
-def _modules(tensors: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if not key.startswith(PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
-            raise InvalidConfig(f"unexpected tensor {key!r}: a merge takes plain LoRA adapters in PEFT's format")
-        module, part = key[len(PEFT_PREFIX):].rsplit(".", 2)[:2]
-        out.setdefault(module, {})[part] = value
-    return out
+def _modules(tensors: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    return group_factors(tensors, lambda key: InvalidConfig(
+        f"unexpected tensor {key!r}: a merge takes plain LoRA adapters in PEFT's format"))
 
 
 def _check_compatible(store: Store, plan: MergePlan, loaded: Sequence[LoadedAdapter]) -> list[int]:
@@ -207,19 +200,17 @@ def _check_compatible(store: Store, plan: MergePlan, loaded: Sequence[LoadedAdap
     base_config = load_config(store.config.base_id)
     ranks, module_sets = [], []
     for parent in loaded:
-        name, config = parent.info.ref, parent.config
-        if str(config.get("peft_type", "LORA")).upper() != "LORA":
-            raise InvalidConfig(f"{name} is a {config.get('peft_type')} adapter; only LoRA adapters merge")
-        for key in _UNSUPPORTED_VARIANTS:
-            if config.get(key):
-                raise InvalidConfig(f"{name} uses {key}, which PEFT's merge does not handle correctly "
-                                    "(huggingface/peft#3761); merge plain LoRA adapters only")
-        r = int(config["r"])
+        name, config = parent.info.ref, parent.peft_config
+        if config.peft_type.upper() != "LORA":
+            raise InvalidConfig(f"{name} is a {config.peft_type} adapter; only LoRA adapters merge")
+        # PEFT merges these variants silently wrong (the merged config inherits them from the first parent).
+        refuse_variants(config, InvalidConfig, str(name), "which PEFT's merge does not handle correctly "
+                        "(huggingface/peft#3761); merge plain LoRA adapters only")
+        r = config.r
         modules = _modules(parent.tensors)
         suffixes = tuple(sorted({m.rsplit(".", 1)[-1] for m in modules}))
         shapes = lora_shapes(base_config, suffixes)  # the base's (in, out) per targeted module
-        for module, parts in modules.items():
-            a, b = parts.get("lora_A"), parts.get("lora_B")
+        for module, (a, b) in modules.items():
             if a is None or b is None:
                 raise InvalidConfig(f"{name} has lora_A without lora_B (or the reverse) for {module}")
             if module not in shapes:
@@ -293,19 +284,19 @@ def _peft_merge(store: Store, plan: MergePlan, loaded: Sequence[LoadedAdapter]) 
         )
         state = get_peft_model_state_dict(peft_model, adapter_name=merged)
     tensors = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in state.items()}
-    config = _config_dict(peft_model.peft_config[merged], store.config.base_id)
+    config = PeftConfig.from_lora_config(peft_model.peft_config[merged], store.config.base_id).to_json()
     return tensors, config
 
 
 def _peft_model(model: Any, names: Sequence[str], loaded: Sequence[LoadedAdapter]) -> Any:
     """A PeftModel over ``model`` holding each parent's verified tensors as a named adapter."""
     import torch
-    from peft import LoraConfig, PeftModel
+    from peft import PeftModel
     from peft.utils import set_peft_model_state_dict
 
     peft_model = None
     for name, parent in zip(names, loaded):
-        config = LoraConfig.from_peft_type(**_known_fields(parent.config))
+        config = parent.peft_config.to_lora_config()
         config.inference_mode = True
         if peft_model is None:
             peft_model = PeftModel(model, config, adapter_name=name)
@@ -318,26 +309,3 @@ def _peft_model(model: Any, names: Sequence[str], loaded: Sequence[LoadedAdapter
             bad = (result.unexpected_keys or missing)[0]
             raise InvalidConfig(f"{parent.info.ref} does not fit this base: PEFT could not place {bad}")
     return peft_model
-
-
-def _known_fields(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The parent's config restricted to the fields this PEFT knows (another version may add some)."""
-    import dataclasses
-
-    from peft import LoraConfig
-
-    known = {f.name for f in dataclasses.fields(LoraConfig)}
-    return {k: v for k, v in config.items() if k in known}
-
-
-def _config_dict(config: Any, base_id: str) -> dict[str, Any]:
-    out = {}
-    for key, value in config.to_dict().items():
-        if isinstance(value, (set, frozenset)):
-            value = sorted(value)
-        elif isinstance(value, str) and hasattr(value, "value"):  # PEFT's str enums
-            value = value.value
-        out[key] = value
-    out["base_model_name_or_path"] = base_id
-    out["inference_mode"] = False  # as persona writes every adapter_config.json
-    return out

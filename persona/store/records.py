@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from ..errors import DamagedAdapter, InvalidReference, PersonaError
-from ..peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from ..peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PeftConfig
 from ..refs import CURRENT, AdapterRef, format_version, parse_ref
 
 META_FORMAT = 1
@@ -278,9 +278,14 @@ class LoadedAdapter:
     """An adapter version read from the store, its hashes checked."""
 
     info: VersionInfo
-    config: Mapping[str, Any]
+    config: Mapping[str, Any]  # adapter_config.json as read; peft_config is its typed view
     tensors: Mapping[str, Any]
 
     @property
     def ref(self) -> AdapterRef:
         return self.info.ref
+
+    @property
+    def peft_config(self) -> PeftConfig:
+        """``adapter_config.json``, typed (raises UnsupportedAdapter when it lacks ``r``/``lora_alpha``)."""
+        return PeftConfig.from_json(self.config)

@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 import torch
 
 from ..lora_runtime import Activation, AdapterWeights, LoraRuntime
-from ..peft_format import PEFT_PREFIX
+from ..peft_format import lora_key, peft_tensors
 from .batches import collate
 from .evaluate import loss_sum
 from .tokenize import Example
@@ -63,7 +63,7 @@ class Pull:
 
 def fisher_by_module(stored: Mapping[str, torch.Tensor], modules: Sequence[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """A stored (PEFT-keyed) Fisher as ``module -> (F_A, F_B)`` for ``modules``."""
-    return {m: (stored[f"{PEFT_PREFIX}{m}.lora_A.weight"], stored[f"{PEFT_PREFIX}{m}.lora_B.weight"]) for m in modules}
+    return {m: (stored[lora_key(m, "A")], stored[lora_key(m, "B")]) for m in modules}
 
 
 def estimate_fisher(model: torch.nn.Module, runtime: LoraRuntime, weights: AdapterWeights, pool: Sequence[Example], *,
@@ -85,8 +85,4 @@ def estimate_fisher(model: torch.nn.Module, runtime: LoraRuntime, weights: Adapt
                 acc[m][0].add_(grads[2 * i] ** 2)
                 acc[m][1].add_(grads[2 * i + 1] ** 2)
     mean = torch.cat([t.flatten() for pair in acc.values() for t in pair]).mean().clamp_min(1e-30)
-    out = {}
-    for m, (fa, fb) in acc.items():
-        out[f"{PEFT_PREFIX}{m}.lora_A.weight"] = fa / mean
-        out[f"{PEFT_PREFIX}{m}.lora_B.weight"] = fb / mean
-    return out
+    return peft_tensors({m: (fa / mean, fb / mean) for m, (fa, fb) in acc.items()})
