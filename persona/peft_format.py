@@ -244,6 +244,7 @@ class PeftConfig:
 
     @property
     def scaling(self) -> float:
+        """The factor LoRA's update is multiplied by: ``lora_alpha / r``."""
         return self.lora_alpha / self.r
 
     @property
