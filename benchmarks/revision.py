@@ -21,6 +21,7 @@ one): revised facts where the new value wins; unchanged facts where the true val
 the revision; gate decisions and reasons; supersession found vs the truth; update-3 time.
 
     python benchmarks/revision.py --users 2 --no-recency   # 14 min on 2 idle CPU cores (real embedded base)
+    python benchmarks/revision.py --users 2                # the same plus the recency-weighted variant
     python benchmarks/revision.py --quick    # tiny random model: checks the script runs
 """
 
