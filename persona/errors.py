@@ -25,8 +25,8 @@ caller (400).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, fields
+from typing import Any, Literal
 
 
 class PersonaError(Exception):
@@ -47,6 +47,15 @@ class InvalidReference(PersonaError, ValueError):
 
 class InvalidConfig(PersonaError, ValueError):
     """A configuration has an unknown key or a value out of range."""
+
+
+def refuse_unknown_keys(cls: type, data: Any, what: str) -> None:
+    """Raise :class:`InvalidConfig` naming any key of ``data`` that is not a field of dataclass ``cls``
+    (what every config's ``from_dict`` checks before building itself)."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise InvalidConfig(f"unknown {what}(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
 
 
 class InvalidRequest(InvalidConfig):

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, Callable, Literal, Mapping, TypeVar
 
-from .errors import InvalidConfig, UnsupportedAdapter
+from .errors import InvalidConfig, UnsupportedAdapter, refuse_unknown_keys
 
 _T = TypeVar("_T")
 
@@ -92,10 +92,7 @@ class LoraSettings:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LoraSettings":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InvalidConfig(f"unknown LoRA setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        refuse_unknown_keys(cls, data, "LoRA setting")
         data = dict(data)
         if data.get("target_modules") is not None:
             data["target_modules"] = tuple(data["target_modules"])

@@ -8,10 +8,10 @@ with it (given the same logits).
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from ..errors import InvalidConfig
+from ..errors import InvalidConfig, refuse_unknown_keys
 
 if TYPE_CHECKING:  # torch is imported where tokens are chosen: the CLI builds its options from SamplingParams
     import torch
@@ -117,10 +117,7 @@ class SamplingParams:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SamplingParams":
         """Build from a mapping, refusing unknown keys."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InvalidConfig(f"unknown sampling setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        refuse_unknown_keys(cls, data, "sampling setting")
         return cls(**data)
 
 

@@ -8,10 +8,10 @@ range or a help text is written once, here.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Mapping
 
-from ..errors import InvalidConfig
+from ..errors import InvalidConfig, refuse_unknown_keys
 from .supersede import SUPERSEDE_THRESHOLD
 
 FORGETTING_FLOOR = 0.05
@@ -101,10 +101,7 @@ class UpdateConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "UpdateConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InvalidConfig(f"unknown update option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        refuse_unknown_keys(cls, data, "update option")
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
