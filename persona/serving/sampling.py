@@ -49,7 +49,7 @@ class SamplingParams:
         "help": "Most tokens to generate (further capped by the base's context length).",
         "range": {"min": 1, "max": MAX_NEW_TOKENS}})
     temperature: float = field(default=0.0, metadata={
-        "help": "Sampling temperature; 0 is greedy.", "range": {"min": 0, "max": 100}})
+        "help": "Sampling temperature; 0 is greedy (OpenAI's range, as the server's).", "range": {"min": 0, "max": 2}})
     top_p: float = field(default=1.0, metadata={
         "help": "Nucleus sampling: the smallest set of likeliest tokens whose probability reaches top_p.",
         "range": {"min": 0, "max": 1, "min_open": True}})
@@ -70,8 +70,8 @@ class SamplingParams:
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_NEW_TOKENS:
             raise InvalidConfig(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS}, got {n!r}")
         t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 100.0:
-            raise InvalidConfig(f"temperature must be a number in [0, 100] (0 is greedy), got {t!r}")
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 2.0:
+            raise InvalidConfig(f"temperature must be a number in [0, 2] (0 is greedy), got {t!r}")
         p = self.top_p
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
             raise InvalidConfig(f"top_p must be a number in (0, 1], got {p!r}")
