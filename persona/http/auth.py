@@ -3,14 +3,14 @@ request and yields its :class:`~persona.store.tokens.Scope` (None with authentic
 
 Every route but ``/healthz`` depends on it, and the request body is read only after it (see
 :mod:`persona.http.body`), so a client without a valid token gets a 401 whatever it sends.
-A path or method no route takes is checked the same way (:func:`refuse_unrouted`).
+A path or method no route takes is checked the same way (:func:`persona.http.body.refuse_unrouted`).
 """
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ..errors import AuthError
@@ -39,13 +39,3 @@ def caller(state: Annotated[ServerState, Depends(server_state)],
 
 Caller = Annotated[Scope | None, Depends(caller)]
 """A route parameter holding the caller's scope."""
-
-
-async def refuse_unrouted(request: Request) -> None:
-    """For a request no route takes: the 401 (then the 413) it would have got from a route."""
-    from .body import refuse_declared_size
-
-    state = server_state(request)
-    if request.url.path not in PUBLIC_PATHS:
-        authenticate(state, await bearer(request))
-    refuse_declared_size(request, state.config.max_body_bytes)

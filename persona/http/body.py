@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 from ..errors import RequestTooLarge
-from .auth import caller
+from .auth import PUBLIC_PATHS, authenticate, bearer, caller
 from .state import ServerState, server_state
 
 Model = TypeVar("Model", bound=BaseModel)
@@ -81,3 +81,11 @@ def json_body(model: type[Model]) -> Callable[..., Any]:
         return parse_body(raw, request.headers.get("content-type"), model)
 
     return read
+
+
+async def refuse_unrouted(request: Request) -> None:
+    """For a request no route takes: the 401 (then the 413) it would have got from a route."""
+    state = server_state(request)
+    if request.url.path not in PUBLIC_PATHS:
+        authenticate(state, await bearer(request))
+    refuse_declared_size(request, state.config.max_body_bytes)

@@ -94,7 +94,7 @@ async def on_invalid_body(request: Request, exc: RequestValidationError) -> JSON
 async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """No route for this path or method. Authentication still comes first: without a valid token
     every path but /healthz is a 401, so a token-less client cannot map the routes."""
-    from .auth import refuse_unrouted
+    from .body import refuse_unrouted
 
     try:
         await refuse_unrouted(request)
