@@ -347,3 +347,19 @@ def test_interrupt_is_one_line_and_exit_130(cli, monkeypatch):
     result = cli("show", "user:alice", ok=False)
     one_line_error(result, "interrupted")
     assert result.exit_code == 130
+
+
+def test_a_reader_that_stops_early_is_not_an_error(cli, isolated_store, tmp_path):
+    """`persona list | head -0`: the closed pipe exits as SIGPIPE would (141), with nothing on stderr."""
+    import subprocess
+    import sys
+
+    from persona.cli._common import BROKEN_PIPE_EXIT
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "persona", "list", "--store", str(isolated_store)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    proc.stdout.close()  # the reader is gone before the command writes a byte
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == BROKEN_PIPE_EXIT
+    assert err == b""

@@ -34,6 +34,8 @@ from ..errors import PersonaError, mapping_for
 from .._fs import TMP_PREFIX
 from ..refs import MAX_STACK
 
+BROKEN_PIPE_EXIT = 141  # what a shell reports for a command SIGPIPE killed (128 + 13)
+
 if TYPE_CHECKING:
     from ..serving.engine import Engine
     from ..store import Store
@@ -151,10 +153,22 @@ class PersonaGroup(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.Abort):  # a normal exit, or click's own "Aborted!"
             raise
+        except BrokenPipeError:
+            _quiet_broken_pipe()
         except (Exception, KeyboardInterrupt) as exc:
             # --json as the command parsed it; before its options were parsed, as it was typed
             as_json = ctx.meta.get(JSON_FLAG, "--json" in ctx.meta.get(_ARGV, ()))
             raise to_cli_error(exc, as_json, store_root=ctx.meta.get(STORE_ROOT)) from None
+
+
+def _quiet_broken_pipe() -> typing.NoReturn:
+    """A reader that stopped early (``persona show | head``) is not an error: exit as a tool killed by
+    SIGPIPE does (128 + 13), with nothing on stderr. stdout now points at /dev/null, so the
+    interpreter's final flush of the unsent bytes does not fail again on the way out."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    raise SystemExit(BROKEN_PIPE_EXIT)
 
 
 def _remember_store(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
