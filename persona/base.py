@@ -17,13 +17,13 @@ import importlib.util
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from filelock import FileLock
 
-from .errors import BaseMismatch, BaseModelUnavailable, UnsafeWeightFile
+from .errors import BaseMismatch, BaseModelUnavailable, DeviceUnavailable, InvalidConfig, UnsafeWeightFile
 from ._fs import atomic_write_json, fsync_tree, temp_sibling
 
 if TYPE_CHECKING:
@@ -274,20 +274,108 @@ def load_tokenizer(base_id: str = EMBEDDED_BASE):
     return AutoTokenizer.from_pretrained(resolve_base(base_id))
 
 
-def load_base(base_id: str = EMBEDDED_BASE, *, dtype: str = "float32", device: str = "cpu") -> BaseModel:
-    """Load the base frozen: eval mode, and no parameter requires grad.
+@dataclass(frozen=True)
+class Placement:
+    """Where the frozen base runs and in which dtype; :func:`resolve_device` turns it into torch's terms.
 
-    >>> base = load_base()          # doctest: +SKIP
+    The ``--device``/``--dtype`` options of every command that loads the base are generated from
+    these fields (``persona.cli._common.placement_options``).
+
+    >>> Placement().device, Placement(dtype="bfloat16").dtype
+    ('auto', 'bfloat16')
+    """
+
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata={
+        "help": "Where the base runs: auto is cuda when torch sees a GPU, else cpu (pick a GPU with "
+                "CUDA_VISIBLE_DEVICES)."})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(default="auto", metadata={
+        "help": "Dtype of the frozen base: auto is bfloat16 on a GPU that has it, else float32. float16 only on "
+                "a GPU (refused on the CPU). Training keeps the LoRA factors and optimizer state in float32."})
+
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16", "half": "float16"}
+
+
+def resolve_device(device: "str | torch.device | None" = "auto", dtype: "str | torch.dtype | None" = "auto", *,
+                   training: bool = False) -> "tuple[torch.device, torch.dtype]":
+    """``(torch.device, torch.dtype)`` for a requested device and dtype (``auto`` or None: choose).
+
+    ``auto`` device: ``cuda`` when ``torch.cuda.is_available()``, else ``cpu``. ``auto`` dtype:
+    ``bfloat16`` on a GPU that supports it; on an older GPU ``float16`` to serve and ``float32`` to
+    train (``training=True``: float16 has no range for gradients without loss scaling); ``float32``
+    on the CPU. Refused, before anything is loaded: ``cuda`` (or ``cuda:N``) where torch sees no such
+    GPU and ``bfloat16`` on a GPU without it (:class:`~persona.errors.DeviceUnavailable`), float16
+    on the CPU (:class:`~persona.errors.InvalidConfig`: half precision on a CPU is emulated, slower
+    than float32, and overflows past 65504; bfloat16 saves the same memory with float32's range).
+
+    >>> resolve_device("cpu", "auto")                       # doctest: +SKIP
+    (device(type='cpu'), torch.float32)
+    """
+    import torch
+
+    if device is None or device == "auto":
+        where = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            where = torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            where = None
+        if where is None or where.type not in ("cpu", "cuda"):
+            raise InvalidConfig(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+        if where.type == "cuda" and not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise DeviceUnavailable(f"--device {device} asked for a GPU, but torch {torch.__version__} ({build}) sees "
+                                    "none: use --device cpu (or auto), or install a CUDA build of torch")
+        if where.type == "cuda" and where.index is not None and where.index >= torch.cuda.device_count():
+            raise DeviceUnavailable(f"--device {device}: torch sees {torch.cuda.device_count()} GPU(s), "
+                                    f"numbered from 0")
+    return where, _resolve_dtype(where, dtype, training)
+
+
+def _resolve_dtype(where: "torch.device", dtype: "str | torch.dtype | None", training: bool) -> "torch.dtype":
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        name = str(dtype).removeprefix("torch.")
+    else:
+        name = "auto" if dtype is None else DTYPES.get(str(dtype), str(dtype))
+    bf16 = where.type == "cuda" and torch.cuda.is_bf16_supported()
+    if name == "auto":
+        if where.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if bf16 else (torch.float32 if training else torch.float16)
+    if name not in ("float32", "bfloat16", "float16"):
+        raise InvalidConfig(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    if name == "float16" and where.type == "cpu":
+        raise InvalidConfig("--dtype float16 is refused on the CPU: half precision there is emulated (slower than "
+                            "float32) and overflows past 65504; use --dtype bfloat16 (same memory, float32's range) "
+                            "or float32")
+    if name == "bfloat16" and where.type == "cuda" and not bf16:
+        raise DeviceUnavailable(f"--dtype bfloat16: this GPU ({torch.cuda.get_device_name(where)}) has no bfloat16; "
+                                "use --dtype float16 to serve or float32")
+    return getattr(torch, name)
+
+
+def load_base(base_id: str = EMBEDDED_BASE, *, dtype: "str | torch.dtype | None" = "float32",
+              device: "str | torch.device | None" = "cpu", training: bool = False) -> BaseModel:
+    """Load the base frozen: eval mode, and no parameter requires grad, on ``device`` in ``dtype``.
+
+    ``device``/``dtype`` take what :func:`resolve_device` takes (``"auto"`` chooses); they are
+    resolved, and a device that is not there refused, before any weight is read.
+
+    >>> base = load_base(device="auto", dtype="auto")          # doctest: +SKIP
     >>> any(p.requires_grad for p in base.model.parameters())   # doctest: +SKIP
     False
     """
-    import torch
+    import torch  # noqa: F401 - resolve_device and transformers need it
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    where, torch_dtype = resolve_device(device, dtype, training=training)
     info = base_info(base_id)
     path = Path(info.path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), use_safetensors=True)
-    model.to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True)
+    model.to(where).eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:

@@ -165,6 +165,11 @@ class BaseModelUnavailable(PersonaError, FileNotFoundError):
     """The base model cannot be found or loaded (missing package, offline without a cache, ...)."""
 
 
+class DeviceUnavailable(PersonaError, RuntimeError):
+    """The device (or dtype on it) asked for is not on this machine: ``cuda`` where torch sees no GPU,
+    a GPU index past the last one, ``bfloat16`` on a GPU without it. Nothing was loaded."""
+
+
 # ----------------------------------------------------------------------------- busy, try again
 class LockTimeout(PersonaError, TimeoutError):
     """Another writer holds the adapter's lock for longer than the timeout."""
@@ -248,6 +253,7 @@ ERROR_TABLE: dict[type[PersonaError], ErrorMapping] = {
                                client_message="the adapter was made on another base model than the one this server runs"),
     NonFiniteWeights: ErrorMapping(500, _SERVER),
     BaseModelUnavailable: ErrorMapping(500, _SERVER, client_message="the server's base model is unavailable"),
+    DeviceUnavailable: ErrorMapping(500, _SERVER, client_message="the server's device is unavailable"),
     # busy: the same request may work later
     LockTimeout: ErrorMapping(503, _SERVER, code="store_busy"),
     Overloaded: ErrorMapping(429, "requests", code="rate_limit_exceeded"),

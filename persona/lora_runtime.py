@@ -51,8 +51,18 @@ class AdapterWeights:
         )
 
     def to_peft(self) -> dict[str, torch.Tensor]:
-        """The factors as PEFT-keyed tensors (copies), ready to store."""
-        return peft_tensors({m: (a.detach().clone(), b.detach().clone()) for m, (a, b) in self.factors.items()})
+        """The factors as PEFT-keyed tensors (CPU copies, wherever the factors were), ready to store."""
+        return peft_tensors({m: (a.detach().to("cpu", copy=True), b.detach().to("cpu", copy=True))
+                             for m, (a, b) in self.factors.items()})
+
+    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> "AdapterWeights":
+        """The same adapter with its factors on ``device`` in ``dtype`` (float32 by default: factors
+        are kept in float32 even over a bfloat16 base); ``self`` when they already are."""
+        if all(a.device == torch.device(device) and a.dtype == dtype and b.device == a.device and b.dtype == dtype
+               for a, b in self.factors.values()):
+            return self
+        factors = {m: (a.to(device, dtype), b.to(device, dtype)) for m, (a, b) in self.factors.items()}
+        return AdapterWeights(factors, self.scale, self.dropout)
 
 
 @dataclass(frozen=True)
@@ -107,16 +117,19 @@ class AdapterLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         for rows, a, b, scale, dropout in self.active:
+            # Active adapters keep float32 factors (training quality) even over a 16-bit base: the input
+            # is raised to the factors' dtype and the update rounded once into y's (autocast, when on,
+            # runs the products in bf16 itself).
             if rows is None:
                 h = _dropout(x, dropout) if dropout and self.training else x
                 # y + scale * (h A^T) B^T in one addmm: no separate pass over y for the scale and the sum.
-                low = h.reshape(-1, h.shape[-1]) @ a.t()
+                low = h.reshape(-1, h.shape[-1]).to(a.dtype) @ a.t()
                 if low.dtype == y.dtype:
                     y = torch.addmm(y.reshape(-1, y.shape[-1]), low, b.t(), alpha=scale).view(y.shape)
                 else:
-                    y = y + (low @ b.t()).view(*y.shape[:-1], -1) * scale
+                    y = y + ((low @ b.t()) * scale).to(y.dtype).view(*y.shape[:-1], -1)
             else:
-                delta = (x.index_select(0, rows) @ a.t() @ b.t()) * scale
+                delta = (x.index_select(0, rows).to(a.dtype) @ a.t() @ b.t()) * scale
                 y = y.index_add(0, rows, delta.to(y.dtype))
         for route in self.routes:
             y = _apply_route(route, x, y)

@@ -215,10 +215,28 @@ def open_store(store_root: str | None) -> "Store":
     return Store.open(store_root)
 
 
-def open_engine(store_root: str | None, max_resident: int = 16, max_batch: int = 8, route_top_k: int = 1) -> "Engine":
+def open_engine(store_root: str | None, max_resident: int = 16, max_batch: int = 8, route_top_k: int = 1, *,
+                device: str = "auto", dtype: str = "auto") -> "Engine":
     from ..serving.engine import Engine
 
-    return Engine(open_store(store_root), max_resident=max_resident, max_batch=max_batch, route_top_k=route_top_k)
+    # The engine resolves device and dtype first: a missing GPU is refused before any weight is read.
+    return Engine(open_store(store_root), max_resident=max_resident, max_batch=max_batch, route_top_k=route_top_k,
+                  device=device, dtype=dtype)
+
+
+def check_placement(device: str, dtype: str, *, training: bool = False) -> None:
+    """Refuse a device or dtype this machine lacks (``--device cuda`` without a GPU) before anything else
+    is read: the error is one line, and nothing was loaded."""
+    from ..base import resolve_device
+
+    resolve_device(device, dtype, training=training)
+
+
+def placement_options(f: F) -> F:
+    """``--device`` and ``--dtype`` (from :class:`persona.base.Placement`): where the base runs, in which dtype."""
+    from ..base import Placement
+
+    return options_from(Placement, {"device": "--device", "dtype": "--dtype"})(f)
 
 
 def route_top_k_option(f: F) -> F:

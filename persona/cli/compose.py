@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..compose.merge import METHODS
-from ._common import emit, json_option, open_store, store_option
+from ._common import emit, json_option, open_store, placement_options, store_option
 
 
 def _weights(ctx, param, value: str | None) -> list[float] | None:
@@ -55,9 +55,10 @@ def merge(parents, into, method, weights, density, rank, seed, store_root, as_js
               help="centroid: the base's embedding of each domain's training prompts; arrow: each adapter's weights.")
 @click.option("--temperature", type=click.FloatRange(0, min_open=True), default=0.1, show_default=True,
               help="Softmax temperature of the weights over the top-k scores.")
+@placement_options
 @store_option
 @json_option
-def route(prompt, top_k, method, temperature, store_root, as_json) -> None:
+def route(prompt, top_k, method, temperature, device, dtype, store_root, as_json) -> None:
     """Show which domain adapters `domain:auto` picks for PROMPT, their weights, and every domain's score.
 
     \b
@@ -73,7 +74,7 @@ def route(prompt, top_k, method, temperature, store_root, as_json) -> None:
     from ..refs import StackPart, format_stack
     from ..compose.route import Router, select
 
-    router = Router.load(open_store(store_root), method=method, temperature=temperature)
+    router = Router.load(open_store(store_root), device=device, dtype=dtype, method=method, temperature=temperature)
     scores = router.scores(prompt)
     choices = select(scores, top_k, temperature)
     data = {

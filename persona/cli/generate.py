@@ -6,7 +6,8 @@ import click
 
 from ..refs import MAX_STACK
 from ..serving.sampling import SamplingParams
-from ._common import emit, field_values, json_option, open_engine, options_from, route_top_k_option, store_option
+from ._common import (emit, field_values, json_option, open_engine, options_from, placement_options, route_top_k_option,
+                      store_option)
 
 
 @click.command()
@@ -16,9 +17,10 @@ from ._common import emit, field_values, json_option, open_engine, options_from,
 @route_top_k_option
 @options_from(SamplingParams, {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
                                 "top_p": "--top-p", "seed": "--seed", "stop": "--stop"})
+@placement_options
 @store_option
 @json_option
-def generate(model, prompt, raw, route_top_k, store_root, as_json, **sampling) -> None:
+def generate(model, prompt, raw, route_top_k, device, dtype, store_root, as_json, **sampling) -> None:
     """Answer PROMPT with MODEL: an adapter (user:alice), a stack (user:alice+domain:finance) or the base's name.
 
     \b
@@ -33,10 +35,12 @@ def generate(model, prompt, raw, route_top_k, store_root, as_json, **sampling) -
       persona generate 'user:alice+domain:finance*0.5' "Should I buy bonds?"
       persona generate user:alice+domain:auto --route-top-k 2 "Should I buy bonds?"
       persona generate smollm2-135m-instruct "What's my dog's name?"     (the base alone)
+      persona generate user:alice "Hi" --device cuda --dtype bfloat16
     """
     from ..serving.requests import GenerationRequest
 
-    engine = open_engine(store_root, max_resident=MAX_STACK, max_batch=1, route_top_k=route_top_k)
+    engine = open_engine(store_root, max_resident=MAX_STACK, max_batch=1, route_top_k=route_top_k, device=device,
+                         dtype=dtype)
     try:
         request = GenerationRequest(
             model=model, prompt=prompt if raw else None,
@@ -62,8 +66,9 @@ def generate(model, prompt, raw, route_top_k, store_root, as_json, **sampling) -
 @route_top_k_option
 @options_from(SamplingParams, {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
                                 "top_p": "--top-p", "seed": "--seed", "stop": "--stop"})
+@placement_options
 @store_option
-def chat(model, system, route_top_k, store_root, **sampling) -> None:
+def chat(model, system, route_top_k, device, dtype, store_root, **sampling) -> None:
     """Chat with MODEL interactively (empty line or Ctrl-D to quit).
 
     \b
@@ -77,7 +82,8 @@ def chat(model, system, route_top_k, store_root, **sampling) -> None:
     """
     from ..serving.requests import GenerationRequest
 
-    engine = open_engine(store_root, max_resident=MAX_STACK, max_batch=1, route_top_k=route_top_k)
+    engine = open_engine(store_root, max_resident=MAX_STACK, max_batch=1, route_top_k=route_top_k, device=device,
+                         dtype=dtype)
     engine.check(model)  # fail before the first prompt
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     click.echo(f"chatting with {model} (empty line to quit)", err=True)

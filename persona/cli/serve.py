@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ._common import open_engine, route_top_k_option, store_option
+from ._common import open_engine, placement_options, route_top_k_option, store_option
 
 MAX_BODY_BYTES = 4 << 20  # persona.http.app.MAX_BODY_BYTES, without importing FastAPI for every command
 
@@ -25,9 +25,10 @@ MAX_BODY_BYTES = 4 << 20  # persona.http.app.MAX_BODY_BYTES, without importing F
 @click.option("--drain-timeout", default=5.0, show_default=True, type=click.FloatRange(0, 3600),
               help="On SIGTERM or Ctrl-C: seconds in-flight requests may finish before they are cancelled.")
 @route_top_k_option
+@placement_options
 @store_option
 def serve(host, port, max_resident, max_batch, no_auth, log_interactions, max_body_bytes, max_queue, max_per_token,
-          drain_timeout, route_top_k, store_root) -> None:
+          drain_timeout, route_top_k, device, dtype, store_root) -> None:
     """Serve adapters over an OpenAI-compatible HTTP API.
 
     \b
@@ -48,13 +49,15 @@ def serve(host, port, max_resident, max_batch, no_auth, log_interactions, max_bo
     Examples:
       persona serve --port 8000
       persona serve --port 8000 --route-top-k 2 --log-interactions
+      persona serve --device cuda --dtype bfloat16      (auto picks this where torch sees a GPU)
     """
     from ..http.app import ServerConfig, serve as run_server
 
     if no_auth:
         click.secho("WARNING: --no-auth: authentication is OFF. Anyone who can reach "
                     f"{host}:{port} can use every adapter, including every user's.", fg="red", bold=True, err=True)
-    engine = open_engine(store_root, max_resident=max_resident, max_batch=max_batch, route_top_k=route_top_k)
+    engine = open_engine(store_root, max_resident=max_resident, max_batch=max_batch, route_top_k=route_top_k,
+                         device=device, dtype=dtype)
     try:
         run_server(engine, host, port, ServerConfig(
             auth=not no_auth, log_interactions=log_interactions, max_body_bytes=max_body_bytes, max_queue=max_queue,

@@ -9,7 +9,8 @@ import click
 
 from ..refs import parse_ref
 from ..training.config import UpdateConfig
-from ._common import emit, field_values, json_option, open_store, options_from, store_option
+from ._common import (check_placement, emit, field_values, json_option, open_store, options_from, placement_options,
+                      store_option)
 
 
 def _progress(as_json: bool) -> bool:
@@ -38,9 +39,10 @@ def _install_sigterm() -> None:
     "supersede": "--supersede/--no-supersede", "supersede_threshold": "--supersede-threshold",
     "replay_recency": "--replay-recency",
 })
+@placement_options
 @store_option
 @json_option
-def update(ref, data_file, all_, store_root, as_json, **settings) -> None:
+def update(ref, data_file, all_, device, dtype, store_root, as_json, **settings) -> None:
     """Train REF's current version on new interactions and publish the next version.
 
     \b
@@ -53,6 +55,7 @@ def update(ref, data_file, all_, store_root, as_json, **settings) -> None:
       persona update user:alice --data examples/interactions/alice.jsonl
       persona update user:alice                 (train on the pending queue of `persona log`)
       persona update --all --max-steps 50
+      persona update --all --device cuda        (the base in bfloat16; the LoRA factors train in float32)
     """
     from ..interactions import read_interactions
     from ..training.trainer import Trainer
@@ -62,13 +65,14 @@ def update(ref, data_file, all_, store_root, as_json, **settings) -> None:
     if all_ and data_file:
         raise click.UsageError("--all trains each adapter on its own pending queue; --data does not apply")
     config = UpdateConfig(**field_values(UpdateConfig, settings))
+    check_placement(device, dtype, training=True)
     store = open_store(store_root)
     parsed = parse_ref(ref) if ref else None
     if parsed is not None:
         store.show(parsed)  # fail fast, before loading the base
     interactions = read_interactions(data_file) if data_file else None  # validated before any training
     _install_sigterm()
-    trainer = Trainer(store)
+    trainer = Trainer(store, device=device, dtype=dtype)
     results = trainer.update_all(config, progress=_progress(as_json)) if all_ else [
         trainer.update(parsed, interactions, config, progress=_progress(as_json))
     ]
@@ -111,9 +115,10 @@ def log(ref, data_file, store_root, as_json) -> None:
 @click.option("--data", "data_file", required=True, type=click.Path(dir_okay=False), help="Interactions (JSON Lines).")
 @click.option("--versions", default=None, help="Comma-separated versions or aliases to compare, e.g. v1,v3,base (base: no adapter).")
 @options_from(UpdateConfig, {"max_length": "--max-length"})
+@placement_options
 @store_option
 @json_option
-def eval_(ref, data_file, versions, max_length, store_root, as_json) -> None:
+def eval_(ref, data_file, versions, max_length, device, dtype, store_root, as_json) -> None:
     """Loss and perplexity of REF (or of several versions) on interactions.
 
     \b
@@ -124,12 +129,13 @@ def eval_(ref, data_file, versions, max_length, store_root, as_json) -> None:
     from ..interactions import read_interactions
     from ..training.trainer import Trainer
 
+    check_placement(device, dtype)
     interactions = read_interactions(data_file)
     store = open_store(store_root)
     parsed = parse_ref(ref)
     store.show(parsed)
     selectors = [v.strip() for v in versions.split(",") if v.strip()] if versions else [parsed.selector]
-    results = Trainer(store).evaluate(parsed, interactions, selectors, max_length=max_length)
+    results = Trainer(store, device=device, dtype=dtype).evaluate(parsed, interactions, selectors, max_length=max_length)
     if as_json:
         emit(True, [r.to_dict() for r in results])
         return

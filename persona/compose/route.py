@@ -160,11 +160,12 @@ class Router:
         self._skip_version: dict[str, int] = {}  # the version a skipped domain was skipped at
 
     @classmethod
-    def load(cls, store: Store, **options: Any) -> "Router":
-        """A router over ``store`` with its base loaded (frozen) for the purpose."""
+    def load(cls, store: Store, *, device: Any = "auto", dtype: Any = "auto", **options: Any) -> "Router":
+        """A router over ``store`` with its base loaded (frozen) for the purpose, placed by ``device``/``dtype``
+        as :func:`persona.base.resolve_device` reads them (``auto``: a GPU in bfloat16 where there is one)."""
         from ..base import check_base, load_base
 
-        base = load_base(store.config.base_id)
+        base = load_base(store.config.base_id, device=device, dtype=dtype)
         check_base(base.info, base_id=store.config.base_id, fingerprint=store.config.base_fingerprint,
                    store_root=store.root)
         return cls(store, base.model, base.tokenizer, **options)

@@ -51,7 +51,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from ..base import BaseModel, check_base, load_base, pad_rows
+from ..base import BaseModel, check_base, load_base, pad_rows, resolve_device
 from ..errors import EngineClosed, InvalidConfig, InvalidPrompt  # noqa: F401 - EngineClosed importable from here as before
 from ..lora_runtime import LoraRuntime
 from ..refs import MAX_STACK, StackPart
@@ -76,6 +76,11 @@ class Engine:
     rows of one batch; ``batch_wait_s`` is how long the worker waits for more requests to batch.
     ``route_top_k`` is how many domain adapters ``domain:auto`` becomes (1: the router's best, at
     weight 1).
+
+    ``device``/``dtype`` (``persona serve --device/--dtype``) place the base the engine loads:
+    ``"auto"`` (the default) is a GPU in bfloat16 where torch sees one, else the CPU in float32
+    (:func:`persona.base.resolve_device`). With a given ``base``, ``device`` moves it and ``dtype``
+    must be the one it was loaded in. Slot tensors follow the model's device and dtype.
     """
 
     def __init__(
@@ -87,6 +92,7 @@ class Engine:
         cpu_cache: int = 64,
         max_batch: int = 8,
         device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
         batch_wait_s: float = 0.005,
         route_top_k: int = 1,
     ):
@@ -104,10 +110,14 @@ class Engine:
         if not isinstance(batch_wait_s, (int, float)) or not 0 <= batch_wait_s <= 10:
             raise InvalidConfig(f"batch_wait_s must be in [0, 10] seconds, got {batch_wait_s!r}")
         self.store = store
-        if device is None:  # where the given base already is, else the CPU
-            device = next(base.model.parameters()).device if base is not None else "cpu"
-        self.device = torch.device(device)
-        self.base = base if base is not None else load_base(store.config.base_id, device=str(self.device))
+        if base is None:  # device and dtype resolved (a missing GPU refused) before any weight is read
+            base = load_base(store.config.base_id, device=device or "auto", dtype=dtype or "auto")
+        else:
+            _check_base_dtype(base, dtype)
+            if device is not None:
+                base.model.to(resolve_device(device, None)[0])
+        self.base = base
+        self.device = next(base.model.parameters()).device
         check_base(self.base.info, base_id=store.config.base_id, fingerprint=store.config.base_fingerprint,
                    store_root=store.root)
         self.model = self.base.model.to(self.device).eval()
@@ -116,8 +126,10 @@ class Engine:
         self.max_batch = max_batch
         self.route_top_k = route_top_k
         self.runtime = LoraRuntime.attach(self.model)
-        dtype = next(self.model.parameters()).dtype
-        bank = SlotBank(self.runtime, device=self.device, dtype=dtype)
+        self.dtype = next(self.model.parameters()).dtype
+        # Serving keeps the slots in the model's dtype: a bf16 base reads bf16 factors (the LoRA scale
+        # is folded in float32 first, then rounded once; see SlotBank.write).
+        bank = SlotBank(self.runtime, device=self.device, dtype=self.dtype)
         self._cache = AdapterCache(store, bank, max_resident=max_resident, cpu_cache=cpu_cache)
         self.context_length = _context_length(self.model.config)
         self.eos_token_ids = _eos_ids(self.model, self.tokenizer)
@@ -420,6 +432,17 @@ class Engine:
         with self._stats_lock:
             for key, value in increments.items():
                 self._counts[key] += value
+
+
+def _check_base_dtype(base: BaseModel, dtype: str | torch.dtype | None) -> None:
+    """A given base runs in the dtype it was loaded in; asking for another one is refused, not converted."""
+    if dtype is None or dtype == "auto":
+        return
+    have = next(base.model.parameters()).dtype
+    want = resolve_device(next(base.model.parameters()).device, dtype)[1]
+    if want != have:
+        raise InvalidConfig(f"the given base is loaded in {str(have).removeprefix('torch.')}, not "
+                            f"{str(want).removeprefix('torch.')}: load it with load_base(..., dtype=...) or leave dtype out")
 
 
 def _vocab_size(model, tokenizer) -> int:

@@ -51,6 +51,7 @@ def loss_sum(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
     For plain-head architectures the vocabulary projection is applied only at labelled positions
     (on chat data most positions are prompt), which saves a large share of each step.
     """
+    batch = batch.to(next(model.parameters()).device)  # batches are built on the CPU; the model may be on a GPU
     labels = batch.labels[:, 1:]
     mask = labels != IGNORE_INDEX
     if getattr(model.config, "model_type", None) in _PLAIN_HEAD:
@@ -83,7 +84,8 @@ class Evaluator:
         total, tokens = 0.0, 0
         was_training = self.model.training
         self.model.eval()
-        stack = [Activation(w) for w in below] + ([Activation(weights)] if weights is not None else [])
+        device = next(self.model.parameters()).device  # stored weights load on the CPU, in float32
+        stack = [Activation(w.to(device)) for w in below] + ([Activation(weights.to(device))] if weights is not None else [])
         try:
             with self.runtime.activate(stack):
                 for batch in iter_batches(list(examples), batch_size, shuffle=False, pad_token_id=self.pad_id):

@@ -74,7 +74,7 @@ def optimize(model: torch.nn.Module, runtime: LoraRuntime, weights: AdapterWeigh
     step = 0
     bar = tqdm(total=total, desc="update", unit="step", disable=not progress, leave=False)
     try:
-        with runtime.activate([Activation(w) for w in below] + [Activation(weights)]):
+        with runtime.activate([Activation(w.to(device)) for w in below] + [Activation(weights)]):
             for epoch in range(config.epochs):
                 for indices in batch_indices(train_set.examples, n_new, seed=config.seed + epoch):
                     if step >= total:

@@ -61,9 +61,12 @@ class Pull:
         return self.strength * total
 
 
-def fisher_by_module(stored: Mapping[str, torch.Tensor], modules: Sequence[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """A stored (PEFT-keyed) Fisher as ``module -> (F_A, F_B)`` for ``modules``."""
-    return {m: (stored[lora_key(m, "A")], stored[lora_key(m, "B")]) for m in modules}
+def fisher_by_module(stored: Mapping[str, torch.Tensor], modules: Sequence[str],
+                     device: torch.device | str = "cpu") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A stored (PEFT-keyed) Fisher as ``module -> (F_A, F_B)`` for ``modules``, float32 on ``device``
+    (where the trained factors are)."""
+    return {m: (stored[lora_key(m, "A")].to(device, torch.float32), stored[lora_key(m, "B")].to(device, torch.float32))
+            for m in modules}
 
 
 def estimate_fisher(model: torch.nn.Module, runtime: LoraRuntime, weights: AdapterWeights, pool: Sequence[Example], *,
@@ -72,11 +75,13 @@ def estimate_fisher(model: torch.nn.Module, runtime: LoraRuntime, weights: Adapt
     sample of up to ``samples`` examples of ``pool``, one at a time; PEFT-keyed, ready to store."""
     rng = random.Random(seed + 7)
     sample = rng.sample(list(pool), min(samples, len(pool)))
-    params = {m: (a.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)) for m, (a, b) in weights.factors.items()}
+    device = next(model.parameters()).device
+    params = {m: (a.detach().to(device, torch.float32, copy=True).requires_grad_(True),
+                  b.detach().to(device, torch.float32, copy=True).requires_grad_(True)) for m, (a, b) in weights.factors.items()}
     acc = {m: (torch.zeros_like(a), torch.zeros_like(b)) for m, (a, b) in params.items()}
     probe = AdapterWeights(params, weights.scale, 0.0)
     model.eval()
-    with runtime.activate([Activation(w) for w in below] + [Activation(probe)]):
+    with runtime.activate([Activation(w.to(device)) for w in below] + [Activation(probe)]):
         for example in sample:
             batch = collate([example], pad_id)
             total, n = loss_sum(model, batch)
@@ -85,4 +90,4 @@ def estimate_fisher(model: torch.nn.Module, runtime: LoraRuntime, weights: Adapt
                 acc[m][0].add_(grads[2 * i] ** 2)
                 acc[m][1].add_(grads[2 * i + 1] ** 2)
     mean = torch.cat([t.flatten() for pair in acc.values() for t in pair]).mean().clamp_min(1e-30)
-    return peft_tensors({m: (fa / mean, fb / mean) for m, (fa, fb) in acc.items()})
+    return peft_tensors({m: ((fa / mean).cpu(), (fb / mean).cpu()) for m, (fa, fb) in acc.items()})

@@ -34,7 +34,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..base import BaseModel, check_base, load_base
-from ..errors import InvalidInteractions
+from ..errors import InvalidConfig, InvalidInteractions
 from ..interactions import Interaction, data_digest
 from ..lora_runtime import AdapterWeights, LoraRuntime
 from ..refs import CANDIDATE, CURRENT, AdapterRef, parse_ref
@@ -165,9 +165,20 @@ class Trainer:
     ('v0002', True)
     """
 
-    def __init__(self, store: Store, base: BaseModel | None = None):
+    def __init__(self, store: Store, base: BaseModel | None = None, *, device: str | torch.device | None = None,
+                 dtype: str | torch.dtype | None = None):
+        """``device``/``dtype`` place the base the trainer loads (``persona update --device/--dtype``):
+        ``"auto"`` (the default) is a GPU in bfloat16 where torch sees one, else the CPU in float32
+        (:func:`persona.base.resolve_device`; on a GPU without bfloat16, float32). They do not apply to a
+        given ``base``. Whatever the base's dtype, the trained LoRA factors, their gradients and the
+        optimizer state are float32 on the base's device."""
         self.store = store
-        self.base = base or load_base(store.config.base_id)
+        if base is None:
+            base = load_base(store.config.base_id, device=device or "auto", dtype=dtype or "auto", training=True)
+        elif device is not None or dtype is not None:
+            raise InvalidConfig("device and dtype place a base the trainer loads; a given base stays where it is "
+                                "(load it with load_base(..., device=..., dtype=...))")
+        self.base = base
         check_base(self.base.info, base_id=store.config.base_id, fingerprint=store.config.base_fingerprint,
                    store_root=store.root)
         self.model = self.base.model
@@ -175,6 +186,8 @@ class Trainer:
         self.runtime = LoraRuntime.attach(self.model)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.evaluator = Evaluator(self.model, self.runtime, self.pad_id)
+        self.device = next(self.model.parameters()).device
+        self.dtype = next(self.model.parameters()).dtype
 
     # ------------------------------------------------------------------ evaluation
     def tokenize(self, interactions: Sequence[Interaction], max_length: int = 512) -> TokenizedSet:
@@ -211,6 +224,9 @@ class Trainer:
         a crash in between does not train them again (see :mod:`persona.store.queues`).
         """
         config = config or UpdateConfig()
+        if self.dtype == torch.float16:  # before the lock and the pending queue: nothing is touched
+            raise InvalidConfig("training over a float16 base is refused: its gradients underflow without loss "
+                                "scaling; load it with --dtype bfloat16 or float32 (float16 is for serving)")
         ref = parse_ref(ref).unpinned()
         with self.store.lock(ref, purpose="update"):
             from_pending = interactions is None
@@ -251,7 +267,8 @@ class Trainer:
             parent.adapter_config,
             parent=parent.info.version,
             metrics=metrics.to_dict(),
-            training=config.to_dict() | {"reg_applied": trained.reg, "precision_applied": trained.precision},
+            training=config.to_dict() | {"reg_applied": trained.reg, "precision_applied": trained.precision,
+                                         "device": self.device.type, "base_dtype": str(self.dtype).removeprefix("torch.")},
             data_digest=data_digest(interactions),
             extra_files=extra,
             settings=None,
@@ -263,9 +280,9 @@ class Trainer:
     def _load_parent(self, ref: AdapterRef) -> _Parent:
         info = self.store.version_info(ref)
         loaded = self.store.load(info.ref)
-        weights = AdapterWeights.from_peft(loaded.tensors, loaded.config)
+        weights = AdapterWeights.from_peft(loaded.tensors, loaded.config).to(self.device)  # float32 beside the base
         self.runtime.check(weights)
-        return _Parent(info, loaded.config, weights, layers_below(self.store, info))
+        return _Parent(info, loaded.config, weights, [w.to(self.device) for w in layers_below(self.store, info)])
 
     def _prepare(self, ref: AdapterRef, interactions: list[Interaction], config: UpdateConfig) -> _UpdateData:
         train_items, held_items = split_holdout(interactions, config.holdout_fraction, config.seed)
@@ -325,7 +342,7 @@ class Trainer:
             if not replay_examples:
                 return None
             stored = self._fisher(parent.weights, replay_examples, config, parent.below)
-        return fisher_by_module(stored, list(parent.weights.factors))
+        return fisher_by_module(stored, list(parent.weights.factors), self.device)
 
     def _fisher(self, weights: AdapterWeights, pool: Sequence[Example], config: UpdateConfig,
                 below: Sequence[AdapterWeights] = ()) -> dict[str, torch.Tensor]:
