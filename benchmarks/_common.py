@@ -87,3 +87,61 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def add_placement_options(parser) -> None:
+    """``--device``/``--dtype`` as ``persona``'s commands take them (auto: a GPU in bfloat16 where torch sees one)."""
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (auto: cuda where torch sees a GPU)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="dtype of the base (auto: bfloat16 on a GPU that has it, else float32)")
+
+
+def placement(args, *, training: bool = False):
+    """``(torch.device, dtype name)`` for parsed ``--device``/``--dtype``; a missing GPU stops the run here."""
+    from persona.base import resolve_device
+
+    device, dtype = resolve_device(args.device, args.dtype, training=training)
+    return device, str(dtype).removeprefix("torch.")
+
+
+def device_line(device) -> str:
+    import torch
+
+    if device.type != "cuda":
+        return f"device: {device}"
+    return f"device: {torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
+
+
+def save_arch(base_id: str, folder: Path) -> None:
+    """Write ``base_id``'s config.json and tokenizer files (no weights) to ``folder``."""
+    from persona.base import load_config, load_tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    load_config(base_id).save_pretrained(folder)
+    load_tokenizer(base_id).save_pretrained(folder)
+
+
+def make_random_base(arch: Path, target: Path, seed: int = 0) -> str:
+    """A base of ``arch``'s architecture (its config.json) with random weights (the model class's own
+    initialization, seeded), float32 safetensors, and ``arch``'s tokenizer files beside them."""
+    import json
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(arch)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(torch.float32)  # float32 whatever the config says
+    model.save_pretrained(target, safe_serialization=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(arch)
+    except Exception:  # noqa: BLE001 - a tokenizer_config.json from another transformers version: the file alone
+        from transformers import PreTrainedTokenizerFast
+
+        settings = json.loads((arch / "tokenizer_config.json").read_text())
+        special = {k: v for k, v in settings.items() if k.endswith("_token") and isinstance(v, str)}
+        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(arch / "tokenizer.json"), **special)
+    tokenizer.save_pretrained(target)
+    return str(target)
+
+

@@ -41,17 +41,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import temporary_folder  # noqa: E402
+from _common import add_placement_options, make_random_base, placement, save_arch, temporary_folder  # noqa: E402,F401
 
 import peft  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from peft import PeftModel  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from persona import LoraSettings, Store  # noqa: E402
-from persona.base import EMBEDDED_BASE, load_base, load_config, load_tokenizer, resolve_base  # noqa: E402
+from persona.base import EMBEDDED_BASE, load_base, load_config, resolve_base  # noqa: E402
 from persona.serving.engine import Engine  # noqa: E402
 from persona.serving.requests import GenerationRequest  # noqa: E402
 from persona.serving.sampling import SamplingParams  # noqa: E402
@@ -97,32 +97,6 @@ def make_store(root: Path, n: int, rank: int, base_id: str = EMBEDDED_BASE) -> S
         tensors = {k: (v * 0.02 if ".lora_B." in k else v) for k, v in tensors.items()}  # small B: text stays text
         store.create(f"user:u{i}", tensors=tensors, adapter_config=adapter_config)
     return store
-
-
-def save_arch(base_id: str, folder: Path) -> None:
-    """Write ``base_id``'s config.json and tokenizer files (no weights) to ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    load_config(base_id).save_pretrained(folder)
-    load_tokenizer(base_id).save_pretrained(folder)
-
-
-def make_random_base(arch: Path, target: Path, seed: int = 0) -> str:
-    """A base of ``arch``'s architecture (its config.json) with random weights (the model class's own
-    initialization, seeded), float32 safetensors, and ``arch``'s tokenizer files beside them."""
-    config = AutoConfig.from_pretrained(arch)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).to(torch.float32)  # float32 whatever the config says
-    model.save_pretrained(target, safe_serialization=True)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(arch)
-    except Exception:  # noqa: BLE001 - a tokenizer_config.json from another transformers version: the file alone
-        from transformers import PreTrainedTokenizerFast
-
-        settings = json.loads((arch / "tokenizer_config.json").read_text())
-        special = {k: v for k, v in settings.items() if k.endswith("_token") and isinstance(v, str)}
-        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(arch / "tokenizer.json"), **special)
-    tokenizer.save_pretrained(target)
-    return str(target)
 
 
 def version_folder(store: Store, ref: str) -> Path:
@@ -400,9 +374,7 @@ def main(argv: list[str] | None = None) -> None:
                              "weights made here, seeded (throughput does not depend on weight values)")
     parser.add_argument("--save-arch", type=Path, metavar="DIR",
                         help="write --base's config.json and tokenizer files (no weights) to DIR, then exit")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="dtype of the base (and so of the engine's slots) in parts a, b, c")
+    add_placement_options(parser)  # the base's (and so the engine slots') device and dtype in parts a, b, c
     parser.add_argument("--adapters", default="8", help="comma-separated batch sizes for b: that many rows, each "
                         "for its own adapter (the store holds the largest, and at least 8)")
     parser.add_argument("--check-dtypes", default="float32", help="comma-separated dtypes for part d")
@@ -414,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {args.base}'s config and tokenizer to {args.save_arch}")
         return
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device, args.dtype = placement(args)
     sizes = [int(x) for x in args.adapters.split(",")]
     check_dtypes = [x.strip() for x in args.check_dtypes.split(",")]
     n = max(8, *sizes)

@@ -1,6 +1,7 @@
 """Server benchmark: 16 concurrent clients over 16 users vs the same requests one at a time.
 
     python benchmarks/serve_http.py [--users 16 --tokens 32 --threads 2]
+    python benchmarks/serve_http.py --device cuda --random-base arch    # on a GPU (see serve_engine.py)
 
 The real embedded base behind `persona serve`'s app (uvicorn on loopback, auth on), one adapter per
 user, each request a chat for its own user with its own token. Reports requests/s of both ways and
@@ -18,7 +19,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import header, table, temporary_folder  # noqa: E402
+from _common import (add_placement_options, device_line, header, make_random_base, placement, table,  # noqa: E402
+                     temporary_folder)
 
 import httpx  # noqa: E402
 import torch  # noqa: E402
@@ -31,24 +33,31 @@ from persona.http.app import ServerConfig, create_app  # noqa: E402
 QUESTIONS = ["What should I cook tonight?", "Tell me about my week.", "Any advice for today?", "Say something kind."]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    parser.add_argument("--random-base", type=Path, metavar="ARCH",
+                        help="ARCH's architecture (config.json + tokenizer, from serve_engine.py --save-arch) with "
+                             "random weights instead of the embedded base: requests/s hold, the text is noise")
+    add_placement_options(parser)
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    header("persona server benchmark")
+    device, dtype = placement(args)
+    header("persona server benchmark" + (" (RANDOM WEIGHTS of the base's architecture)" if args.random_base else ""))
+    print(f"{device_line(device)}, base dtype {dtype}\n")
     import uvicorn
 
     root = temporary_folder("http")
-    store = Store.init(root / "store", base=EMBEDDED_BASE)
+    base_id = make_random_base(args.random_base, root / "random-base") if args.random_base else EMBEDDED_BASE
+    store = Store.init(root / "store", base=base_id)
     users = [f"user:u{i:02d}" for i in range(args.users)]
     tokens = {}
     for i, user in enumerate(users):
         store.create(user, LoraSettings(seed=i))
         tokens[user] = TokenStore(store).create(user)[0]
-    engine = Engine(store, max_resident=args.users, max_batch=args.users)
+    engine = Engine(store, max_resident=args.users, max_batch=args.users, device=device, dtype=dtype)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

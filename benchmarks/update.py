@@ -18,6 +18,14 @@ after, plus the fingerprint).
 
     python benchmarks/update.py            # ~8 min on 2 CPU cores
     python benchmarks/update.py --quick    # smoke run on a tiny random model (seconds)
+    python benchmarks/update.py --device cuda --random-base arch   # on a GPU (benchmarks/gpu.sh runs this)
+
+``--device``/``--dtype`` place persona's base as ``persona update`` does (auto: a GPU in bfloat16
+where torch sees one; the LoRA factors train in float32 whatever the base's dtype); the plain
+baseline runs on the same device (with ``bf16=True`` mixed precision where persona's base is
+bfloat16 on a GPU). ``--random-base ARCH`` (from ``serve_engine.py --save-arch``) trains on random
+weights of the base's architecture, for a machine without the embedded base: times hold, losses
+and forgetting are meaningless there.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import header, table, workspace  # noqa: E402
+from _common import add_placement_options, device_line, header, make_random_base, placement, table, workspace  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -99,7 +107,8 @@ def plain_update(base_dir, previous, out_dir, train_items, cfg, *, full=False, m
     args = TrainingArguments(
         output_dir=str(out_dir) + "-trainer", num_train_epochs=cfg["epochs"], per_device_train_batch_size=cfg["batch_size"],
         learning_rate=cfg["full_lr"] if full else cfg["lr"], lr_scheduler_type="constant", warmup_steps=0,
-        save_strategy="no", report_to=[], logging_strategy="no", use_cpu=True, seed=0, data_seed=0,
+        save_strategy="no", report_to=[], logging_strategy="no", use_cpu=cfg["device"].type == "cpu",
+        bf16=cfg["device"].type == "cuda" and cfg["dtype"] == "bfloat16", seed=0, data_seed=0,
         disable_tqdm=True, max_grad_norm=1.0, weight_decay=0.0,
     )
     with contextlib.redirect_stdout(sys.stderr):  # Trainer prints its final metrics dict
@@ -128,18 +137,32 @@ def peft_weights(folder):
     return AdapterWeights.from_peft(load_file(str(Path(folder) / "adapter_model.safetensors")), config)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny random model, 1 epoch: checks the script runs")
     parser.add_argument("--epochs", type=int, default=2)
-    args = parser.parse_args()
-    header("persona update benchmark" + (" (QUICK: tiny random model, numbers meaningless)" if args.quick else ""))
+    parser.add_argument("--random-base", type=Path, metavar="ARCH",
+                        help="random weights of ARCH's architecture (serve_engine.py --save-arch) instead of the "
+                             "embedded base: times hold, losses are meaningless")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    add_placement_options(parser)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = placement(args, training=True)
+    note = (" (QUICK: tiny random model, numbers meaningless)" if args.quick else
+            " (RANDOM WEIGHTS of the base's architecture: times only, losses meaningless)" if args.random_base else "")
+    header("persona update benchmark" + note)
+    print(f"{device_line(device)}, persona's base in {dtype}\n")
 
     with workspace("update", args.quick) as (work, base_id):
-        run(work, base_id, 1 if args.quick else args.epochs, 48 if args.quick else 128)
+        if args.random_base and not args.quick:
+            base_id = make_random_base(args.random_base, work / "random-base")
+        run(work, base_id, 1 if args.quick else args.epochs, 48 if args.quick else 128, device, dtype)
 
 
-def run(work: Path, base_id: str, epochs: int, pad_to: int) -> None:
+def run(work: Path, base_id: str, epochs: int, pad_to: int, device=None, dtype: str = "float32") -> None:
+    device = device if device is not None else torch.device("cpu")
     seed = 0
     update_cfg = UpdateConfig(epochs=epochs, holdout_fraction=0.15, seed=seed)
     data = [read_interactions(EXAMPLES / f) for f in FILES]
@@ -147,11 +170,11 @@ def run(work: Path, base_id: str, epochs: int, pad_to: int) -> None:
 
     # ---- persona: base loaded once, three updates
     t0 = time.perf_counter()
-    base = load_base(base_id)
+    base = load_base(base_id, device=device, dtype=dtype, training=True)
     store = Store.init(work / "store", base=base_id)
     store.create("user:alice", LoraSettings(rank=8, alpha=16))
     trainer = Trainer(store, base)
-    probe = base.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    probe = base.tokenizer("The capital of France is", return_tensors="pt").input_ids.to(device)
     with torch.no_grad():
         base_logits_before = base.model(probe).logits.clone()
     persona_versions, gates = persona_updates(trainer, "user:alice", data, update_cfg)
@@ -175,7 +198,7 @@ def run(work: Path, base_id: str, epochs: int, pad_to: int) -> None:
     # ---- plain Trainer + PEFT LoRA, model reloaded for every update, fixed-length padding
     settings = store.version_info("user:alice@v1").lora
     cfg = {"rank": 8, "alpha": 16, "targets": list(settings["target_modules"]), "epochs": epochs, "batch_size": 8,
-           "lr": update_cfg.learning_rate, "full_lr": 5e-5, "pad_to": pad_to}
+           "lr": update_cfg.learning_rate, "full_lr": 5e-5, "pad_to": pad_to, "device": device, "dtype": dtype}
     base_dir = base.info.path
     t0 = time.perf_counter()
     previous, plain_dirs = None, []

@@ -36,3 +36,33 @@ def test_serve_engine_random_base_options_run_on_cpu_and_rows_match_peft(serve_e
     assert "| bfloat16 vs PEFT float32" in out and "FAIL" not in out
     assert "mixed batch, 8 adapters x 2 tokens" in out and "mixed batch, 9 adapters x 2 tokens" in out
     assert "memory for N=9 resident adapters" in out
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["update", "serve_http"])
+def test_benchmarks_take_device_and_dtype_and_refuse_a_missing_gpu_before_any_work(name, monkeypatch, capsys):
+    from persona.errors import DeviceUnavailable
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    module = _load(name)
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    assert "--device" in capsys.readouterr().out
+    with pytest.raises(DeviceUnavailable):
+        module.main(["--device", "cuda", "--dtype", "bfloat16"])
+
+
+def test_gpu_script_prints_its_usage_and_names_every_step():
+    import subprocess
+
+    result = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh")], capture_output=True, text=True)
+    assert result.returncode == 2 and "bash benchmarks/gpu.sh run" in result.stdout
+    script = (BENCHMARKS / "gpu.sh").read_text()
+    for step in ("serve_engine", "serve_http", "update"):
+        assert f"step {step} " in script

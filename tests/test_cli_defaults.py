@@ -12,6 +12,7 @@ import dataclasses
 import click
 import pytest
 
+from persona.base import Placement
 from persona.cli import main
 from persona.cli._common import FieldOption
 from persona.peft_format import LoraSettings
@@ -37,6 +38,9 @@ EXPECTED = {
     **{(cmd, opt): (SamplingParams, name) for cmd in ("generate", "chat") for opt, name in {
         "--max-new-tokens": "max_new_tokens", "--temperature": "temperature", "--top-p": "top_p",
         "--seed": "seed", "--stop": "stop"}.items()},
+    # where the base runs (issue 13): every command that loads it, from one dataclass
+    **{(cmd, opt): (Placement, name) for cmd in ("serve", "generate", "chat", "update", "eval", "route")
+       for opt, name in {"--device": "device", "--dtype": "dtype"}.items()},
 }
 
 
@@ -75,7 +79,7 @@ def test_every_config_option_is_generated_from_its_field():
     assert found == EXPECTED
 
 
-@pytest.mark.parametrize("cls", [UpdateConfig, LoraSettings, SamplingParams])
+@pytest.mark.parametrize("cls", [UpdateConfig, LoraSettings, SamplingParams, Placement])
 def test_every_config_field_has_help_metadata(cls):
     assert [f.name for f in dataclasses.fields(cls) if not f.metadata.get("help")] == []
 

@@ -205,7 +205,8 @@ def test_cli_route(world, monkeypatch):
     store, trainer = world
     import persona.compose.route as route_module
 
-    monkeypatch.setattr(route_module.Router, "load", classmethod(lambda cls, s, **kw: cls(s, trainer.model, trainer.tokenizer, **kw)))
+    monkeypatch.setattr(route_module.Router, "load", classmethod(
+        lambda cls, s, device=None, dtype=None, **kw: cls(s, trainer.model, trainer.tokenizer, **kw)))
     runner = CliRunner()
     group = PersonaGroup(name="persona", commands={c.name: c for c in COMMANDS})
     out = runner.invoke(group, ["route", "garlic oven pasta butter", "--top-k", "2", "--json", "--store", str(store.root)])

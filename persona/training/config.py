@@ -71,7 +71,7 @@ class UpdateConfig:
     fisher_samples: int = field(default=32, metadata={"help": "Examples used for the EWC Fisher estimate."})
     precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={
         "help": "Training compute: auto is bf16 autocast where the hardware has native bf16 (AVX512-BF16/AMX CPUs, "
-                "CUDA), else fp32. Weights, evaluation and serving stay fp32."})
+                "CUDA), else fp32. The LoRA factors and optimizer state stay fp32 (the frozen base's dtype is --dtype)."})
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str) -> None:
