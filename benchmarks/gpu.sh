@@ -20,8 +20,8 @@
 # memory, throughput at 8 and 32 rows; float32 throughput), serve_http (16 clients), update (three
 # sequential updates vs plain Trainer+PEFT, both on the GPU). `run serve` or `run update` runs one half.
 #
-# Overrides (for a dry run on a CPU: `DEVICE=cpu QUICK=1 ARCH=DIR OUT=DIR bash benchmarks/gpu.sh run`):
-#   DEVICE (cuda), DTYPE (bfloat16), ARCH (.gpu/arch), OUT (./gpu-results), PY (python3), QUICK (unset).
+# Overrides (a dry run on a CPU: `DEVICE=cpu DTYPE=float32 QUICK=1 NO_INSTALL=1 ARCH=DIR OUT=DIR bash benchmarks/gpu.sh run`):
+#   DEVICE (cuda), DTYPE (bfloat16), ARCH (.gpu/arch), OUT (./gpu-results), PY (python3), QUICK, NO_INSTALL (unset).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -36,14 +36,22 @@ prepare() {
     grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >>"$(git rev-parse --git-path info/exclude)"
     mkdir -p .gpu/wheels
     "$PY" benchmarks/serve_engine.py --save-arch .gpu/arch || exit 1
+    # the versions installed here, which the tests passed with (one version of each: two stop the install)
+    local pinned
+    pinned=$("$PY" -c "import importlib.metadata as m, sys; print(' '.join(f'{n}=={m.version(n)}' for n in sys.argv[1:]))" \
+        "${WHEELS[@]}") || exit 1
+    rm -f .gpu/wheels/*.whl
+    local platforms=()
+    for n in 17 24 27 28 31 34 35 39; do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
+    # shellcheck disable=SC2086
     "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d .gpu/wheels "${WHEELS[@]}" || exit 1
+        --platform manylinux2014_x86_64 "${platforms[@]}" -d .gpu/wheels $pinned || exit 1
     du -sh .gpu
     echo "now, on the GPU machine: bash benchmarks/gpu.sh run   (carry .gpu with the working tree)"
 }
 
 install() {
+    if [ -n "${NO_INSTALL:-}" ]; then export PYTHONPATH="$PWD"; return; fi  # a dry run where all is installed
     if ls .gpu/wheels/*.whl >/dev/null 2>&1; then
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
             .gpu/wheels/*.whl || exit 1
