@@ -22,13 +22,14 @@ __version__ = "0.1.0"
 # submodule (relative to this package) -> the public names it provides, grouped by subpackage
 _SUBMOD_ATTRS: dict[str, list[str]] = {
     # core
-    "base": ["EMBEDDED_BASE", "BaseInfo", "BaseModel", "base_info", "load_base"],
+    "base": ["EMBEDDED_BASE", "BaseInfo", "BaseModel", "base_info", "load_base", "resolve_device"],
     "errors": [
         "AdapterExists",
         "AdapterNotFound",
         "BaseMismatch",
         "BaseModelUnavailable",
         "DamagedAdapter",
+        "DeviceUnavailable",
         "IntegrityError",
         "InvalidConfig",
         "InvalidInteractions",
@@ -93,6 +94,7 @@ __all__ = [
     "BaseModelUnavailable",
     "DamagedAdapter",
     "Dependent",
+    "DeviceUnavailable",
     "EMBEDDED_BASE",
     "Engine",
     "EngineClosed",
@@ -145,6 +147,7 @@ __all__ = [
     "parse_ref",
     "parse_stack",
     "read_interactions",
+    "resolve_device",
 ]
 """Every public name; tests/test_lazy_import.py checks it lists exactly the names above."""
 
@@ -165,7 +168,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ loads these on demand
-    from .base import EMBEDDED_BASE, BaseInfo, BaseModel, base_info, load_base
+    from .base import EMBEDDED_BASE, BaseInfo, BaseModel, base_info, load_base, resolve_device
     from .compose.merge import METHODS as MERGE_METHODS, merge
     from .compose.route import RouteChoice, RouteScore, Router
     from .errors import (
@@ -174,6 +177,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ lo
         BaseMismatch,
         BaseModelUnavailable,
         DamagedAdapter,
+        DeviceUnavailable,
         EngineClosed,
         IntegrityError,
         InvalidConfig,
