@@ -33,7 +33,9 @@ OUT=${OUT:-$PWD/gpu-results}
 WHEELS=(fastapi starlette pydantic pydantic-core annotated-types typing-inspection uvicorn llguidance)
 
 prepare() {
-    grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >>"$(git rev-parse --git-path info/exclude)"
+    local exclude
+    exclude=$(git rev-parse --git-path info/exclude) && mkdir -p "$(dirname "$exclude")"
+    grep -qx '/.gpu/' "$exclude" 2>/dev/null || echo '/.gpu/' >>"$exclude"  # .gpu/ travels as a carried path
     mkdir -p .gpu/wheels
     "$PY" benchmarks/serve_engine.py --save-arch .gpu/arch || exit 1
     # the versions installed here, which the tests passed with (one version of each: two stop the install)
