@@ -202,10 +202,14 @@ class BaseInfo:
 
 
 def base_info(base_id: str = EMBEDDED_BASE) -> BaseInfo:
+    """What identifies ``base_id``. A local model folder's id is its absolute path (``./my-base`` given to
+    ``persona init`` is recorded as ``/abs/my-base``): a store opened from another working directory,
+    and a loader reading ``base_model_name_or_path``, must find the same folder."""
     path = resolve_base(base_id)
     config = json.loads((path / "config.json").read_text())
+    local = base_id != EMBEDDED_BASE and Path(base_id).expanduser().is_dir()
     return BaseInfo(
-        id=base_id,
+        id=str(path) if local else base_id,
         path=str(path),
         fingerprint=fingerprint(path),
         architecture=(config.get("architectures") or ["?"])[0],

@@ -149,6 +149,17 @@ class UnsupportedAdapter(InvalidConfig):
     """A stored adapter uses a LoRA feature or shape persona cannot run on this base."""
 
 
+class IncompatibleAdapter(UnsupportedAdapter):
+    """Weights given to persona (``persona import``, ``create`` from tensors) do not fit the store's base
+    (a target module it lacks, a tensor of the wrong shape) or are not a LoRA persona serves; nothing
+    was written."""
+
+
+class AdapterSourceNotFound(PersonaError, FileNotFoundError):
+    """An adapter to import is not there: no such folder, or a Hub id that is neither cached (offline)
+    nor downloadable, or a folder without ``adapter_model.safetensors``."""
+
+
 class NonFiniteWeights(PersonaError, ValueError):
     """Tensors holding NaN or infinity were about to be published; nothing was written."""
 
@@ -249,6 +260,8 @@ ERROR_TABLE: dict[type[PersonaError], ErrorMapping] = {
                                client_message="the server's adapter store is damaged; its log has the details"),
     UnsafeWeightFile: ErrorMapping(500, _SERVER, code="adapter_damaged", client_message=_DAMAGED),
     UnsupportedAdapter: ErrorMapping(500, _SERVER, code="adapter_unsupported"),
+    IncompatibleAdapter: ErrorMapping(400, _BAD, code="adapter_incompatible"),
+    AdapterSourceNotFound: ErrorMapping(400, _BAD),
     BaseMismatch: ErrorMapping(500, _SERVER, code="adapter_unsupported",
                                client_message="the adapter was made on another base model than the one this server runs"),
     NonFiniteWeights: ErrorMapping(500, _SERVER),

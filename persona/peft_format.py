@@ -128,18 +128,24 @@ def resolve_targets(settings: LoraSettings, model_type: str) -> tuple[str, ...]:
     raise InvalidConfig(f"no default LoRA targets for model type {model_type!r}: pass target_modules (--targets)")
 
 
-def lora_shapes(config: Any, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
-    """``{module_name: (in_features, out_features)}`` for each targeted linear layer of the base."""
+def linear_shapes(config: Any) -> dict[str, tuple[int, int]]:
+    """``{module_name: (in_features, out_features)}`` of every linear layer of the base but ``lm_head``
+    (the model is built on the meta device from its config: no weights read)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    shapes = {
+    return {
         name: (module.in_features, module.out_features)
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets and name != "lm_head"
+        if isinstance(module, torch.nn.Linear) and name != "lm_head"
     }
+
+
+def lora_shapes(config: Any, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    """``{module_name: (in_features, out_features)}`` for each targeted linear layer of the base."""
+    shapes = {name: io for name, io in linear_shapes(config).items() if name.rsplit(".", 1)[-1] in targets}
     if not shapes:
         raise InvalidConfig(f"none of the target modules {', '.join(targets)} exists in this base model")
     found = {n.rsplit(".", 1)[-1] for n in shapes}
@@ -340,3 +346,77 @@ def group_factors(tensors: Mapping[str, _T], unexpected: Callable[[str], Excepti
         module, part = parsed
         out.setdefault(module, [None, None])[0 if part == "A" else 1] = value
     return {module: (a, b) for module, (a, b) in out.items()}
+
+
+# ------------------------------------------------------------------------- fitting a base (one check)
+
+
+def check_lora_fits(tensors: Mapping[str, Any], config: PeftConfig | Mapping[str, Any],
+                    base_shapes: Mapping[str, tuple[int, int]], subject: str) -> None:
+    """Raise :class:`~persona.errors.IncompatibleAdapter` unless ``tensors`` + ``config`` are a LoRA
+    persona can serve on the base whose linear layers are ``base_shapes`` (:func:`linear_shapes`).
+
+    The one check of weights that come from outside persona's own training (``persona import``,
+    ``Store.create(tensors=...)``), before anything is written: a plain LoRA (no variant persona does
+    not compute), target modules that exist on the base, every key a LoRA factor of a base module,
+    both factors present, and A ``(r, in)``, B ``(out, r)`` for that module. (NaN and infinity are
+    refused by the publish itself, for every path.)
+
+    >>> check_lora_fits(tensors, config, linear_shapes(load_config(base_id)), "user:alice")   # doctest: +SKIP
+    """
+    from .errors import IncompatibleAdapter
+
+    try:
+        config = PeftConfig.of(config)
+    except UnsupportedAdapter as exc:
+        raise IncompatibleAdapter(f"{subject}: {exc}") from None
+    if config.peft_type.upper() != "LORA":
+        raise IncompatibleAdapter(f"{subject} is a {config.peft_type} adapter; persona serves LoRA adapters only")
+    refuse_variants(config, IncompatibleAdapter, subject, "which persona cannot serve")
+    _check_targets(config.document.get("target_modules"), base_shapes, subject)
+
+    def unexpected(key: str) -> Exception:
+        return IncompatibleAdapter(f"{subject}: tensor {key!r} is not a LoRA factor of a linear layer (persona "
+                                   "serves LoRA A/B only: no embedding LoRA, biases or modules_to_save)")
+
+    factors = group_factors(tensors, unexpected)
+    if not factors:
+        raise IncompatibleAdapter(f"{subject} holds no LoRA tensors")
+    for module, (a, b) in sorted(factors.items()):
+        if module not in base_shapes:
+            raise IncompatibleAdapter(f"{subject}: module {module} does not exist in this base (an adapter for "
+                                      "another architecture?); an adapter only works on the base it was made for")
+        if a is None or b is None:
+            raise IncompatibleAdapter(f"{subject}: module {module} has lora_{'B' if a is None else 'A'} without "
+                                      f"lora_{'A' if a is None else 'B'}")
+        fan_in, fan_out = base_shapes[module]
+        want_a, want_b = (config.r, fan_in), (fan_out, config.r)
+        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+            raise IncompatibleAdapter(
+                f"{subject}: {module} has A {tuple(a.shape)} and B {tuple(b.shape)}; with r={config.r} this base "
+                f"needs A {want_a} and B {want_b}")
+        if not (a.is_floating_point() and b.is_floating_point()):
+            raise IncompatibleAdapter(f"{subject}: {module}'s factors are {a.dtype}/{b.dtype}, not floating point")
+
+
+def _check_targets(targets: Any, base_shapes: Mapping[str, tuple[int, int]], subject: str) -> None:
+    """Every target name matches a linear layer of the base (PEFT's rules: a list of name suffixes, or
+    one string that is a regular expression over full module names, or ``all-linear``)."""
+    import re
+
+    from .errors import IncompatibleAdapter
+
+    if not targets or targets == "all-linear":
+        return
+    if isinstance(targets, str):
+        try:
+            hit = any(re.fullmatch(targets, name) for name in base_shapes)
+        except re.error:
+            hit = False
+        if not hit:
+            raise IncompatibleAdapter(f"{subject}: target_modules {targets!r} matches no linear layer of this base")
+        return
+    missing = sorted(t for t in targets if not any(n == t or n.endswith("." + t) for n in base_shapes))
+    if missing:
+        raise IncompatibleAdapter(f"{subject}: target module(s) {', '.join(missing)} do not exist in this base "
+                                  "(an adapter for another architecture?)")

@@ -280,7 +280,7 @@ def test_non_finite_tensors_are_refused_on_create_and_publish(store):
         store.publish_version("user:bob", NewVersion(inf, loaded.config, parent=1))
     with pytest.raises(NonFiniteWeights):  # extras (an EWC Fisher) too
         store.publish_version("user:bob", NewVersion(
-            loaded.tensors, loaded.config, parent=1, extra_files={"fisher.safetensors": nan_copy(loaded.tensors)}))
+            loaded.tensors, loaded.config, parent=1, extra_files={"fisher": nan_copy(loaded.tensors)}))
     assert store.version_numbers("user:bob") == [1] and store.verify().ok
 
 

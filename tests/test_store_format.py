@@ -53,7 +53,7 @@ def test_old_store_loads_the_same_weights(old_store):
         for key, (shape, total) in tensors.items():
             assert list(loaded.tensors[key].shape) == shape
             assert float(loaded.tensors[key].double().sum()) == pytest.approx(total, rel=1e-9, abs=1e-12)
-    assert sorted(old_store.load_extra("user:alice@v2", "fisher.safetensors")) == EXPECTED["fisher_keys"]
+    assert sorted(old_store.load_extra("user:alice@v2", "fisher")) == EXPECTED["fisher_keys"]
 
 
 def test_old_store_verifies_clean(old_store):

@@ -282,7 +282,7 @@ def test_l2_regularization_pulls_toward_parent(store, trainer):
 
 def test_ewc_stores_fisher_beside_the_version(store, trainer):
     trainer.update("user:alice", alice(), UpdateConfig(**FAST, reg="ewc", fisher_samples=8))
-    fisher = store.load_extra("user:alice@v2", "fisher.safetensors")
+    fisher = store.load_extra("user:alice@v2", "fisher")
     assert fisher is not None and set(fisher) == set(store.load("user:alice@v2").tensors)
     mean = torch.cat([t.flatten() for t in fisher.values()]).mean()
     assert abs(float(mean) - 1.0) < 1e-3 and all(bool((t >= 0).all()) for t in fisher.values())

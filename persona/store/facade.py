@@ -37,7 +37,8 @@ from ..errors import (
     VersionNotFound,
 )
 from ..interactions import Interaction
-from ..peft_format import ADAPTER_WEIGHTS, LoraSettings, init_lora_tensors, lora_shapes, peft_adapter_config, resolve_targets
+from ..peft_format import (ADAPTER_WEIGHTS, LoraSettings, check_lora_fits, init_lora_tensors, linear_shapes, lora_shapes,
+                           peft_adapter_config, resolve_targets)
 from ..refs import CURRENT, KINDS, RESERVED_NAMES, AdapterRef, format_version, parse_ref, validate_alias
 from . import integrity, publish, queues
 from . import lineage as lineage_rules
@@ -250,6 +251,7 @@ class Store(Layout):
         lineage: tuple[Mapping[str, Any], ...] = (),
         over: str | AdapterRef | None = None,
         source: str | AdapterRef | None = None,
+        imported: Mapping[str, Any] | None = None,
     ) -> VersionInfo:
         """Create an adapter and publish its first version: v0001 (or, for a name deleted before, the number
         after the deleted adapter's last version, so that no version label ever names two sets of weights).
@@ -258,7 +260,10 @@ class Store(Layout):
         are unchanged); ``tensors`` + ``adapter_config`` start it from given weights instead, and
         ``source`` (``--from``) from a copy of another adapter's version, recorded in the lineage.
         ``over`` layers the new adapter on a domain (or merged) adapter pinned at its version now:
-        updates train only the new adapter, inference applies both.
+        updates train only the new adapter, inference applies both. Given weights are checked against
+        the base before anything is written (:func:`~persona.peft_format.check_lora_fits`:
+        :class:`IncompatibleAdapter` for a wrong shape or a module the base lacks). ``imported`` records
+        where weights brought in by ``persona import`` came from.
 
         >>> store.create("user:alice", over="domain:finance")    # doctest: +SKIP
         """
@@ -293,8 +298,10 @@ class Store(Layout):
             adapter_config = peft_adapter_config(settings, targets, self.config.base_id)
         elif adapter_config is None:
             raise InvalidReference("create(tensors=...) needs the matching adapter_config")
+        else:  # weights from outside: a wrong shape would otherwise fail only when loaded
+            check_lora_fits(tensors, adapter_config, self._base_linear_shapes, ref.id)
         lineage_rules.check_shared_lineage(self, ref, lineage, over_meta)
-        new = NewVersion(tensors, adapter_config, lineage=lineage, settings=settings, over=over_meta)
+        new = NewVersion(tensors, adapter_config, lineage=lineage, settings=settings, over=over_meta, imported=imported)
         info = publish.publish_first(self, ref, new, [parse_ref(r) for r in (source, over) if r is not None])
         return replace(info, aliases=(CURRENT,))
 
@@ -356,7 +363,8 @@ class Store(Layout):
         return integrity.load(self, ref, base_fingerprint=base_fingerprint)
 
     def load_extra(self, ref: str | AdapterRef, name: str) -> dict[str, Any] | None:
-        """Read an extra ``*.safetensors`` file stored beside a version (None when absent), hash-checked."""
+        """Read side file ``name`` (``fisher``: ``fisher.train``, or ``fisher.safetensors`` in a version
+        written before issue 13) stored beside a version (None when absent), hash-checked."""
         return integrity.load_extra(self, ref, name)
 
     # ----------------------------------------------------------------- queues, tokens, domains, caches
@@ -399,6 +407,11 @@ class Store(Layout):
     def drop_consumed_pending(self, ref: str | AdapterRef) -> int:
         """Remove rows a published version consumed but a crash left queued; returns how many."""
         return queues.drop_consumed(self, parse_ref(ref))
+
+    @cached_property
+    def _base_linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """``{module: (in, out)}`` of the base's linear layers (from its config; cached per Store)."""
+        return linear_shapes(load_config(self.config.base_id))
 
     @cached_property
     def tokens(self) -> TokenStore:

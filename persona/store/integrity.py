@@ -20,7 +20,7 @@ from ..peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ..refs import KINDS, AdapterRef, format_version, parse_ref
 from .layout import META, REFS
 from .lineage import user_ancestry
-from .records import LoadedAdapter, Problem
+from .records import SIDE_SUFFIX, LoadedAdapter, Problem, side_file_names
 
 if TYPE_CHECKING:
     from .facade import Store
@@ -142,7 +142,7 @@ def load(store: Store, ref: str | AdapterRef, *, base_fingerprint: str | None = 
         )
     blobs: dict[str, bytes] = {}
     for name, digest in info.files.items():
-        if not name.endswith((".json", ".safetensors")):
+        if not name.endswith((".json", ".safetensors", SIDE_SUFFIX)):
             raise UnsafeWeightFile(f"{pinned}: {name} is not a JSON or safetensors file")
         data = _read_version_file(pinned, folder, name)
         if hashlib.sha256(data).hexdigest() != digest:
@@ -169,11 +169,15 @@ def _read_version_file(pinned: AdapterRef, folder: Path, name: str) -> bytes:
 
 
 def load_extra(store: Store, ref: str | AdapterRef, name: str) -> dict[str, Any] | None:
-    """Read an extra ``*.safetensors`` file stored beside a version (None when absent), hash-checked."""
+    """Read side file ``name`` (``fisher``) stored beside a version (None when absent), hash-checked.
+
+    Reads ``NAME.train``, or ``NAME.safetensors`` in a version written before issue 13.
+    """
     from safetensors.torch import load as load_safetensors
 
     info = store.version_info(ref)
-    if name not in info.files:
+    name = next((n for n in side_file_names(name) if n in info.files), None)
+    if name is None:
         return None
     data = _read_version_file(info.ref, store._version_dir(info.ref, info.version), name)
     if hashlib.sha256(data).hexdigest() != info.files[name]:

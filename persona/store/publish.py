@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from .._fs import (atomic_write_json, dumps_json, fsync_dir, fsync_tree, remove_stale, remove_tree, sha256_file,
                    temp_sibling)
-from ..errors import (AdapterExists, AdapterNotFound, DamagedAdapter, InvalidName, InvalidReference, NonFiniteWeights,
+from ..errors import (AdapterExists, AdapterNotFound, DamagedAdapter, InvalidReference, NonFiniteWeights,
                       VersionNotFound)
 from ..peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraSettings
 from ..refs import CURRENT, AdapterRef, format_version, validate_alias
 from .layout import META, REFS, STORE_FORMAT, now
 from .lineage import check_shared_lineage
-from .records import EXTRA_FILE, VersionInfo, parse_meta
+from .records import VersionInfo, parse_meta, side_file_names
 
 if TYPE_CHECKING:
     from .facade import Store
@@ -37,8 +37,10 @@ if TYPE_CHECKING:
 class NewVersion:
     """Everything a version to publish holds, besides its adapter and number (allocated at publish).
 
-    ``extra_files`` maps ``name.safetensors`` to tensors stored beside the version (an EWC Fisher
-    estimate, for example). ``pending`` records the head of the pending queue the version was
+    ``extra_files`` maps a side-file name (``fisher``) to tensors stored beside the version (an EWC
+    Fisher estimate): written as safetensors bytes to ``NAME.train``, a name no ``*.safetensors``
+    glob of a PEFT loader picks up (:data:`~persona.store.records.SIDE_SUFFIX`); read them back with
+    ``Store.load_extra(ref, NAME)``. ``pending`` records the head of the pending queue the version was
     trained on (``{"rows": N, "digest": ...}``, see :mod:`persona.store.queues`), so a crash before
     the queue is consumed does not train it twice. ``over`` pins the adapter it is layered on
     (None: a layered adapter's next version stays on its parent's layer).
@@ -57,6 +59,7 @@ class NewVersion:
     settings: LoraSettings | None = None
     over: Mapping[str, Any] | None = None
     pending: Mapping[str, Any] | None = None
+    imported: Mapping[str, Any] | None = None  # where an imported adapter came from (``persona import``)
 
 
 def publish_version(store: Store, ref: AdapterRef, new: NewVersion, set_alias: str | None) -> VersionInfo:
@@ -140,14 +143,13 @@ def _write_version(store: Store, folder: Path, ref: AdapterRef, version: int, ne
     from safetensors.torch import save_file
 
     _check_finite(ref, version, new.tensors, new.extra_files)
+    side = {side_file_names(name)[0]: extra for name, extra in (new.extra_files or {}).items()}
     folder.mkdir()
     save_file({k: v.detach().contiguous().cpu() for k, v in new.tensors.items()}, str(folder / ADAPTER_WEIGHTS),
               metadata={"format": "pt"})
     (folder / ADAPTER_CONFIG).write_bytes(dumps_json(dict(new.adapter_config)))
-    for name, extra in (new.extra_files or {}).items():
-        if not EXTRA_FILE.fullmatch(name) or name == ADAPTER_WEIGHTS:
-            raise InvalidName(f"extra version file {name!r} must match {EXTRA_FILE.pattern}")
-        save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, str(folder / name),
+    for file_name, extra in side.items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, str(folder / file_name),
                   metadata={"format": "pt"})
     files = {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
     lora = new.settings.to_dict() if new.settings else _settings_from_peft(new.adapter_config)
@@ -168,6 +170,8 @@ def _write_version(store: Store, folder: Path, ref: AdapterRef, version: int, ne
         "over": dict(new.over) if new.over else None,
         "pending": dict(new.pending) if new.pending else None,
     }
+    if new.imported:  # only on imported versions: an older persona ignores the key (records.py)
+        meta["imported"] = dict(new.imported)
     raw = dumps_json(meta)
     # What is published must read back: the same strict parser every reader uses checks it now.
     try:

@@ -5,7 +5,7 @@ Every reader of a version goes through :func:`parse_meta`. A ``meta.json`` that 
 required key, holds a value of the wrong type, names a file that is not a plain file name of the
 version folder, or claims another adapter or version than the folder it sits in raises
 :class:`~persona.errors.DamagedAdapter` (issue 10, items 5-7): that adapter is damaged, never the
-store. Keys added after format 1 was first written (``over``, ``pending``) are optional, so older
+store. Keys added after format 1 was first written (``over``, ``pending``, ``imported``) are optional, so older
 stores keep loading; unknown keys are ignored, so a newer persona's additions do not damage a version.
 """
 
@@ -16,20 +16,36 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from ..errors import DamagedAdapter, InvalidReference, PersonaError
+from ..errors import DamagedAdapter, InvalidName, InvalidReference, PersonaError
 from ..peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PeftConfig
 from ..refs import CURRENT, AdapterRef, format_version, parse_ref
 
 META_FORMAT = 1
-# The only file names a version folder may hold besides meta.json: PEFT's two, and extra
-# ``*.safetensors`` (an EWC Fisher estimate). No separator, no dot-dot, nothing hidden.
-EXTRA_FILE = re.compile(r"[a-z0-9_]{1,64}\.safetensors")
+# Training side files (an EWC Fisher estimate) are safetensors *bytes* under a name that does not end
+# in ``.safetensors``: LoRAX and TGI load every ``*.safetensors`` of an adapter folder into one dict,
+# and a Fisher keyed like the adapter overwrote its LoRA tensors there (issue 13). A suffix, not a
+# subfolder, because it also escapes recursive and Hub-listing globs and keeps the folder flat.
+SIDE_SUFFIX = ".train"
+SIDE_NAME = re.compile(r"[a-z0-9_]{1,64}")
+SIDE_FILE = re.compile(SIDE_NAME.pattern + re.escape(SIDE_SUFFIX))
+# Versions written before issue 13 named side files ``NAME.safetensors``: still read and verified,
+# never written (see :func:`side_file_names`).
+LEGACY_SIDE_FILE = re.compile(SIDE_NAME.pattern + r"\.safetensors")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def is_version_file_name(name: str) -> bool:
-    """Whether ``name`` may appear in a version's ``files``: a plain name of the folder, nothing more."""
-    return name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) or bool(EXTRA_FILE.fullmatch(name))
+    """Whether ``name`` may appear in a version's ``files``: a plain name of the folder, nothing more
+    (PEFT's two files, a side file, or a side file of the old naming)."""
+    return name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) or bool(SIDE_FILE.fullmatch(name) or LEGACY_SIDE_FILE.fullmatch(name))
+
+
+def side_file_names(name: str) -> tuple[str, str]:
+    """``(file written today, file of the old naming)`` of side file ``name`` (``fisher`` ->
+    ``fisher.train``, ``fisher.safetensors``); :class:`InvalidName` unless ``name`` is a plain name."""
+    if not SIDE_NAME.fullmatch(name or ""):
+        raise InvalidName(f"side file name {name!r} must match {SIDE_NAME.pattern} (e.g. 'fisher'), with no suffix")
+    return name + SIDE_SUFFIX, name + ".safetensors"
 
 
 @dataclass(frozen=True)
@@ -52,6 +68,9 @@ class VersionInfo:
     # The head of the pending queue this version was trained on, {"rows": N, "digest": sha256}:
     # what the next update skips if a crash left those rows in the queue (issue 10, item 11).
     pending: Mapping[str, Any] | None = None
+    # Where an imported version came from: {"source": folder or Hub id, "revision": commit or null,
+    # "files": {name: sha256 of the file as it was read}} (``persona import``); None otherwise.
+    imported: Mapping[str, Any] | None = None
 
     @property
     def over_ref(self) -> AdapterRef | None:
@@ -74,7 +93,7 @@ class VersionInfo:
         return lineage_sources(self.lineage, self.over)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "adapter": self.adapter,
             "version": self.version,
             "label": self.label,
@@ -91,6 +110,9 @@ class VersionInfo:
             "over": dict(self.over) if self.over else None,
             "pending": dict(self.pending) if self.pending else None,
         }
+        if self.imported:  # as in meta.json: only an imported version has the key
+            out["imported"] = dict(self.imported)
+        return out
 
 
 def lineage_sources(lineage: Sequence[Mapping[str, Any]], over: Mapping[str, Any] | None) -> list[tuple[AdapterRef, str]]:
@@ -197,6 +219,7 @@ def _parse(meta: Any, adapter: str, version: int) -> dict[str, Any]:
         "lineage": tuple(_pinned(e, f"'lineage' entry {i}") for i, e in enumerate(lineage)),
         "over": over,
         "pending": pending,
+        "imported": _get(meta, "imported", dict, nullable=True),
     }
 
 

@@ -49,7 +49,9 @@ from .tokenize import Example, TokenizedSet, tokenize_interactions
 
 __all__ = ["EvalResult", "Trainer", "UpdateConfig", "UpdateMetrics", "UpdateResult", "log_interactions", "split_holdout"]
 
-FISHER_FILE = "fisher.safetensors"
+# The EWC Fisher estimate, a side file of the version (the store writes it as fisher.train, where no
+# loader globbing *.safetensors picks it up; versions written before issue 13 hold fisher.safetensors).
+FISHER_FILE = "fisher"
 
 
 @dataclass(frozen=True)
