@@ -26,6 +26,8 @@ _SUBMOD_ATTRS: dict[str, list[str]] = {
     "errors": [
         "AdapterExists",
         "AdapterNotFound",
+        "AdapterSourceNotFound",
+        "IncompatibleAdapter",
         "BaseMismatch",
         "BaseModelUnavailable",
         "DamagedAdapter",
@@ -71,6 +73,7 @@ _SUBMOD_ATTRS: dict[str, list[str]] = {
     "serving.sampling": ["SamplingParams", "TokenLogprob", "TopLogprob"],
     # compose/
     "compose.merge": ["merge"],
+    "compose.peft_import": ["import_adapter"],
     "compose.route": ["RouteChoice", "RouteScore", "Router"],
 }
 _RENAMED = {"MERGE_METHODS": ("compose.merge", "METHODS")}  # public name -> (submodule, its name there)
@@ -87,6 +90,7 @@ __all__ = [
     "AdapterInfo",
     "AdapterNotFound",
     "AdapterRef",
+    "AdapterSourceNotFound",
     "AdapterWeights",
     "BaseInfo",
     "BaseMismatch",
@@ -103,6 +107,7 @@ __all__ = [
     "GenerationRequest",
     "GenerationResult",
     "Handle",
+    "IncompatibleAdapter",
     "IntegrityError",
     "Interaction",
     "InvalidConfig",
@@ -140,6 +145,7 @@ __all__ = [
     "base_info",
     "data_digest",
     "format_stack",
+    "import_adapter",
     "load_base",
     "log_interactions",
     "merge",
@@ -170,15 +176,18 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ loads these on demand
     from .base import EMBEDDED_BASE, BaseInfo, BaseModel, base_info, load_base, resolve_device
     from .compose.merge import METHODS as MERGE_METHODS, merge
+    from .compose.peft_import import import_adapter
     from .compose.route import RouteChoice, RouteScore, Router
     from .errors import (
         AdapterExists,
         AdapterNotFound,
+        AdapterSourceNotFound,
         BaseMismatch,
         BaseModelUnavailable,
         DamagedAdapter,
         DeviceUnavailable,
         EngineClosed,
+        IncompatibleAdapter,
         IntegrityError,
         InvalidConfig,
         InvalidInteractions,

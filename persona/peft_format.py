@@ -6,7 +6,8 @@ A new adapter is built from the base's *config* alone: the model is instantiated
 (no weights read, no memory), the target ``nn.Linear`` modules are found, and A/B tensors are made
 with PEFT's initialisation (A: Kaiming-uniform, B: zeros, so a new adapter leaves the base's output
 unchanged). The keys and ``adapter_config.json`` are exactly what ``PeftModel.save_pretrained``
-writes, so PEFT, vLLM, LoRAX and TGI load our versions as they are. No torch at import time: this is a
+writes, so PEFT loads our versions as they are (and a loader that globs ``*.safetensors``, as LoRAX
+and TGI do, finds only the adapter: training side files are named ``NAME.train``, see the store). No torch at import time: this is a
 core module that ``persona list`` imports.
 """
 
