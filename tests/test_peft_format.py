@@ -10,8 +10,9 @@ from persona import InvalidConfig, LoraSettings, Store
 from persona._fs import dumps_json
 from persona.base import load_config
 from persona.compose.merge import merge
-from persona.errors import UnsupportedAdapter
+from persona.errors import IncompatibleAdapter, UnsupportedAdapter
 from persona.lora_runtime import AdapterWeights
+from persona.store import NewVersion
 from persona.peft_format import (
     ADAPTER_CONFIG,
     UNSUPPORTED_VARIANTS,
@@ -93,7 +94,11 @@ def test_runtime_and_merge_refuse_each_variant_with_the_same_words(store, varian
     with pytest.raises(UnsupportedAdapter) as served:
         AdapterWeights.from_peft(loaded.tensors, config)
     assert str(served.value) == f"adapter {words}which persona does not support"
-    store.create("user:odd", tensors=loaded.tensors, adapter_config=config)
+    with pytest.raises(IncompatibleAdapter) as created:  # create checks given weights first (issue 13)
+        store.create("user:odd", tensors=loaded.tensors, adapter_config=config)
+    assert f"user:odd {words}which persona cannot serve" == str(created.value) and not store.exists("user:odd")
+    store.create("user:odd", tensors=loaded.tensors, adapter_config=loaded.config)
+    store.publish_version("user:odd", NewVersion(loaded.tensors, config, parent=1))  # as an older persona could
     with pytest.raises(InvalidConfig) as merged:
         merge(store, ["user:alice", "user:odd"], "merged:x", "cat")
     assert words in str(merged.value) and "peft#3761" in str(merged.value)

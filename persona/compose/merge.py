@@ -41,7 +41,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 from ..errors import AdapterExists, InvalidConfig, InvalidReference
-from ..peft_format import ADAPTER_WEIGHTS, LoraSettings, PeftConfig, group_factors, lora_shapes, refuse_variants
+from ..peft_format import (ADAPTER_WEIGHTS, LoraSettings, PeftConfig, check_lora_fits, group_factors, linear_shapes,
+                           lora_shapes, refuse_variants)
 from ..refs import RESERVED_NAMES, AdapterRef, parse_ref
 from ..store import LoadedAdapter, NewVersion, Store, VersionInfo
 
@@ -198,6 +199,7 @@ def _check_compatible(store: Store, plan: MergePlan, loaded: Sequence[LoadedAdap
     from ..base import load_config
 
     base_config = load_config(store.config.base_id)
+    base_shapes = linear_shapes(base_config)
     ranks, module_sets = [], []
     for parent in loaded:
         name, config = parent.info.ref, parent.peft_config
@@ -206,22 +208,10 @@ def _check_compatible(store: Store, plan: MergePlan, loaded: Sequence[LoadedAdap
         # PEFT merges these variants silently wrong (the merged config inherits them from the first parent).
         refuse_variants(config, InvalidConfig, str(name), "which PEFT's merge does not handle correctly "
                         "(huggingface/peft#3761); merge plain LoRA adapters only")
-        r = config.r
         modules = _modules(parent.tensors)
-        suffixes = tuple(sorted({m.rsplit(".", 1)[-1] for m in modules}))
-        shapes = lora_shapes(base_config, suffixes)  # the base's (in, out) per targeted module
-        for module, (a, b) in modules.items():
-            if a is None or b is None:
-                raise InvalidConfig(f"{name} has lora_A without lora_B (or the reverse) for {module}")
-            if module not in shapes:
-                raise InvalidConfig(f"{name} adapts {module}, which this base does not have")
-            fan_in, fan_out = shapes[module]
-            if tuple(a.shape) != (r, fan_in) or tuple(b.shape) != (fan_out, r):
-                raise InvalidConfig(
-                    f"{name}: {module} has A {tuple(a.shape)} and B {tuple(b.shape)}; rank {r} on this base "
-                    f"needs A ({r}, {fan_in}) and B ({fan_out}, {r})"
-                )
-        ranks.append(r)
+        # the one check that weights fit the base (also create's and import's): targets, keys, shapes
+        check_lora_fits(parent.tensors, config, base_shapes, str(name))
+        ranks.append(config.r)
         module_sets.append(frozenset(modules))
     if plan.method in FACTOR_METHODS:
         if len(set(ranks)) > 1:
