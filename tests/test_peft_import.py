@@ -250,6 +250,7 @@ def test_cli_import_json_and_errors(run_cli, peft_folder, offline_hub, tmp_path)
     out = json.loads(run_cli("import", peft_folder, "--as", "user:alice", "--json").output)
     assert out["adapter"] == "user:alice" and out["imported"]["source"] == str(peft_folder.resolve())
     assert "imported" in json.loads(run_cli("show", "user:alice", "--json").output)["versions"][0]
+    assert f"imported from {peft_folder.resolve()}" in run_cli("show", "user:alice").output
     again = run_cli("import", peft_folder, "--as", "user:alice", ok=False)
     assert again.exit_code == 1 and "already exists" in again.output
     missing = run_cli("import", "acme/nobody", "--as", "user:bob", "--json", ok=False)

@@ -145,6 +145,9 @@ def show(ref, store_root, as_json) -> None:
             click.echo(f"      {superseded}")
         for parent_entry in v.lineage:
             click.echo(f"      lineage: {parent_entry.get('relation', 'parent')} {parent_entry.get('adapter')}@v{parent_entry.get('version')}")
+        if v.imported:
+            revision = f"@{v.imported['revision']}" if v.imported.get("revision") else ""
+            click.echo(f"      imported from {v.imported.get('source')}{revision}")
 
 
 def _fmt(value: Any) -> str:
