@@ -7,8 +7,8 @@ A new adapter is built from the base's *config* alone: the model is instantiated
 with PEFT's initialisation (A: Kaiming-uniform, B: zeros, so a new adapter leaves the base's output
 unchanged). The keys and ``adapter_config.json`` are exactly what ``PeftModel.save_pretrained``
 writes, so PEFT loads our versions as they are (and a loader that globs ``*.safetensors``, as LoRAX
-and TGI do, finds only the adapter: training side files are named ``NAME.train``, see the store). No torch at import time: this is a
-core module that ``persona list`` imports.
+and TGI do, finds only the adapter: training side files are named ``NAME.train``, see the store). No
+torch at import time: this is a core module that ``persona list`` imports.
 """
 
 from __future__ import annotations

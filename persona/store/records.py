@@ -5,8 +5,8 @@ Every reader of a version goes through :func:`parse_meta`. A ``meta.json`` that 
 required key, holds a value of the wrong type, names a file that is not a plain file name of the
 version folder, or claims another adapter or version than the folder it sits in raises
 :class:`~persona.errors.DamagedAdapter` (issue 10, items 5-7): that adapter is damaged, never the
-store. Keys added after format 1 was first written (``over``, ``pending``, ``imported``) are optional, so older
-stores keep loading; unknown keys are ignored, so a newer persona's additions do not damage a version.
+store. Keys added after format 1 was first written (``over``, ``pending``, ``imported``) are optional, so
+older stores keep loading; unknown keys are ignored, so a newer persona's additions do not damage a version.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 def is_version_file_name(name: str) -> bool:
     """Whether ``name`` may appear in a version's ``files``: a plain name of the folder, nothing more
     (PEFT's two files, a side file, or a side file of the old naming)."""
-    return name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) or bool(SIDE_FILE.fullmatch(name) or LEGACY_SIDE_FILE.fullmatch(name))
+    return name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) or bool(SIDE_FILE.fullmatch(name)
+                                                             or LEGACY_SIDE_FILE.fullmatch(name))
 
 
 def side_file_names(name: str) -> tuple[str, str]:
