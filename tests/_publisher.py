@@ -5,8 +5,8 @@ Usage::
     python tests/_publisher.py ROOT REF serve          # a fork server, driven over stdin/stdout
     python tests/_publisher.py ROOT REF burst N ID     # publish N versions of REF after "go"
 
-Both modes load ``REF@v1`` once (its adapter_config, and its tensors as a template) and never
-import transformers; importing torch costs a second or two, which is why the crash tests do not
+Both modes load ``REF@v1`` once (its adapter_config, and its tensors as a template) and, but for
+``create``, never import transformers; importing torch costs a second or two, which is why the crash tests do not
 start a fresh interpreter for every kill.
 
 ``serve`` reads one command a line and answers one line:
@@ -16,7 +16,9 @@ start a fresh interpreter for every kill.
   about 2 MB, so a publish lasts milliseconds and a SIGKILL at a random moment lands inside one.
   Each version carries a ``marker`` tensor [worker seed, sequence] equal to its ``metrics``.
 - ``create PREFIX`` -> ``pid PID``: fork a worker that creates fresh adapters
-  ``user:PREFIX-0``, ``user:PREFIX-1``, ... in a loop until it is killed.
+  ``user:PREFIX-0``, ``user:PREFIX-1``, ... in a loop until it is killed. Their weights are REF's LoRA
+  factors only, the sequence number in the first A's [0, 0] (:func:`create_marked`); give REF a
+  high rank for a create that lasts. The server then imports transformers once (create's base check).
 - ``wait PID`` -> ``dead PID STATUS``: reap a worker (so it is gone before the store is checked).
 - ``exit`` (or end of input): kill the remaining workers and exit.
 
@@ -82,11 +84,24 @@ def publish_forever(store: Store, ref: str, tensors: dict, config: dict, seed: i
         parent = info.version
 
 
+def create_marked(tensors: dict, i: int) -> dict:
+    """What a create publishes: the LoRA factors only (create checks given weights against the base,
+    issue 13, so no ``marker`` or ``filler`` key), with ``i`` in the first A factor's [0, 0]."""
+    out = {k: v.clone() for k, v in tensors.items() if k.endswith(".weight")}
+    out[min(k for k in out if k.endswith("lora_A.weight"))][0, 0] = float(i)
+    return out
+
+
+def create_marker(tensors: dict) -> int:
+    """The ``i`` of :func:`create_marked`."""
+    return int(tensors[min(k for k in tensors if k.endswith("lora_A.weight"))][0, 0])
+
+
 def create_forever(store: Store, prefix: str, tensors: dict, config: dict, server: int) -> None:
     started = time.monotonic()
     i = 0
     while _alive(server, started):
-        store.create(f"user:{prefix}-{i}", tensors=with_marker(tensors, 0, i), adapter_config=config)
+        store.create(f"user:{prefix}-{i}", tensors=create_marked(tensors, i), adapter_config=config)
         i += 1
 
 
@@ -100,6 +115,8 @@ def serve(store: Store, ref: str) -> None:
         for line in sys.stdin:
             cmd, *args = line.split()
             if cmd in ("publish", "create"):
+                if cmd == "create":  # create's shape check reads the base's config: once, here, not per worker
+                    store._base_linear_shapes  # noqa: B018
                 seed += 1
                 sys.stdout.flush()
                 started_r, started_w = os.pipe()
