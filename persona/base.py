@@ -121,6 +121,22 @@ def resolve_base(base_id: str) -> Path:
         ) from None
 
 
+def loader_name(base_id: str) -> str:
+    """The base as another loader (PEFT, vLLM, ``base_model_name_or_path``) can resolve it: the Hub id
+    for a Hub base, the absolute path for a local one, and for the embedded base the absolute path of
+    its converted folder (a de-quantized GGUF: point vLLM at that folder, not at Hugging Face's weights).
+
+    >>> loader_name("HuggingFaceTB/SmolLM2-135M-Instruct")
+    'HuggingFaceTB/SmolLM2-135M-Instruct'
+    """
+    if base_id == EMBEDDED_BASE:
+        return str(resolve_base(base_id).resolve())
+    local = Path(base_id).expanduser()
+    if local.is_dir() or base_id.startswith((".", "/", "~")) or base_id.count("/") > 1:
+        return str(local.resolve())
+    return base_id
+
+
 def weight_files(path: Path) -> list[Path]:
     """The safetensors weight files of a model directory; pickle-only models are refused."""
     files = sorted(path.glob("*.safetensors"))

@@ -108,6 +108,10 @@ class AdapterExists(PersonaError, FileExistsError):
     """``create`` was asked for an adapter that already exists."""
 
 
+class ExportTargetExists(PersonaError, FileExistsError):
+    """``export`` was asked to write into a folder that already holds files."""
+
+
 class AdapterHasDependents(PersonaError):
     """Deleting an adapter that merged, copied or layered adapters depend on, without cascade."""
 
@@ -251,6 +255,7 @@ ERROR_TABLE: dict[type[PersonaError], ErrorMapping] = {
     AdapterExists: ErrorMapping(409, _BAD),
     AdapterHasDependents: ErrorMapping(409, _BAD),
     StoreExists: ErrorMapping(409, _BAD),
+    ExportTargetExists: ErrorMapping(409, _BAD),
     # server-side faults: the operator's message is logged, the client gets client_message
     StoreNotInitialized: ErrorMapping(500, _SERVER, client_message="the server's adapter store is not set up"),
     UnsupportedStoreFormat: ErrorMapping(500, _SERVER, client_message="the server cannot read its adapter store"),

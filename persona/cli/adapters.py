@@ -260,22 +260,24 @@ def verify(ref, store_root, as_json) -> None:
 @store_option
 @json_option
 def base(base_id, store_root, as_json) -> None:
-    """Show the base model: id, local path, fingerprint, architecture.
+    """Show the base model: id, local path, fingerprint, architecture, and loader_name (what to point
+    vLLM or PEFT at).
 
     \b
     Examples:
       persona base
       persona base --base smollm2-135m-instruct --json
     """
-    from ..base import base_info
+    from ..base import base_info, loader_name
 
     if base_id is None:
         try:
             base_id = open_store(store_root).config.base_id
         except StoreNotInitialized:
             base_id = EMBEDDED_BASE
-    info = base_info(base_id)
-    emit(as_json, info.to_dict(), "\n".join(f"{k:13} {v}" for k, v in info.to_dict().items()))
+    # loader_name: what to give vLLM or PEFT as the base (see `persona export`, docs/ARCHITECTURE.md)
+    data = {**base_info(base_id).to_dict(), "loader_name": loader_name(base_id)}
+    emit(as_json, data, "\n".join(f"{k:13} {v}" for k, v in data.items()))
 
 
 COMMANDS = [init, create, list_, show, alias, rollback, delete, verify, base]

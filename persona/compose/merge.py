@@ -4,7 +4,9 @@
 
 The arithmetic is PEFT's ``LoraModel.add_weighted_adapter``; this module checks the inputs first
 (so a bad merge fails with a persona error naming the rule, before any model is built), runs PEFT
-on verified tensors, and publishes the result with the store.
+on verified tensors, and publishes the result with the store. ``cat``, which only stacks factors,
+is computed directly (:func:`cat_adapters`, PEFT's arithmetic without building the base's skeleton):
+it is also what serves a stack to a one-LoRA-per-request engine (:mod:`persona.compose.materialize`).
 
 Methods (``weights`` default to 1.0 each: the merge approximates applying every parent at once):
 
@@ -42,7 +44,7 @@ from typing import Any, Mapping, Sequence
 
 from ..errors import AdapterExists, InvalidConfig, InvalidReference
 from ..peft_format import (ADAPTER_WEIGHTS, LoraSettings, PeftConfig, check_lora_fits, group_factors, linear_shapes,
-                           lora_shapes, refuse_variants)
+                           lora_shapes, peft_tensors, refuse_variants)
 from ..refs import RESERVED_NAMES, AdapterRef, parse_ref
 from ..store import LoadedAdapter, NewVersion, Store, VersionInfo
 
@@ -166,10 +168,13 @@ def merge(
     # are read, so a deleted adapter's weights never end up inside a merge.
     with store.lineage_lock():
         loaded = [store.load(p) for p in plan.parents]  # hash-checked; BaseMismatch for another base
-        ranks = _check_compatible(store, plan, loaded)
+        ranks = check_parents(store, plan.method, loaded, plan.rank)
         if plan.method == "svd" and plan.rank is None:
             plan = replace(plan, rank=max(ranks))  # PEFT's default, made explicit for the lineage
-        tensors, config = _peft_merge(store, plan, loaded)
+        if plan.method == "cat":
+            tensors, config = cat_adapters(loaded, plan.weights, store.config.base_id)
+        else:
+            tensors, config = _peft_merge(store, plan, loaded)
         lineage = tuple(
             {
                 "adapter": p.info.adapter,
@@ -194,8 +199,8 @@ def _modules(tensors: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
         f"unexpected tensor {key!r}: a merge takes plain LoRA adapters in PEFT's format"))
 
 
-def _check_compatible(store: Store, plan: MergePlan, loaded: Sequence[LoadedAdapter]) -> list[int]:
-    """Refuse parents PEFT cannot merge correctly with this method; return their ranks."""
+def check_parents(store: Store, method: str, loaded: Sequence[LoadedAdapter], rank: int | None = None) -> list[int]:
+    """Refuse parents that ``method`` (with svd's ``rank``) cannot merge correctly; return their ranks."""
     from ..base import load_config
 
     base_config = load_config(store.config.base_id)
@@ -213,30 +218,66 @@ def _check_compatible(store: Store, plan: MergePlan, loaded: Sequence[LoadedAdap
         check_lora_fits(parent.tensors, config, base_shapes, str(name))
         ranks.append(config.r)
         module_sets.append(frozenset(modules))
-    if plan.method in FACTOR_METHODS:
+    if method in FACTOR_METHODS:
         if len(set(ranks)) > 1:
             listing = ", ".join(f"{p.info.ref} r={r}" for p, r in zip(loaded, ranks))
-            raise InvalidConfig(f"{plan.method} averages the LoRA factors and needs equal ranks ({listing}); "
+            raise InvalidConfig(f"{method} averages the LoRA factors and needs equal ranks ({listing}); "
                                 "use cat or svd for different ranks")
         for parent, modules in zip(loaded[1:], module_sets[1:]):
             if modules != module_sets[0]:
                 diff = sorted(modules ^ module_sets[0])
                 raise InvalidConfig(
-                    f"{plan.method} needs parents that adapt the same modules; {loaded[0].info.ref} and "
+                    f"{method} needs parents that adapt the same modules; {loaded[0].info.ref} and "
                     f"{parent.info.ref} differ on {diff[0]}{' and others' if len(diff) > 1 else ''}. "
                     "Use cat or svd, which allow it"
                 )
-    if plan.method == "svd" and plan.rank is not None:
+    if method == "svd" and rank is not None:
         limit = min(min(shape) for shape in lora_shapes(base_config, _suffixes(module_sets)).values())
-        if plan.rank > limit:
-            raise InvalidConfig(f"svd rank {plan.rank} exceeds the smallest adapted layer's dimension ({limit})")
-    if plan.method == "cat" and sum(ranks) > MAX_RANK:
+        if rank > limit:
+            raise InvalidConfig(f"svd rank {rank} exceeds the smallest adapted layer's dimension ({limit})")
+    if method == "cat" and sum(ranks) > MAX_RANK:
         raise InvalidConfig(f"cat gives rank {sum(ranks)} (the sum of the parents'), over {MAX_RANK}; use svd with --rank")
     return ranks
 
 
 def _suffixes(module_sets) -> tuple[str, ...]:
     return tuple(sorted({m.rsplit(".", 1)[-1] for s in module_sets for m in s}))
+
+
+def cat_adapters(loaded: Sequence[LoadedAdapter], weights: Sequence[float], base_model: str
+                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The exact ``cat`` merge, without building a model: ``(tensors, adapter_config)``.
+
+    Each parent's A, times ``w_i * alpha_i / r_i``, and its B are stacked at the parent's rows and
+    columns (zero where a parent does not adapt a module), with ``lora_alpha == r`` (scaling 1), so
+    ``B A x`` is ``sum_i w_i * alpha_i / r_i * B_i A_i x``: the parents stacked at inference. This is
+    PEFT's ``add_weighted_adapter(combination_type="cat")`` arithmetic, and PEFT's config for it (the
+    first parent's, with the summed rank and the union of the targets). Check with
+    :func:`check_parents` first.
+    """
+    import torch
+
+    factors = [_modules(parent.tensors) for parent in loaded]
+    ranks = [parent.peft_config.r for parent in loaded]
+    total = sum(ranks)
+    out: dict[str, tuple[Any, Any]] = {}
+    for module in sorted({m for f in factors for m in f}):
+        a0, b0 = next(f[module] for f in factors if module in f)
+        a_cat = torch.zeros(total, a0.shape[1], dtype=torch.float32)
+        b_cat = torch.zeros(b0.shape[0], total, dtype=torch.float32)
+        offset = 0
+        for parent, f, r, w in zip(loaded, factors, ranks, weights):
+            if module in f:
+                a, b = f[module]
+                a_cat[offset:offset + r] = a.to(torch.float32) * (w * parent.peft_config.scaling)
+                b_cat[:, offset:offset + r] = b.to(torch.float32)
+            offset += r
+        out[module] = (a_cat, b_cat)
+    config = loaded[0].peft_config.to_json()
+    config.update(r=total, lora_alpha=total, target_modules=sorted({m.rsplit(".", 1)[-1] for m in out}),
+                  rank_pattern={}, alpha_pattern={}, layers_to_transform=None, layers_pattern=None,
+                  base_model_name_or_path=base_model, inference_mode=False)
+    return peft_tensors(out), config
 
 
 def _peft_merge(store: Store, plan: MergePlan, loaded: Sequence[LoadedAdapter]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from ..errors import InvalidConfig, InvalidReference, NoDomainToRoute
 from ..refs import MAX_STACK, RESERVED_NAMES, AdapterRef, StackPart, format_stack, parse_stack
+from ..store.lineage import with_layers
 
 __all__ = ["LAYER_CACHE", "ModelResolver"]
 
@@ -105,31 +106,8 @@ class ModelResolver:
         return pinned
 
     def _with_layers(self, parts: Sequence[StackPart]) -> tuple[StackPart, ...]:
-        """Serve a layered adapter (``create --over``) as it was trained: followed by its layer, pinned
-        at the version recorded when it was created (not the layer's moving ``current``).
-
-        The layered adapter and its layer are one unit: a part's weight scales both (the LoRA deltas
-        add, so ``user:carol*0.5`` is ``(carol + finance@v1) * 0.5``). A stack that names the layer's
-        adapter itself chooses its version and weight, and the layer is not added again; so this is
-        idempotent and ``resolved`` computes the same row when sent back. Two parts layered on the
-        same adapter that the stack does not name are refused (a stack applies an adapter once).
-        """
-        named = {p.ref.id for p in parts}
-        carried: dict[str, AdapterRef] = {}
-        out: list[StackPart] = []
-        for part in parts:
-            out.append(part)
-            layer = self._layer_of(part.ref)
-            if layer is None or layer.id in named:
-                continue
-            if layer.id in carried:
-                raise InvalidReference(
-                    f"{carried[layer.id]} and {part.ref} are both layered on {layer.id}, and a stack applies an "
-                    f"adapter once: name {layer.id} in the stack (with a version, e.g. {layer}) to choose it"
-                )
-            carried[layer.id] = part.ref
-            out.append(StackPart(self.store.resolve(layer), part.weight))  # a missing layer fails at admission
-        return tuple(out)
+        """Each layered adapter followed by its pinned layer (see :func:`persona.store.lineage.with_layers`)."""
+        return with_layers(self.store, parts, self._layer_of)
 
     def _layer_of(self, pinned: AdapterRef) -> AdapterRef | None:
         """The layer a pinned version was trained on, read once per version: a version's meta never changes,

@@ -39,12 +39,13 @@ from ..errors import (
 from ..interactions import Interaction
 from ..peft_format import (ADAPTER_WEIGHTS, LoraSettings, check_lora_fits, init_lora_tensors, linear_shapes, lora_shapes,
                            peft_adapter_config, resolve_targets)
-from ..refs import CURRENT, KINDS, RESERVED_NAMES, AdapterRef, format_version, parse_ref, validate_alias
-from . import integrity, publish, queues
+from ..refs import CURRENT, KINDS, RESERVED_NAMES, AdapterRef, StackPart, format_version, parse_ref, validate_alias
+from . import integrity, materialized, publish, queues
 from . import lineage as lineage_rules
 from .integrity import VerifyReport
 from .layout import META, REFS, STORE_FILE, STORE_FORMAT, Layout, now
 from .lineage import Dependent
+from .materialized import Build, MaterializedFolder
 from .publish import NewVersion
 from .queues import PENDING, REPLAY, PendingBatch, ReplayBuffer
 from .records import AdapterInfo, LoadedAdapter, Problem, VersionInfo, parse_meta
@@ -152,6 +153,10 @@ class Store(Layout):
         if not (path / format_version(version) / META).is_file():
             raise VersionNotFound(f"{ref.id} has no version {format_version(version)}; see `persona show {ref.id}`")
         return ref.at(version)
+
+    def pin_stack(self, model: str) -> tuple[StackPart, ...]:
+        """Pin ``user:carol+domain:b*0.5`` as the engine serves it: versions, layers (see :func:`~persona.store.lineage.pin_stack`)."""
+        return lineage_rules.pin_stack(self, model)
 
     def _read_meta(self, ref: AdapterRef, version: int, aliases: Mapping[str, int] | None = None) -> VersionInfo:
         """The strictly parsed ``meta.json`` of a version (see :mod:`persona.store.records`); :class:`DamagedAdapter` if bad."""
@@ -338,7 +343,8 @@ class Store(Layout):
         self.set_alias(ref, CURRENT, version)
 
     def delete(self, ref: str | AdapterRef, *, cascade: bool = False) -> tuple[str, ...]:
-        """Purge every file of an adapter: versions, refs, replay buffer, pending interactions, its tokens.
+        """Purge every file of an adapter: versions, refs, replay buffer, pending interactions, its tokens,
+        and the cached merges built from it.
 
         An adapter others depend on (merged from it, started from it, layered on it; see
         :meth:`dependents`) is refused with :class:`AdapterHasDependents` listing them, unless
@@ -361,6 +367,15 @@ class Store(Layout):
     def load(self, ref: str | AdapterRef, *, base_fingerprint: str | None = None) -> LoadedAdapter:
         """Read one version's tensors, refusing tampered files, another base, and pickle files."""
         return integrity.load(self, ref, base_fingerprint=base_fingerprint)
+
+    def version_folder(self, ref: str | AdapterRef) -> Path:
+        """A version's folder, its files re-hashed first: for handing to a loader that reads it (vLLM)."""
+        return integrity.checked_folder(self, ref)
+
+    def materialized(self, key: str, sources: Sequence[AdapterRef], build: Build) -> MaterializedFolder:
+        """The cached plain adapter ``key`` (a sha256 of its inputs), built by ``build()`` from ``sources``
+        when absent or damaged (see :mod:`persona.store.materialized`)."""
+        return materialized.get_or_build(self, key, sources, build)
 
     def load_extra(self, ref: str | AdapterRef, name: str) -> dict[str, Any] | None:
         """Read side file ``name`` (``fisher``: ``fisher.train``, or ``fisher.safetensors`` in a version

@@ -183,3 +183,22 @@ def load_extra(store: Store, ref: str | AdapterRef, name: str) -> dict[str, Any]
     if hashlib.sha256(data).hexdigest() != info.files[name]:
         raise IntegrityError(f"{info.ref}: {name} does not match its recorded sha256")
     return load_safetensors(data)
+
+
+def checked_folder(store: Store, ref: str | AdapterRef) -> Path:
+    """The folder of one version after re-hashing every file in it, for a loader that reads the folder
+    itself (vLLM): :class:`BaseMismatch` for another base, :class:`IntegrityError` for anything
+    ``verify`` would report (a changed, missing, unexpected or pickle file, a symlink)."""
+    pinned = store.resolve(ref)
+    info = store._read_meta(pinned, pinned.version)
+    if info.base_fingerprint != store.config.base_fingerprint:
+        raise BaseMismatch(f"{pinned} was made on another base ({info.base_fingerprint[:19]}) than the store's "
+                           f"({store.config.base_fingerprint[:19]})")
+    folder = store._version_dir(pinned, pinned.version)
+    problems, _ = _version_problems(store, pinned.unpinned(), pinned.version)
+    problems += [Problem(pinned.id, pinned.version, str(link), "symlink") for link in symlinks_under(folder)]
+    if problems:
+        first = problems[0]
+        raise IntegrityError(f"{pinned}: {first.file}: {first.reason}. Run `persona verify {pinned.id}` and roll "
+                             "back to a good version")
+    return folder

@@ -6,14 +6,16 @@ which refuses to orphan dependents unless asked to cascade.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from .._fs import remove_tree
 from ..errors import (  # noqa: F401 - AdapterHasDependents importable from here as before
-    AdapterHasDependents, AdapterNotFound, DamagedAdapter, InvalidName, InvalidReference, PersonaError, VersionNotFound,
+    AdapterHasDependents, AdapterNotFound, DamagedAdapter, InvalidConfig, InvalidName, InvalidReference, PersonaError,
+    VersionNotFound,
 )
 from ..peft_format import ADAPTER_WEIGHTS
-from ..refs import AdapterRef, parse_ref
+from ..refs import MAX_STACK, RESERVED_NAMES, AdapterRef, StackPart, format_stack, parse_ref, parse_stack
+from .materialized import drop_built_from
 from .records import lineage_sources
 
 if TYPE_CHECKING:
@@ -131,6 +133,53 @@ def layer_target(store: Store, ref: AdapterRef, over: str | AdapterRef) -> dict[
     return {"adapter": info.adapter, "version": info.version, "sha256": info.files.get(ADAPTER_WEIGHTS)}
 
 
+def with_layers(store: Store, parts: Sequence[StackPart],
+                layer_of: Callable[[AdapterRef], AdapterRef | None] | None = None) -> tuple[StackPart, ...]:
+    """Pinned ``parts``, each layered adapter (``create --over``) followed by its layer, pinned at the
+    version recorded when it was created (not the layer's moving ``current``): served as it was trained.
+
+    The layered adapter and its layer are one unit: a part's weight scales both (the LoRA deltas
+    add, so ``user:carol*0.5`` is ``(carol + finance@v1) * 0.5``). A stack that names the layer's
+    adapter itself chooses its version and weight, and the layer is not added again; so this is
+    idempotent and ``resolved`` computes the same row when sent back. Two parts layered on the
+    same adapter that the stack does not name are refused (a stack applies an adapter once).
+    ``layer_of(pinned)`` reads a version's layer (default: its meta; the engine passes a cached one).
+    """
+    layer_of = layer_of or (lambda pinned: store.version_info(pinned).over_ref)
+    named = {p.ref.id for p in parts}
+    carried: dict[str, AdapterRef] = {}
+    out: list[StackPart] = []
+    for part in parts:
+        out.append(part)
+        layer = layer_of(part.ref)
+        if layer is None or layer.id in named:
+            continue
+        if layer.id in carried:
+            raise InvalidReference(
+                f"{carried[layer.id]} and {part.ref} are both layered on {layer.id}, and a stack applies an "
+                f"adapter once: name {layer.id} in the stack (with a version, e.g. {layer}) to choose it"
+            )
+        carried[layer.id] = part.ref
+        out.append(StackPart(store.resolve(layer), part.weight))  # a missing layer fails here, at pinning
+    return tuple(out)
+
+
+def pin_stack(store: Store, model: str) -> tuple[StackPart, ...]:
+    """Pin a model string as the engine serves it, outside any engine (export, a vLLM resolver): every
+    part at a version, followed by its layer (:func:`with_layers`), at most ``MAX_STACK`` adapters.
+    ``domain:auto`` is refused: the router chooses it per prompt, inside an engine."""
+    parts = parse_stack(model)
+    for part in parts:
+        if part.ref.kind == "domain" and part.ref.name in RESERVED_NAMES:
+            raise InvalidReference(f"{part.ref.id} is chosen per prompt by the router, inside persona's engine or "
+                                   "gateway; name the adapters instead")
+    pinned = with_layers(store, [StackPart(store.resolve(p.ref), p.weight) for p in parts])
+    if len(pinned) > MAX_STACK:
+        raise InvalidConfig(f"{format_stack(parts)!r} runs as {len(pinned)} adapters with their layers; a stack "
+                            f"holds at most {MAX_STACK}")
+    return pinned
+
+
 def delete(store: Store, ref: AdapterRef, *, cascade: bool) -> tuple[str, ...]:
     """Delete ``ref`` (and, with ``cascade``, its dependents, most derived first); revoke their tokens."""
     if (link := store._symlinked(ref)) is not None:
@@ -154,6 +203,8 @@ def delete(store: Store, ref: AdapterRef, *, cascade: bool) -> tuple[str, ...]:
             with store.lock(dependent.adapter):
                 remove_tree(store._adapter_dir(dependent.adapter))
         remove_tree(path)
+        # Cached merges built from any of them hold their weights too (persona.store.materialized).
+        drop_built_from(store, doomed)
     return _revoke_tokens(store, tuple(d.adapter for d in found) + (ref.id,))
 
 
