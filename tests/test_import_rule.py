@@ -1,9 +1,9 @@
 """The package's import rule (issue 12), checked on the source with ``ast``: no cycle, no upward import.
 
 Layers: the core modules import only each other; ``store/`` imports only the core; ``training/``,
-``serving/`` and ``compose/`` import only the core, ``store/`` and their own package; ``cli/`` and
-``http/`` (and ``persona/__init__``, ``__main__``) may import anything. Module-level imports must
-form no cycle; function-level and ``if TYPE_CHECKING:`` imports obey the layers as well (a type is a
+``serving/`` and ``compose/`` import only the core, ``store/`` and their own package; ``cli/``,
+``http/`` and ``integrations/`` (and ``persona/__init__``, ``__main__``) may import anything. Module-level
+imports must form no cycle; function-level and ``if TYPE_CHECKING:`` imports obey the layers as well (a type is a
 dependency too), but may close a cycle: they never run while the modules load (the store's modules
 name the ``Store`` facade that imports them only in type hints).
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "persona"
 CORE = {"errors", "refs", "base", "_fs", "peft_format", "lora_runtime", "interactions", "embed"}
 LIBRARIES = {"store", "training", "serving", "compose"}
-FRONTS = {"cli", "http"}
+FRONTS = {"cli", "http", "integrations"}  # top layers: may import anything
 ALLOWED = {
     "core": {"core"},
     "store": {"core", "store"},

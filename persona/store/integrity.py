@@ -198,7 +198,5 @@ def checked_folder(store: Store, ref: str | AdapterRef) -> Path:
     problems, _ = _version_problems(store, pinned.unpinned(), pinned.version)
     problems += [Problem(pinned.id, pinned.version, str(link), "symlink") for link in symlinks_under(folder)]
     if problems:
-        first = problems[0]
-        raise IntegrityError(f"{pinned}: {first.file}: {first.reason}. Run `persona verify {pinned.id}` and roll "
-                             "back to a good version")
+        raise IntegrityError(f"{problems[0]}. Run `persona verify {pinned.id}` and roll back to a good version")
     return folder
