@@ -66,3 +66,12 @@ def test_gpu_script_prints_its_usage_and_names_every_step():
     script = (BENCHMARKS / "gpu.sh").read_text()
     for step in ("serve_engine", "serve_http", "update"):
         assert f"step {step} " in script
+
+
+def test_materialize_quick_run_builds_reuses_and_checks_exactness(capsys):
+    module = _load("materialize")
+    module.main(["--quick"])
+    out = capsys.readouterr().out
+    for label in ("2-part stack", "3-part stack", "layered adapter (2 parts)"):
+        assert f"| {label} |" in out
+    assert out.count("| PASS |") == 3 and "FAIL" not in out
