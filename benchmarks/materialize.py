@@ -10,7 +10,10 @@ layer of every block, random factors):
 3. for comparison: the plain version folder check (``Store.version_folder``, what a single adapter
    costs the resolver) and the same cat merge through PEFT's ``add_weighted_adapter`` on a meta-device
    skeleton of the base (what ``compose/merge.py`` ran before; it allocates the whole base).
-4. **exactness**: max abs(logits(materialized) - logits(stack)) on a 16-token prompt, persona's runtime.
+4. **exactness**: max abs(logits(materialized) - logits(stack)) on a 16-token prompt, persona's runtime,
+   beside float32's own floor (the same stack summed in reverse order) and relative to the largest
+   logit (the tests check 1e-5 absolute on the tiny model; on the 30-layer base float32 rounding alone
+   moves logits of magnitude ~20 by a few 1e-5).
 
     python benchmarks/materialize.py            # ~1 min on 2 idle CPU cores
     python benchmarks/materialize.py --quick    # smoke run on a tiny random model (seconds, numbers meaningless)
@@ -108,17 +111,18 @@ def run(work: Path, base_id: str, repeats: int) -> None:
     checks = []
     for label, model in exact:
         path = materialize(store, model).path
-        stack = [Activation(weights(store.load(p.ref).tensors, store.load(p.ref).config), weight=p.weight)
-                 for p in store.pin_stack(model)]
+        parts = store.pin_stack(model)
+        stack = [Activation(weights(store.load(p.ref).tensors, store.load(p.ref).config), weight=p.weight) for p in parts]
         merged = weights(load_file(str(path / "adapter_model.safetensors")),
                          json.loads((path / "adapter_config.json").read_text()))
         want, got = logits(stack), logits([Activation(merged)])
+        floor = float((logits(stack[::-1]) - want).abs().max())  # same sum, other order: float32's own noise
+        scale = float(want.abs().max())
         diff = float((got - want).abs().max())
-        checks.append([label, f"{float((want - logits([])).abs().max()):.3g}", f"{diff:.2e}",
-                       "PASS" if diff < 1e-5 else "FAIL"])
-    print(table(["model", "stack's effect: max abs(stack - base)", "max abs(materialized - stack)", "goal < 1e-5"],
-                checks))
-
+        checks.append([label, f"{float((want - logits([])).abs().max()):.3g}", f"{scale:.3g}", f"{diff:.2e}",
+                       f"{floor:.2e}", f"{diff / scale:.1e}", "PASS" if diff / scale < 1e-5 else "FAIL"])
+    print(table(["model", "stack's effect: max abs(stack - base)", "max abs logit", "max abs(materialized - stack)",
+                 "float32 floor: stack in reverse order", "relative", "goal < 1e-5 relative"], checks))
 
 if __name__ == "__main__":
     main()

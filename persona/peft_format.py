@@ -7,8 +7,11 @@ A new adapter is built from the base's *config* alone: the model is instantiated
 with PEFT's initialisation (A: Kaiming-uniform, B: zeros, so a new adapter leaves the base's output
 unchanged). The keys and ``adapter_config.json`` are exactly what ``PeftModel.save_pretrained``
 writes, so PEFT loads our versions as they are (and a loader that globs ``*.safetensors``, as LoRAX
-and TGI do, finds only the adapter: training side files are named ``NAME.train``, see the store). No
-torch at import time: this is a core module that ``persona list`` imports.
+and TGI do, finds only the adapter: training side files are named ``NAME.train``, see the store). For
+other loaders persona also hands out checked paths: ``persona export`` (only the adapter files and a
+``base_model_name_or_path`` a loader resolves) and the vLLM resolver (``persona.integrations.vllm``: a
+hash-checked folder, or a stack's cat merge). No torch at import time: this is a core module that
+``persona list`` imports.
 """
 
 from __future__ import annotations

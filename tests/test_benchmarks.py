@@ -74,4 +74,4 @@ def test_materialize_quick_run_builds_reuses_and_checks_exactness(capsys):
     out = capsys.readouterr().out
     for label in ("2-part stack", "3-part stack", "layered adapter (2 parts)"):
         assert f"| {label} |" in out
-    assert out.count("| PASS |") == 3 and "FAIL" not in out
+    assert out.count("| PASS |") == 3 and "FAIL" not in out and "float32 floor" in out
