@@ -48,7 +48,7 @@ STACKS = ["user:alice+user:bob*0.5", "user:carol", "user:alice*0.7+domain:financ
 
 
 def test_materialized_merge_equals_the_stack_in_the_engine(store, engine):
-    rows, expected = [], []
+    rows = []
     for i, stack in enumerate(STACKS):
         merged = materialize(store, stack)
         tensors, config = folder_adapter(merged.path)

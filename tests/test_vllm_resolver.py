@@ -131,6 +131,14 @@ def test_tampered_version_resolves_to_none_with_a_logged_reason(store, resolver,
     assert "sha256" in caplog.text and "user:alice" in caplog.text
 
 
+def test_version_folder_with_a_stray_file_resolves_to_none(store, resolver, caplog):
+    # vLLM would read the folder itself: a pickle or unrecorded file beside the adapter is never handed over
+    (store.version_folder("user:alice") / "adapter_model.bin").write_bytes(b"not what was published")
+    with caplog.at_level(logging.WARNING, logger="persona.vllm"):
+        assert resolve(resolver, "user:alice") is None
+    assert "adapter_model.bin" in caplog.text
+
+
 def test_foreign_base_resolves_to_none(store, resolver, caplog):
     with caplog.at_level(logging.WARNING, logger="persona.vllm"):
         assert resolve(resolver, "user:alice", base="meta-llama/Llama-3.1-8B") is None

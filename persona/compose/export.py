@@ -121,9 +121,9 @@ def _model_card(store: Store, reference: str, pinned: str, base_name: str, parts
         "",
         f"# {pinned}",
         "",
-        f"Exported by persona from `{reference}`, pinned to `{pinned}`"
-        + (" as their exact cat merge (equal to applying the stack)." if len(parts) > 1 or parts[0].weight != 1
-           else "."),
+        (f"Exported by persona from `{reference}`, pinned to `{pinned}`"
+         + (" as their exact cat merge (equal to applying the stack)." if len(parts) > 1 or parts[0].weight != 1
+            else ".")),
         "",
         f"- base: `{cfg.base_id}` (load it as `{base_name}`)",
         f"- base fingerprint: `{cfg.base_fingerprint}` (sha256 over the base's tensors; the weights only fit that base)",
