@@ -293,14 +293,15 @@ def test_merge_weights_beyond_the_bound_are_refused(store, weights):
     assert not store.exists("merged:nan")
 
 
-def test_merge_producing_nan_publishes_nothing(store, monkeypatch):
+@pytest.mark.parametrize("method, arithmetic", [("cat", "cat_adapters"), ("svd", "_peft_merge")])
+def test_merge_producing_nan_publishes_nothing(store, monkeypatch, method, arithmetic):
     import persona.compose.merge as compose
     from persona import merge
 
-    real = compose._peft_merge
-    monkeypatch.setattr(compose, "_peft_merge", lambda *a: (lambda t, c: (nan_copy(t), c))(*real(*a)))
+    real = getattr(compose, arithmetic)
+    monkeypatch.setattr(compose, arithmetic, lambda *a: (lambda t, c: (nan_copy(t), c))(*real(*a)))
     with pytest.raises(NonFiniteWeights):
-        merge(store, ["user:bob", "domain:finance"], "merged:nan", "cat")
+        merge(store, ["user:bob", "domain:finance"], "merged:nan", method)
     assert not store.exists("merged:nan")
 
 
