@@ -115,3 +115,23 @@ def test_cli_export(run_cli, tmp_path):
     assert sorted(os.listdir(tmp_path / "b")) == FILES
     again = run_cli("export", "user:alice", tmp_path / "a", ok=False)
     assert again.exit_code == 1 and "not an empty folder" in again.output
+
+
+def test_export_of_an_ewc_version_holds_the_lora_tensors_only(store, tmp_path):
+    # An EWC version keeps a Fisher with the adapter's own tensor keys beside it: a loader that reads
+    # every *.safetensors of a folder (LoRAX, TGI) would load Fisher values as LoRA factors.
+    from safetensors.torch import load_file
+
+    from persona.store import NewVersion
+
+    alice = store.load("user:alice")
+    fisher = {k: torch.full_like(v, 7.0) for k, v in alice.tensors.items()}
+    store.publish_version("user:alice", NewVersion(alice.tensors, alice.config, parent=1,
+                                                   extra_files={"fisher.safetensors": fisher}))
+    export_adapter(store, "user:alice", tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == FILES
+    globbed = {}
+    for path in sorted((tmp_path / "out").glob("*.safetensors")):  # as LoRAX loads a folder
+        globbed.update(load_file(str(path)))
+    assert globbed.keys() == alice.tensors.keys()
+    assert all(torch.equal(globbed[k], alice.tensors[k]) for k in globbed)
