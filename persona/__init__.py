@@ -32,6 +32,7 @@ _SUBMOD_ATTRS: dict[str, list[str]] = {
         "BaseModelUnavailable",
         "DamagedAdapter",
         "DeviceUnavailable",
+        "ExportTargetExists",
         "IntegrityError",
         "InvalidConfig",
         "InvalidInteractions",
@@ -74,6 +75,8 @@ _SUBMOD_ATTRS: dict[str, list[str]] = {
     # compose/
     "compose.merge": ["merge"],
     "compose.peft_import": ["import_adapter"],
+    "compose.materialize": ["Materialized", "materialize"],
+    "compose.export": ["ExportResult", "export_adapter"],
     "compose.route": ["RouteChoice", "RouteScore", "Router"],
 }
 _RENAMED = {"MERGE_METHODS": ("compose.merge", "METHODS")}  # public name -> (submodule, its name there)
@@ -104,6 +107,8 @@ __all__ = [
     "EngineClosed",
     "EngineStats",
     "EvalResult",
+    "ExportResult",
+    "ExportTargetExists",
     "GenerationRequest",
     "GenerationResult",
     "Handle",
@@ -119,6 +124,7 @@ __all__ = [
     "LoraRuntime",
     "LoraSettings",
     "MERGE_METHODS",
+    "Materialized",
     "NonFiniteWeights",
     "PersonaError",
     "Problem",
@@ -144,10 +150,12 @@ __all__ = [
     "VersionNotFound",
     "base_info",
     "data_digest",
+    "export_adapter",
     "format_stack",
     "import_adapter",
     "load_base",
     "log_interactions",
+    "materialize",
     "merge",
     "parse_interactions",
     "parse_ref",
@@ -175,6 +183,8 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ loads these on demand
     from .base import EMBEDDED_BASE, BaseInfo, BaseModel, base_info, load_base, resolve_device
+    from .compose.export import ExportResult, export_adapter
+    from .compose.materialize import Materialized, materialize
     from .compose.merge import METHODS as MERGE_METHODS, merge
     from .compose.peft_import import import_adapter
     from .compose.route import RouteChoice, RouteScore, Router
@@ -187,6 +197,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ lo
         DamagedAdapter,
         DeviceUnavailable,
         EngineClosed,
+        ExportTargetExists,
         IncompatibleAdapter,
         IntegrityError,
         InvalidConfig,
