@@ -65,9 +65,9 @@ def get_or_build(store: Store, key: str, sources: Sequence[AdapterRef], build: B
             return found
         if reason is not None:  # present but not what was written: never served, rebuilt below
             logger.warning("materialized adapter %s is damaged (%s); rebuilding it", key[:12], reason)
-            remove_tree(folder)
+            _remove(folder)
         # Under the lineage lock a concurrent delete of a source either happens first (build() cannot
-        # load it) or after this entry exists (and drops it): deleted weights never outlive in the cache.
+        # load it) or after this entry exists (and drops it): deleted weights do not live on in the cache.
         with store.lineage_lock():
             tensors, config = build()
             return _write(store, folder, key, sources, tensors, config)
@@ -145,9 +145,14 @@ def drop_built_from(store: Store, refs: Sequence[AdapterRef]) -> int:
             except (OSError, ValueError, IntegrityError):
                 sources = doomed
         if sources & doomed:
-            if entry.is_symlink():
-                entry.unlink()
-            else:
-                remove_tree(entry)
+            _remove(entry)
             dropped += 1
     return dropped
+
+
+def _remove(path: Path) -> None:
+    """Remove a cache entry: a folder whole (renamed away first), a symlink or a stray file itself."""
+    if path.is_dir() and not path.is_symlink():
+        remove_tree(path)
+    else:
+        path.unlink(missing_ok=True)
