@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -124,6 +125,13 @@ def test_tampered_cache_entry_is_rebuilt_never_served(store):
     assert again.built and again.path == first.path and weights.read_bytes() == good
     (first.path / "extra.safetensors").write_bytes(b"x")  # a file the manifest does not list
     assert materialize(store, "user:alice+user:bob").built and not (first.path / "extra.safetensors").exists()
+    # an entry replaced by a symlink to another folder (which passes its own hash check) is not followed
+    other = materialize(store, "domain:finance+user:bob")
+    shutil.rmtree(first.path)
+    first.path.symlink_to(other.path, target_is_directory=True)
+    rebuilt = materialize(store, "user:alice+user:bob")
+    assert rebuilt.built and not rebuilt.path.is_symlink() and other.path.is_dir()
+    assert (rebuilt.path / "adapter_model.safetensors").read_bytes() == good
 
 
 def test_deleting_an_adapter_drops_cached_merges_built_from_it(store):
