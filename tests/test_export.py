@@ -127,7 +127,7 @@ def test_export_of_an_ewc_version_holds_the_lora_tensors_only(store, tmp_path):
     alice = store.load("user:alice")
     fisher = {k: torch.full_like(v, 7.0) for k, v in alice.tensors.items()}
     store.publish_version("user:alice", NewVersion(alice.tensors, alice.config, parent=1,
-                                                   extra_files={"fisher.safetensors": fisher}))
+                                                   extra_files={"fisher": fisher}))
     export_adapter(store, "user:alice", tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == FILES
     globbed = {}
