@@ -50,11 +50,13 @@ def resolver(store) -> PersonaLoRAResolver:
 
 
 def resolve(resolver, name, base=None):
-    return asyncio.run(resolver.resolve_lora(base or resolver.base_name, name))
+    return asyncio.run(resolver.resolve_lora(base or resolver.base_names[0], name))
 
 
 def test_resolver_pins_references_to_version_folders(store, resolver, tiny_base):
-    assert resolver.base_name == loader_name(tiny_base) == str(Path(tiny_base).resolve())
+    # the store's base id (what the gateway sends for the base) and the loader's name (vLLM's default)
+    assert resolver.base_names == tuple(dict.fromkeys((store.config.base_id, loader_name(tiny_base))))
+    assert loader_name(tiny_base) == str(Path(tiny_base).resolve())
     found = resolve(resolver, "user:alice")
     assert isinstance(found, LoRARequest)
     assert found.lora_name == "user:alice@v0001"
@@ -80,7 +82,7 @@ def test_ids_are_stable_across_processes(store, resolver, isolated_store):
     here = resolve(resolver, "user:alice")
     stack = resolve(resolver, "user:alice+domain:finance*0.5")
     code = ("import asyncio, json; from persona.integrations.vllm import PersonaLoRAResolver as R; r = R(); "
-            "out = [asyncio.run(r.resolve_lora(r.base_name, m)) for m in ('user:alice', 'user:alice+domain:finance*0.5')];"
+            "out = [asyncio.run(r.resolve_lora(r.base_names[0], m)) for m in ('user:alice', 'user:alice+domain:finance*0.5')];"
             "print(json.dumps([[x.lora_name, x.lora_int_id, x.lora_path] for x in out]))")
     env = {**os.environ, "PERSONA_HOME": str(isolated_store), "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": "random"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=True)

@@ -7,10 +7,12 @@ vLLM finds it through the entry point ``persona = "persona.integrations.vllm:reg
     PERSONA_VLLM_BASE_NAME=...               # optional: the model name vLLM was started with
 
     PERSONA_HOME=/shared/adapters VLLM_ALLOW_RUNTIME_LORA_UPDATING=True \\
-        vllm serve BASE --enable-lora --max-lora-rank 64   # BASE: `persona base --json`'s loader_name
+        vllm serve LOADER_NAME --served-model-name BASE_ID --enable-lora --max-lora-rank 64
 
-(``PERSONA_VLLM_BASE_NAME`` defaults to :func:`persona.base.loader_name` of the store's base: the
-Hub id, a local base's absolute path, or the embedded base's converted folder.) A request's ``model``
+(``persona base --json`` prints both names. ``LOADER_NAME`` (:func:`persona.base.loader_name`) is
+what vLLM loads: the Hub id, a local base's absolute path, or the embedded base's converted folder.
+``BASE_ID`` is the store's base id, the name ``persona serve --upstream`` sends for the base. Without
+``PERSONA_VLLM_BASE_NAME`` the resolver accepts either name; with it, only that one.) A request's ``model``
 is any persona reference: ``user:alice``, ``user:alice@v3``, ``user:alice@current``, a stack
 ``user:alice+domain:finance*0.5`` or a layered adapter. The resolver pins it and returns a
 ``LoRARequest`` named with the versions (``user:alice@v0003``) whose path is
@@ -95,8 +97,8 @@ def resolve_adapter(store: Store, reference: str) -> ResolvedAdapter:
 class PersonaLoRAResolver(LoRAResolver):
     """vLLM's ``LoRAResolver`` over the persona store at ``root`` (default ``$PERSONA_HOME``).
 
-    ``base_name`` is the model name vLLM serves (default ``$PERSONA_VLLM_BASE_NAME``, else the store
-    base's :func:`~persona.base.loader_name`); a request for another base resolves to ``None``.
+    ``base_name`` is the model name vLLM serves (default ``$PERSONA_VLLM_BASE_NAME``, else the store's
+    base id or its :func:`~persona.base.loader_name`); a request for another base resolves to ``None``.
     The store is opened on first use, so registering costs nothing in processes that never resolve.
     """
 
@@ -112,10 +114,14 @@ class PersonaLoRAResolver(LoRAResolver):
         return self._store
 
     @property
-    def base_name(self) -> str:
-        if self._base_name is None:
-            self._base_name = loader_name(self.store.config.base_id)
-        return self._base_name
+    def base_names(self) -> tuple[str, ...]:
+        """The names vLLM may serve this store's base under: ``$PERSONA_VLLM_BASE_NAME`` alone when
+        set; else the store's base id (what ``persona serve --upstream`` sends for the base, so start
+        vLLM with ``--served-model-name`` set to it) and the base's loader name (vLLM's default name)."""
+        if self._base_name is not None:
+            return (self._base_name,)
+        base_id = self.store.config.base_id
+        return tuple(dict.fromkeys((base_id, loader_name(base_id))))
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
         """The pinned ``LoRARequest`` for ``lora_name``, or ``None`` (reason logged on ``persona.vllm``).
@@ -125,10 +131,11 @@ class PersonaLoRAResolver(LoRAResolver):
 
     def _resolve(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
         try:
-            if base_model_name != self.base_name:
-                logger.warning("not resolving %r: vLLM serves base %r, but the persona store %s is bound to %r "
+            if base_model_name not in self.base_names:
+                logger.warning("not resolving %r: vLLM serves base %r, but the persona store %s is bound to %s "
                                "(set %s if that is the same model under another name)", lora_name,
-                               base_model_name, self.store.root, self.base_name, BASE_NAME_ENV)
+                               base_model_name, self.store.root, " or ".join(map(repr, self.base_names)),
+                               BASE_NAME_ENV)
                 return None
             found = resolve_adapter(self.store, lora_name)
         except (PersonaError, OSError) as exc:
