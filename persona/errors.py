@@ -202,6 +202,14 @@ class EngineClosed(PersonaError, RuntimeError):
     """The engine was closed (or the server is stopping); it takes no more requests."""
 
 
+class UpstreamUnavailable(PersonaError, ConnectionError):
+    """The gateway (``persona serve --upstream``) reached none of its upstream servers."""
+
+
+class UpstreamRejected(PersonaError):
+    """An upstream refused the gateway itself (its ``--upstream-key``): the operator's setup, not the client's request."""
+
+
 # ----------------------------------------------------------------------------------- the table
 OpenAIType = Literal["invalid_request_error", "authentication_error", "requests", "server_error"]
 
@@ -277,6 +285,10 @@ ERROR_TABLE: dict[type[PersonaError], ErrorMapping] = {
     Overloaded: ErrorMapping(429, "requests", code="rate_limit_exceeded"),
     CapacityExceeded: ErrorMapping(503, _SERVER, code="capacity_exceeded"),
     EngineClosed: ErrorMapping(503, _SERVER, code="server_stopping"),
+    UpstreamUnavailable: ErrorMapping(503, _SERVER, code="upstream_unavailable",
+                                      client_message="no upstream server could take the request; retry shortly"),
+    UpstreamRejected: ErrorMapping(502, _SERVER, code="upstream_rejected",
+                                   client_message="the gateway's upstream server refused it; its log has the details"),
 }
 
 

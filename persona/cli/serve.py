@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ._common import open_engine, placement_options, route_top_k_option, store_option
+from .gateway import run_gateway, upstream_options
 
 MAX_BODY_BYTES = 4 << 20  # persona.http.app.MAX_BODY_BYTES, without importing FastAPI for every command
 
@@ -26,9 +27,10 @@ MAX_BODY_BYTES = 4 << 20  # persona.http.app.MAX_BODY_BYTES, without importing F
               help="On SIGTERM or Ctrl-C: seconds in-flight requests may finish before they are cancelled.")
 @route_top_k_option
 @placement_options
+@upstream_options
 @store_option
 def serve(host, port, max_resident, max_batch, no_auth, log_interactions, max_body_bytes, max_queue, max_per_token,
-          drain_timeout, route_top_k, device, dtype, store_root) -> None:
+          drain_timeout, route_top_k, device, dtype, upstream, upstream_key, store_root) -> None:
     """Serve adapters over an OpenAI-compatible HTTP API.
 
     \b
@@ -46,22 +48,35 @@ def serve(host, port, max_resident, max_batch, no_auth, log_interactions, max_bo
     --drain-timeout seconds, then cancels what is left and exits.
 
     \b
+    Gateway mode (--upstream URL, repeatable): the same front door (tokens,
+    404s, grammar, domain:auto, /v1/models, metrics, --log-interactions), but
+    each request runs on an OpenAI-compatible upstream (vLLM with persona's
+    resolver plugin, or another persona serve) with `model` pinned
+    (user:alice -> user:alice@v3). Adapters stick to one upstream (rendezvous
+    hashing); a refused connection fails over to the next. No base model is
+    loaded unless domain:auto is used. docs/SERVING.md, "The gateway".
+
+    \b
     Examples:
       persona serve --port 8000
       persona serve --port 8000 --route-top-k 2 --log-interactions
       persona serve --device cuda --dtype bfloat16      (auto picks this where torch sees a GPU)
+      PERSONA_UPSTREAM_API_KEY=... persona serve --port 8080 \\
+          --upstream http://10.0.0.5:8000 --upstream http://10.0.0.6:8000
     """
     from ..http.app import ServerConfig, serve as run_server
 
     if no_auth:
         click.secho("WARNING: --no-auth: authentication is OFF. Anyone who can reach "
                     f"{host}:{port} can use every adapter, including every user's.", fg="red", bold=True, err=True)
+    config = ServerConfig(auth=not no_auth, log_interactions=log_interactions, max_body_bytes=max_body_bytes,
+                          max_queue=max_queue, max_per_token=max_per_token, drain_timeout_s=drain_timeout)
+    if upstream:  # --device/--dtype place the base the router loads for domain:auto, if it is used
+        return run_gateway(store_root, host, port, config, upstream, upstream_key, route_top_k, device=device, dtype=dtype)
     engine = open_engine(store_root, max_resident=max_resident, max_batch=max_batch, route_top_k=route_top_k,
                          device=device, dtype=dtype)
     try:
-        run_server(engine, host, port, ServerConfig(
-            auth=not no_auth, log_interactions=log_interactions, max_body_bytes=max_body_bytes, max_queue=max_queue,
-            max_per_token=max_per_token, drain_timeout_s=drain_timeout))
+        run_server(engine, host, port, config)
     finally:
         engine.close(timeout=drain_timeout)
 

@@ -53,8 +53,9 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
 
 
 def make_server(engine, host: str = "127.0.0.1", port: int = 8000, config: ServerConfig | None = None,
-                log_level: str = "info"):
-    """A ``uvicorn.Server`` for the app; on SIGTERM/SIGINT it stops taking connections, lets in-flight
+                log_level: str = "info", *, factory=create_app):
+    """A ``uvicorn.Server`` for the app ``factory(engine, config)`` (the gateway's:
+    ``factory=create_gateway_app`` over a ``Gateway``); on SIGTERM/SIGINT it stops taking connections, lets in-flight
     requests finish for ``config.drain_timeout_s`` seconds, then cancels them (their engine rows stop
     at the next decode step) and exits."""
     import uvicorn
@@ -70,7 +71,7 @@ def make_server(engine, host: str = "127.0.0.1", port: int = 8000, config: Serve
                 deadline.cancel()
 
     config = config or ServerConfig()
-    app = create_app(engine, config)
+    app = factory(engine, config)
     return DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                          timeout_graceful_shutdown=config.drain_timeout_s + 2))
 

@@ -48,6 +48,10 @@ def refuse_unsupported(state: ServerState, body: CompletionCommon, endpoint: Lit
         raise InvalidRequest("stream_options is only allowed with stream: true", param="stream_options")
     if isinstance(body, ChatRequest) and body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+
+
+def refuse_unknown_token_ids(state: ServerState, body: CompletionCommon) -> None:
+    """A 400 for a ``logit_bias`` key that is not a token id of the engine's base."""
     vocab = state.engine.vocabulary.vocab_size
     for token in body.logit_bias or {}:
         if not token.isascii() or not token.isdigit() or int(token) >= vocab:
@@ -74,8 +78,10 @@ def check_prompt_size(state: ServerState, body: CompletionCommon, chat: bool) ->
                              "can hold", param="messages" if chat else "prompt", code="context_length_exceeded")
 
 
-def sampling(state: ServerState, body: CompletionCommon):
-    """The body's :class:`~persona.serving.engine.SamplingParams` (400 naming the field at fault)."""
+def sampling(state: ServerState, body: CompletionCommon, *, compile_format: bool = True):
+    """The body's :class:`~persona.serving.engine.SamplingParams` (400 naming the field at fault).
+
+    ``compile_format=False`` (the gateway, whose upstream compiles it): ``response_format`` is left out."""
     from ..serving.sampling import SamplingParams
 
     limit = state.config.max_tokens_limit
@@ -83,7 +89,7 @@ def sampling(state: ServerState, body: CompletionCommon):
         raise InvalidRequest(f"max_tokens is {body.limit()}; this server allows at most {limit}",
                              param="max_tokens", code="max_tokens_too_large")
     logprobs = ((body.top_logprobs or 0) if body.logprobs else None) if isinstance(body, ChatRequest) else body.logprobs
-    fmt = response_format(body)
+    fmt = response_format(body) if compile_format else None
     try:
         return SamplingParams(max_new_tokens=body.limit(), temperature=body.temperature, top_p=body.top_p,
                               stop=tuple(body.stop or ()), seed=body.seed, logprobs=logprobs,
@@ -115,6 +121,7 @@ def generation_request(state: ServerState, body: CompletionCommon, chat: bool):
     from ..serving.requests import GenerationRequest
 
     refuse_unsupported(state, body, "chat" if chat else "completions")
+    refuse_unknown_token_ids(state, body)
     refuse_unencodable(body)
     params = sampling(state, body)
     check_prompt_size(state, body, chat)
@@ -123,11 +130,12 @@ def generation_request(state: ServerState, body: CompletionCommon, chat: bool):
 
 
 # -------------------------------------------------------------------------- the model and the engine
-def check_model(state: ServerState, model: str, scope: Scope | None) -> None:
-    """400 for a malformed model, 404 for unknown adapters or any part the token may not reach."""
+def check_model(state: ServerState, model: str, scope: Scope | None) -> tuple:
+    """400 for a malformed model, 404 for unknown adapters or any part the token may not reach;
+    the pinned parts (every part but ``domain:auto``, layers included; ``()`` for the base)."""
     engine = state.engine
     if model == engine.base_name:
-        return
+        return ()
     try:
         parts = parse_stack(model)
     except InvalidReference as exc:
@@ -144,6 +152,7 @@ def check_model(state: ServerState, model: str, scope: Scope | None) -> None:
         raise InvalidRequest(f"invalid model {model!r}: {exc}", param="model", code="invalid_model") from None
     if scope is not None and not scope.allows(pinned):  # a layered adapter's layer runs too (merged: admin only)
         raise not_found(model)
+    return pinned
 
 
 def submit(state: ServerState, request):

@@ -33,6 +33,7 @@ class Metrics:
     """The counters one app exports at ``GET /metrics`` (a registry of its own, not the global one)."""
 
     def __init__(self, engine, gate: AdmissionGate):
+        """``engine`` None (the gateway): no engine totals, only the requests in flight."""
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
         self.registry = CollectorRegistry()
@@ -71,10 +72,12 @@ class _EngineCollector:
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+        yield GaugeMetricFamily("persona_requests_in_flight", "Requests admitted (to the engine, or the gateway's "
+                                "upstreams) and not finished", value=self.gate.in_flight)
+        if self.engine is None:
+            return
         stats = self.engine.stats()
         yield GaugeMetricFamily("persona_resident_adapters", "Adapters resident in engine slots", value=len(stats.resident))
-        yield GaugeMetricFamily("persona_requests_in_flight", "Requests admitted to the engine and not finished",
-                                value=self.gate.in_flight)
         yield CounterMetricFamily("persona_adapter_loads", "Adapter loads from disk since start", value=stats.loads)
         yield CounterMetricFamily("persona_adapter_evictions", "Adapter slot evictions since start", value=stats.evictions)
         yield CounterMetricFamily("persona_adapter_cpu_hits", "Adapter loads served by the CPU tier", value=stats.cpu_hits)

@@ -34,7 +34,7 @@ class ServerConfig:
 class ServerState:
     """One app's engine, store, tokens, settings, admission gate and metrics."""
 
-    engine: Any  # persona.serving.engine.Engine, or anything with its store, base_name, check, submit
+    engine: Any  # persona.serving.engine.Engine, or the gateway (persona.http.gateway.Gateway): store, base_name, check
     config: ServerConfig
     tokens: TokenStore
     gate: AdmissionGate
@@ -43,10 +43,11 @@ class ServerState:
     _longest_token: int | None = None
 
     @classmethod
-    def over(cls, engine, config: ServerConfig) -> "ServerState":
+    def over(cls, engine, config: ServerConfig, *, engine_metrics: bool = True) -> "ServerState":
+        """The state over ``engine`` (or the gateway, ``engine_metrics=False``: it has no engine totals)."""
         gate = AdmissionGate(config.max_queue, config.max_per_token)
         return cls(engine=engine, config=config, tokens=engine.store.tokens, gate=gate,
-                   metrics=Metrics(engine, gate))
+                   metrics=Metrics(engine if engine_metrics else None, gate))
 
     @property
     def store(self):

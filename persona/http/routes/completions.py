@@ -46,10 +46,7 @@ async def complete(state: ServerState, request: Request, scope, body: Completion
     started = time.perf_counter()
     gen = generation_request(state, body, chat)
     handles = await admit(state, scope, gen, body.n)
-    messages = None
-    if chat:  # the interaction log keeps OpenAI's plain form: developer as system, no names
-        messages = [{"role": "system" if m["role"] == SYSTEM_ALIAS else m["role"], "content": m["content"]}
-                    for m in gen.messages]
+    messages = logged_messages(gen.messages) if chat else None
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     if body.stream:
@@ -91,6 +88,11 @@ def answer(results, rid: str, created: int, model: str, *, chat: bool, result) -
             choices.append({"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": logprobs})
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": model, "choices": choices, "usage": usage(result)}
+
+
+def logged_messages(messages) -> list[dict[str, str]]:
+    """A chat's messages as the interaction log keeps them: OpenAI's plain form, developer as system, no names."""
+    return [{"role": "system" if m["role"] == SYSTEM_ALIAS else m["role"], "content": m["content"]} for m in messages]
 
 
 def log_chat(state: ServerState, model: str, messages: list[dict[str, str]], answer_text: str) -> None:
