@@ -75,3 +75,11 @@ def test_materialize_quick_run_builds_reuses_and_checks_exactness(capsys):
     for label in ("2-part stack", "3-part stack", "layered adapter (2 parts)"):
         assert f"| {label} |" in out
     assert out.count("| PASS |") == 3 and "FAIL" not in out and "float32 floor" in out
+
+
+def test_gateway_benchmark_quick_path_reports_a_ratio_per_way(capsys):
+    module = _load("gateway")
+    module.main(["--quick", "--requests", "2", "--tokens", "4", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "TINY RANDOM MODEL" in out and "ratio (goal <= 1.10)" in out
+    assert "| whole answer |" in out and "| streamed: to [DONE] |" in out

@@ -228,6 +228,7 @@ class Scripted:
         self.seen: list[dict] = []
         self.status, self.error_body = 200, None
         self.hold: threading.Event | None = None  # a stream waits here after its first event
+        self.stopped = threading.Event()  # set when a stream is cut off before its end
 
     def app(self):
         from starlette.applications import Starlette
@@ -244,17 +245,30 @@ class Scripted:
             chunk = {"id": "x", "object": "chat.completion.chunk", "model": body["model"],
                      "choices": [{"index": 0, "delta": {"content": "one "}, "finish_reason": None}]}
             if not body.get("stream"):
+                deadline = time.time() + WAIT
+                while self.hold is not None and not self.hold.is_set():
+                    assert time.time() < deadline, "the test never released the answer"
+                    if await request.is_disconnected():
+                        self.stopped.set()
+                        return JSONResponse({}, status_code=499)
+                    await anyio.sleep(0.01)
                 return JSONResponse({"id": "x", "object": "chat.completion", "model": body["model"], "usage": None,
                                      "choices": [{"index": 0, "message": {"role": "assistant", "content": "one two"},
                                                   "finish_reason": "stop"}]})
 
             async def events():
-                yield "data: " + json.dumps(chunk) + "\n\n"
-                if self.hold is not None:
-                    assert await anyio.to_thread.run_sync(self.hold.wait, WAIT)
-                yield "data: " + json.dumps({**chunk, "choices": [{"index": 0, "delta": {"content": "two"},
-                                                                    "finish_reason": "stop"}]}) + "\n\n"
-                yield "data: [DONE]\n\n"
+                try:
+                    yield "data: " + json.dumps(chunk) + "\n\n"
+                    deadline = time.time() + WAIT
+                    while self.hold is not None and not self.hold.is_set():  # cancellable, unlike a thread's wait
+                        assert time.time() < deadline, "the test never released the stream"
+                        await anyio.sleep(0.01)
+                    yield "data: " + json.dumps({**chunk, "choices": [{"index": 0, "delta": {"content": "two"},
+                                                                        "finish_reason": "stop"}]}) + "\n\n"
+                    yield "data: [DONE]\n\n"
+                except BaseException:
+                    self.stopped.set()  # the gateway closed the request before the stream ended
+                    raise
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -275,8 +289,17 @@ def gateway_over(store, *urls: str, key: str | None = "up-key", **config):
     from persona.http.state import ServerConfig
 
     gateway = Gateway(store, UpstreamSettings(urls, api_key=key, cooldown_s=0))
-    with loopback_server(create_gateway_app(gateway, ServerConfig(**config))) as url:
+    app = create_gateway_app(gateway, ServerConfig(**config))
+    with loopback_server(app) as url:
         yield url, gateway
+    assert app.state.gate.in_flight == 0  # every request gave its admission place back
+
+
+def wait_until(condition, what: str) -> None:
+    deadline = time.time() + WAIT
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
 
 
 def test_the_clients_token_never_reaches_the_upstream(scripted_world):
@@ -308,6 +331,32 @@ def test_stream_events_reach_the_client_before_the_upstream_finishes(scripted_wo
             upstream.hold.set()
             rest = [line for line in lines if line]
     assert rest[-1] == "data: [DONE]" and json.loads(rest[0][6:])["choices"][0]["delta"]["content"] == "two"
+
+
+def test_a_client_that_leaves_mid_stream_closes_the_upstream_request(scripted_world):
+    store, token = scripted_world
+    upstream = Scripted()
+    upstream.hold = threading.Event()  # never set: only the client's leaving can end this stream
+    with loopback_server(upstream.app()) as up, gateway_over(store, up) as (gw, gateway):
+        with httpx.stream("POST", gw + "/v1/chat/completions", json={**CHAT, "model": "user:alice", "stream": True},
+                          headers={"Authorization": f"Bearer {token}"}, timeout=WAIT) as response:
+            assert next(line for line in response.iter_lines() if line).startswith("data: {")
+        wait_until(upstream.stopped.is_set, "the upstream to see the request closed")
+        wait_until(lambda: "persona_requests_in_flight 0.0" in httpx.get(
+            gw + "/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=WAIT).text, "the place released")
+
+
+def test_a_client_that_leaves_before_a_whole_answer_closes_the_upstream_request(scripted_world):
+    store, token = scripted_world
+    upstream = Scripted()
+    upstream.hold = threading.Event()  # the upstream "generates" until the gateway's request goes away
+    with loopback_server(upstream.app()) as up, gateway_over(store, up) as (gw, _):
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up waiting and closes its connection
+            httpx.post(gw + "/v1/chat/completions", json={**CHAT, "model": "user:alice"},
+                       headers={"Authorization": f"Bearer {token}"}, timeout=httpx.Timeout(WAIT, read=0.5))
+        wait_until(upstream.stopped.is_set, "the upstream to see the request closed")
+        wait_until(lambda: "persona_requests_in_flight 0.0" in httpx.get(
+            gw + "/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=WAIT).text, "the place released")
 
 
 def test_upstream_errors_come_back_with_their_status_and_a_refused_key_is_a_502(scripted_world):

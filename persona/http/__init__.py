@@ -9,5 +9,8 @@
 - ``streaming``: waiting on the engine: whole answers and server-sent events, cancelled when the client goes.
 - ``errors``: every error as OpenAI's JSON, library errors through the table in ``persona.errors``.
 - ``metrics``: Prometheus counters labelled by route template; ``admission``: the in-flight limits.
-- ``routes/``: one ``APIRouter`` each for completions, models and admin (health, metrics, schema).
+- ``routes/``: one ``APIRouter`` each for completions, models and admin (health, metrics, schema), and
+  ``forward`` (the gateway's completions).
+- ``gateway``: ``persona serve --upstream``: the front door over upstream servers; ``upstream``: choosing
+  one (rendezvous hashing) and failing over; ``relay``: SSE passed through event by event.
 """

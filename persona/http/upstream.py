@@ -40,9 +40,7 @@ FAILOVER_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, 
 
 def normalize_url(url: str) -> str:
     """``http://host:8000/v1/`` -> ``http://host:8000``: the server's root (routes are appended as ``/v1/...``)."""
-    text = url.strip().rstrip("/")
-    if text.endswith("/v1"):
-        text = text[: -len("/v1")]
+    text = url.strip().rstrip("/").removesuffix("/v1")
     parsed = httpx.URL(text) if text else None
     if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
         raise InvalidConfig(f"invalid upstream URL {url!r}: expected http(s)://HOST[:PORT][/v1], "

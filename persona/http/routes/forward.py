@@ -21,7 +21,8 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable
+from functools import partial
+from typing import Annotated, Any, Awaitable, Callable, TypeVar
 
 import anyio
 import httpx
@@ -35,7 +36,7 @@ from ..generation import check_model, not_found, refuse_unencodable, refuse_unsu
 from ..relay import SseRelay, Usage, choice_text
 from ..schemas import ChatRequest, CompletionCommon, CompletionRequest
 from ..state import ServerState, server_state
-from ..streaming import _client_gone
+from ..streaming import ClientGone, _client_gone
 from ..upstream import Forwarded
 from .completions import log_chat, logged_messages
 from ...errors import AdapterNotFound, NoDomainToRoute, UpstreamRejected, UpstreamUnavailable, VersionNotFound
@@ -45,6 +46,7 @@ from ...serving.resolve import is_auto
 router = APIRouter()
 State = Annotated[ServerState, Depends(server_state)]
 PINNED_HEADER = "x-persona-model"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -105,14 +107,19 @@ async def forward(state: ServerState, request: Request, scope, sent: SentBody, *
                                                 limiter=state.limiter("admission", 4))
         upstream_model = gateway.upstream_model(pinned)
         payload = json.dumps({**sent.data, "model": upstream_model}).encode()
-        forwarded = await gateway.pool.send(gateway.affinity_key(pinned), route, payload)
+        # A whole answer's status line comes when the upstream has finished: a client that leaves meanwhile
+        # must stop the upstream's generation (the cancelled send closes its connection).
+        forwarded = await unless_gone(request, gateway.pool.send(gateway.affinity_key(pinned), route, payload))
+    except ClientGone:
+        ticket.release()
+        state.metrics.record(route, "499", started)  # nginx's "client closed request": nobody reads this answer
+        return Response(status_code=499)
     except BaseException:
         ticket.release()
         raise
     on_text = None
     if chat and state.config.log_interactions:
-        messages = logged_messages([m.for_engine() for m in body.messages])
-        on_text = lambda text: log_chat(state, body.model, messages, text)  # noqa: E731
+        on_text = partial(log_chat, state, body.model, logged_messages([m.for_engine() for m in body.messages]))
     headers = {PINNED_HEADER: upstream_model}
     if forwarded.response.status_code >= 400 or not body.stream:
         try:
@@ -121,9 +128,30 @@ async def forward(state: ServerState, request: Request, scope, sent: SentBody, *
         finally:
             ticket.release()
     relay = SseRelay(body.model, chat=chat)
-    return StreamingResponse(relayed(state, forwarded, relay, ticket.release, route=route, started=started,
-                                     on_text=on_text),
-                             media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
+
+    async def cleanup() -> None:  # idempotent; also when the stream never started (the client left at once)
+        await _close(forwarded.response)
+        ticket.release()
+
+    return RelayResponse(relayed(state, forwarded, relay, ticket.release, route=route, started=started,
+                                 on_text=on_text), cleanup,
+                         media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
+
+
+class RelayResponse(StreamingResponse):
+    """A stream whose ``cleanup`` runs however the response ends: a generator that was never started
+    (the client went away before the first event) runs no ``finally`` of its own."""
+
+    def __init__(self, content, cleanup: Callable[[], Any], **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self._cleanup = cleanup
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._cleanup()
 
 
 async def _close(response: httpx.Response) -> None:
@@ -131,24 +159,34 @@ async def _close(response: httpx.Response) -> None:
         await response.aclose()
 
 
+async def unless_gone(request: Request, work: Awaitable[T]) -> T:
+    """``work``'s result; :class:`ClientGone` (``work`` cancelled) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_client_gone(request.receive))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.gather(task, return_exceptions=True)  # its cleanup (closing the connection) has run
+    if task.cancelled():
+        raise ClientGone()
+    return task.result()
+
+
 async def read_unless_gone(request: Request, forwarded: Forwarded) -> bytes | None:
     """The upstream's whole body; None if the client disconnected first (the upstream request is closed,
     so the upstream stops generating)."""
-    reading = asyncio.ensure_future(forwarded.response.aread())
-    gone = asyncio.ensure_future(_client_gone(request.receive))
     try:
-        await asyncio.wait({reading, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not reading.done():
-            reading.cancel()
-        await _close(forwarded.response)
-    if reading.cancelled():
+        return await unless_gone(request, forwarded.response.aread())
+    except ClientGone:
         return None
-    try:
-        return reading.result()
     except httpx.HTTPError as exc:  # the upstream broke off its answer
         raise UpstreamUnavailable(f"{forwarded.upstream} broke off its answer: {type(exc).__name__}: {exc}") from None
+    finally:
+        await _close(forwarded.response)
 
 
 async def whole_answer(state: ServerState, request: Request, forwarded: Forwarded, model: str, *, chat: bool,
