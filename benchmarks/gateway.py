@@ -102,9 +102,12 @@ def main(argv: list[str] | None = None) -> None:
         store.create("user:alice", LoraSettings(init="random", seed=1))
         tokens = TokenStore(store)
         alice, key = tokens.create("user:alice")[0], tokens.create("admin")[0]
-        upstream, upstream_url = _start(root, args.threads)
-        gateway, gateway_url = _start(root, 1, "--upstream", upstream_url, "--upstream-key", key)
+        procs: list[subprocess.Popen] = []
         try:
+            upstream, upstream_url = _start(root, args.threads)
+            procs.append(upstream)
+            gateway, gateway_url = _start(root, 1, "--upstream", upstream_url, "--upstream-key", key)
+            procs.append(gateway)
             ways = {"direct": (upstream_url, key, "user:alice@v1"), "gateway": (gateway_url, alice, "user:alice")}
             whole: dict[str, list[float]] = {w: [] for w in ways}
             first: dict[str, list[float]] = {w: [] for w in ways}
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"round {i + 1}/{args.requests}: whole p50 direct {statistics.median(whole['direct']):.3f} s, "
                           f"gateway {statistics.median(whole['gateway']):.3f} s", file=sys.stderr, flush=True)
         finally:
-            for proc in (gateway, upstream):
+            for proc in procs:
                 proc.kill()
                 proc.wait()
     rows = []
