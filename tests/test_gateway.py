@@ -397,6 +397,18 @@ def test_domain_auto_loads_the_router_only_when_asked_and_sends_the_routed_domai
     assert upstream.seen[-1]["body"]["model"] == "user:alice@v1+domain:finance@v1"
 
 
+def test_a_layered_adapter_goes_upstream_as_its_pinned_stack(scripted_world):
+    store, _ = scripted_world
+    store.create("domain:finance", LoraSettings(init="random", seed=3, rank=4))
+    store.create("user:carol", LoraSettings(init="random", seed=4, rank=4), over="domain:finance")
+    token = TokenStore(store).create("user:carol")[0]
+    upstream = Scripted()
+    with loopback_server(upstream.app()) as up, gateway_over(store, up) as (gw, _):
+        answer = post(gw, token, {**CHAT, "model": "user:carol*0.5"})
+    assert answer.status_code == 200 and answer.json()["model"] == "user:carol*0.5"
+    assert upstream.seen[-1]["body"]["model"] == "user:carol@v1*0.5+domain:finance@v1*0.5"
+
+
 def test_gateway_mode_imports_no_torch(tiny_base, isolated_store):
     Store.init(isolated_store, base=tiny_base)
     probe = ("import sys; from persona import Store; from persona.http.gateway import Gateway, create_gateway_app; "
