@@ -27,7 +27,6 @@ warm-up, with the systems interleaved so that machine noise hits all of them ali
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
