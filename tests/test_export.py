@@ -103,6 +103,24 @@ def test_export_refuses_a_non_empty_folder_and_writes_into_an_empty_one(store, t
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]  # no temp folder left behind
 
 
+def test_export_refuses_a_folder_inside_the_store_which_would_corrupt_it(store, tmp_path):
+    before = [a.adapter for a in store.list()]
+    link = tmp_path / "link-to-store"
+    link.symlink_to(store.root)
+    for dest in (store.root / "user" / "alice" / "v0002", store.root / "user" / "eve" / "v0001", store.root / "out",
+                 link / "user" / "bob"):
+        with pytest.raises(ExportTargetExists, match="inside the adapter store"):
+            export_adapter(store, "user:alice", dest)
+        assert not os.path.lexists(dest)
+    assert [a.adapter for a in store.list()] == before and store.verify().ok
+
+
+def test_export_of_one_weighted_adapter_explains_the_weight(store, tmp_path):
+    with pytest.raises(InvalidReference, match=r"one adapter at weight 0\.5.*--merge") as caught:
+        export_adapter(store, "user:alice*0.5", tmp_path / "out")
+    assert "1 LoRA adapters" not in str(caught.value)
+
+
 def test_cli_export(run_cli, tmp_path):
     run_cli("create", "user:alice", "--init", "random")
     out = run_cli("export", "user:alice", tmp_path / "a", "--json")

@@ -55,7 +55,7 @@ def export_adapter(store: Store, reference: str, dest: str | os.PathLike, *, mer
     """Write ``reference`` (pinned now) to ``dest`` as a plain PEFT folder; see the module docstring.
 
     Raises :class:`InvalidReference` for a stack or layered adapter without ``merge``,
-    :class:`ExportTargetExists` when ``dest`` holds files, and what loading raises (hash-checked).
+    :class:`ExportTargetExists` when ``dest`` holds files or lies inside the store, and what loading raises (hash-checked).
 
     >>> export_adapter(store, "user:carol", "carol-peft", merge=True).pinned   # doctest: +SKIP
     'user:carol@v0001+domain:finance@v0001'
@@ -63,10 +63,16 @@ def export_adapter(store: Store, reference: str, dest: str | os.PathLike, *, mer
     from safetensors.torch import save
 
     dest = Path(dest).expanduser().absolute()
+    _refuse_inside_store(store, dest)
     _refuse_occupied(dest)
     parts = store.pin_stack(reference)
     pinned = pinned_name(parts)
     merged = not (len(parts) == 1 and parts[0].weight == 1)
+    if merged and not merge and len(parts) == 1:
+        raise InvalidReference(
+            f"{reference} is one adapter at weight {format_weight(parts[0].weight)} ({pinned}), and a PEFT folder "
+            "has no weight: pass --merge to export it with the weight folded in, or export it without the weight"
+        )
     if merged and not merge:
         raise InvalidReference(
             f"{reference} runs as {len(parts)} LoRA adapters ({pinned}), and a PEFT folder holds one: pass --merge "
@@ -88,6 +94,14 @@ def export_adapter(store: Store, reference: str, dest: str | os.PathLike, *, mer
     _write_folder(dest, blobs)
     files = {name: hashlib.sha256(data).hexdigest() for name, data in blobs.items()}
     return ExportResult(dest, reference, pinned, merged, base_name, files)
+
+
+def _refuse_inside_store(store: Store, dest: Path) -> None:
+    # A folder written into the store root is read as a version, an adapter or a kind by list, verify
+    # and the next publish (a stray user/NAME/v0002 breaks all three): export lands outside it.
+    real = Path(os.path.realpath(dest))
+    if real.is_relative_to(Path(os.path.realpath(store.root))):
+        raise ExportTargetExists(f"{dest} is inside the adapter store {store.root}; export to a folder outside it")
 
 
 def _refuse_occupied(dest: Path) -> None:
