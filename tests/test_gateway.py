@@ -465,6 +465,24 @@ def test_upstream_urls_are_normalized_and_checked():
         UpstreamSettings(("http://h:1", "http://h:1/v1"))
 
 
+def test_malformed_upstream_urls_are_invalid_config_not_a_crash():
+    from persona.errors import InvalidConfig
+
+    for bad in ("http://[::1", "https://h:99999", "http://h:0", "http://h:8000?x=1", "http://h:8000#f", "file:///etc"):
+        with pytest.raises(InvalidConfig, match="invalid upstream URL"):
+            UpstreamSettings((bad,))
+
+
+def test_upstream_urls_with_credentials_are_refused_so_they_never_reach_logs_or_metrics(run_cli):
+    from persona.errors import InvalidConfig
+
+    with pytest.raises(InvalidConfig, match="--upstream-key") as caught:
+        UpstreamSettings(("http://user:s3cret@h:8000",))
+    assert "s3cret" not in str(caught.value)
+    out = run_cli("serve", "--upstream", "http://user:s3cret@127.0.0.1:9", ok=False)
+    assert out.exit_code != 0 and "--upstream-key" in out.output and "s3cret" not in out.output
+
+
 def test_sse_relay_gives_the_same_events_whatever_the_byte_boundaries():
     events = [{"model": "user:a@v2", "choices": [{"index": 0, "delta": {"content": t}}]} for t in ("Hé", "llo")]
     stream = "".join("data: " + json.dumps(e) + "\r\n\r\n" for e in events).encode() + b"data: [DONE]\r\n\r\n"

@@ -41,10 +41,17 @@ FAILOVER_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, 
 def normalize_url(url: str) -> str:
     """``http://host:8000/v1/`` -> ``http://host:8000``: the server's root (routes are appended as ``/v1/...``)."""
     text = url.strip().rstrip("/").removesuffix("/v1")
-    parsed = httpx.URL(text) if text else None
-    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
+    try:
+        parsed = httpx.URL(text) if text else None
+    except httpx.InvalidURL:  # e.g. an unclosed IPv6 bracket
+        parsed = None
+    if (parsed is None or parsed.scheme not in ("http", "https") or not parsed.host or parsed.query
+            or parsed.fragment or not 0 < (80 if parsed.port is None else parsed.port) < 65536):
         raise InvalidConfig(f"invalid upstream URL {url!r}: expected http(s)://HOST[:PORT][/v1], "
                             "for example http://10.0.0.5:8000")
+    if parsed.userinfo:  # it would be logged, shown in /metrics and sent beside --upstream-key
+        raise InvalidConfig("an upstream URL must not hold credentials (USER:PASSWORD@): give the upstream's key "
+                            "with --upstream-key or PERSONA_UPSTREAM_API_KEY")
     return text
 
 
