@@ -171,6 +171,17 @@ def test_unknown_or_bad_references_resolve_to_none(store, resolver, caplog, name
     assert "not resolving" in caplog.text
 
 
+def test_an_unexpected_error_resolves_to_none_with_its_traceback_logged(store, resolver, caplog, monkeypatch):
+    # vLLM awaits resolvers without a try: an exception would fail the request instead of a 404
+    def broken(store, reference):
+        raise RuntimeError("CUDA out of memory while merging")
+
+    monkeypatch.setattr("persona.integrations.vllm.resolve_adapter", broken)
+    with caplog.at_level(logging.WARNING, logger="persona.vllm"):
+        assert resolve(resolver, "user:carol") is None
+    assert "CUDA out of memory" in caplog.text and "user:carol" in caplog.text
+
+
 def test_entry_point_is_declared_and_register_adds_a_lora_resolver():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["entry-points"]["vllm.general_plugins"] == {"persona": "persona.integrations.vllm:register"}

@@ -141,6 +141,9 @@ class PersonaLoRAResolver(LoRAResolver):
         except (PersonaError, OSError) as exc:
             logger.warning("not resolving %r: %s", lora_name, exc)
             return None
+        except Exception:  # vLLM awaits resolvers without a try: this would fail the request, others unasked
+            logger.exception("not resolving %r: unexpected error (a bug in persona)", lora_name)
+            return None
         logger.info("resolved %r to %s (%s)", lora_name, found.name, "merged" if found.merged else "version folder")
         return LoRARequest(lora_name=found.name, lora_int_id=found.lora_int_id, lora_path=str(found.path),
                            base_model_name=base_model_name)
