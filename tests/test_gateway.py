@@ -374,6 +374,16 @@ def test_upstream_errors_come_back_with_their_status_and_a_refused_key_is_a_502(
     assert refused.status_code == 502 and refused.json()["error"]["code"] == "upstream_rejected"
 
 
+def test_a_gateway_whose_upstream_is_itself_says_so_instead_of_looping_to_a_429(scripted_world, caplog):
+    store, token = scripted_world
+    admin = TokenStore(store).create("admin")[0]
+    with gateway_over(store, "http://127.0.0.1:9") as (gw, gateway):
+        gateway.pool.settings = UpstreamSettings((gw,), api_key=admin, cooldown_s=0)  # now it is its own upstream
+        answer = post(gw, token, {**CHAT, "model": "user:alice"})
+    assert answer.status_code == 502 and answer.json()["error"]["code"] == "upstream_rejected"
+    assert "leads back to this gateway itself" in caplog.text and admin not in answer.text + caplog.text
+
+
 def test_no_reachable_upstream_is_a_503_to_retry(scripted_world):
     store, token = scripted_world
     with gateway_over(store, f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}") as (gw, _):

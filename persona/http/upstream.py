@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -32,6 +33,10 @@ import httpx
 from ..errors import InvalidConfig, UpstreamUnavailable
 
 log = logging.getLogger("persona.http.app")
+
+# Sent with every upstream request: this gateway's random id, so a gateway whose --upstream leads back to
+# itself recognizes its own request (else each hop re-forwards until the per-token limit answers 429).
+HOP_HEADER = "x-persona-gateway"
 
 # Before the status line arrives these mean "this upstream did not take the request": try the next.
 FAILOVER_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.RemoteProtocolError,
@@ -114,6 +119,7 @@ class UpstreamPool:
         self._on_attempt = on_attempt or (lambda upstream, outcome: None)
         self._down_until: dict[str, float] = {}
         self._client: httpx.AsyncClient | None = None
+        self.hop_id = secrets.token_hex(8)  # HOP_HEADER's value: this process, not a secret
 
     @property
     def urls(self) -> tuple[str, ...]:
@@ -144,7 +150,7 @@ class UpstreamPool:
     async def send(self, key: str, path: str, payload: bytes) -> Forwarded:
         """POST ``payload`` (JSON) to ``path`` on the first upstream for ``key`` that answers; its
         response is open for streaming (close it). :class:`UpstreamUnavailable` when none answers."""
-        headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
+        headers = {"Content-Type": "application/json", "Accept-Encoding": "identity", HOP_HEADER: self.hop_id}
         if self.settings.api_key:
             headers["Authorization"] = f"Bearer {self.settings.api_key}"
         client = self.client()

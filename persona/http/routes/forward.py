@@ -37,7 +37,7 @@ from ..relay import SseRelay, Usage, choice_text
 from ..schemas import ChatRequest, CompletionCommon, CompletionRequest
 from ..state import ServerState, server_state
 from ..streaming import ClientGone, _client_gone
-from ..upstream import Forwarded
+from ..upstream import HOP_HEADER, Forwarded
 from .completions import log_chat, logged_messages
 from ...errors import AdapterNotFound, NoDomainToRoute, UpstreamRejected, UpstreamUnavailable, VersionNotFound
 from ...refs import parse_stack
@@ -98,6 +98,9 @@ def pin_model(state: ServerState, body: CompletionCommon, scope, chat: bool) -> 
 async def forward(state: ServerState, request: Request, scope, sent: SentBody, *, route: str, chat: bool):
     started = time.perf_counter()
     gateway, body = state.engine, sent.body
+    if request.headers.get(HOP_HEADER) == gateway.pool.hop_id:
+        raise UpstreamRejected("an --upstream URL leads back to this gateway itself: an upstream must be a model "
+                               "server (vLLM with persona's resolver, or persona serve without --upstream)")
     refuse_unsupported(state, body, "chat" if chat else "completions")
     refuse_unencodable(body)
     sampling(state, body, compile_format=False)  # the ranges and max_tokens limit, as the engine's server
