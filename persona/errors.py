@@ -198,6 +198,11 @@ class CapacityExceeded(InvalidConfig):
     """The engine cannot hold what a batch needs at once (more adapters than ``max_resident``)."""
 
 
+class MergeCacheFull(CapacityExceeded):
+    """The store's cache of materialized merges is at its size cap (``PERSONA_MERGE_CACHE_MAX_BYTES``):
+    a new stack is not merged; those already cached are still served."""
+
+
 class EngineClosed(PersonaError, RuntimeError):
     """The engine was closed (or the server is stopping); it takes no more requests."""
 
@@ -284,6 +289,8 @@ ERROR_TABLE: dict[type[PersonaError], ErrorMapping] = {
     LockTimeout: ErrorMapping(503, _SERVER, code="store_busy"),
     Overloaded: ErrorMapping(429, "requests", code="rate_limit_exceeded"),
     CapacityExceeded: ErrorMapping(503, _SERVER, code="capacity_exceeded"),
+    MergeCacheFull: ErrorMapping(507, _SERVER, code="merge_cache_full",
+                                 client_message="the server has no room to merge this stack now; cached stacks still run"),
     EngineClosed: ErrorMapping(503, _SERVER, code="server_stopping"),
     UpstreamUnavailable: ErrorMapping(503, _SERVER, code="upstream_unavailable",
                                       client_message="no upstream server could take the request; retry shortly"),

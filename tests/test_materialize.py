@@ -179,3 +179,22 @@ def test_content_key_covers_base_parts_versions_and_weights(store):
     assert len(key) == 64 and key == content_key(store, store.pin_stack("user:alice@v1+user:bob@v1*0.5"))
     digest = store.version_info("user:alice").files["adapter_model.safetensors"]
     assert hashlib.sha256(digest.encode()).hexdigest() != key  # not just one part's hash
+
+
+def test_the_merge_cache_is_bounded_and_refuses_a_new_merge_past_its_cap(store, monkeypatch):
+    """Every distinct weight is one more entry (a user token may send `domain:finance*0.51`, `*0.52`...):
+    past PERSONA_MERGE_CACHE_MAX_BYTES a new merge is refused before a byte is written; cached ones serve."""
+    from persona.errors import InvalidConfig, MergeCacheFull
+
+    first = materialize(store, "user:alice+domain:finance*0.5")
+    used = sum(f.stat().st_size for f in first.path.iterdir())
+    monkeypatch.setenv("PERSONA_MERGE_CACHE_MAX_BYTES", str(used + used // 2))  # room for one more half entry
+    entries = sorted(p.name for p in first.path.parent.iterdir())
+    with pytest.raises(MergeCacheFull, match="PERSONA_MERGE_CACHE_MAX_BYTES"):
+        materialize(store, "user:alice+domain:finance*0.51")
+    assert sorted(p.name for p in first.path.parent.iterdir()) == entries  # nothing written, no temp folder left
+    again = materialize(store, "user:alice+domain:finance*0.5")
+    assert again.path == first.path and not again.built  # what is cached is still served
+    monkeypatch.setenv("PERSONA_MERGE_CACHE_MAX_BYTES", "lots")
+    with pytest.raises(InvalidConfig, match="whole number of bytes"):
+        materialize(store, "user:alice+domain:finance*0.52")

@@ -9,6 +9,12 @@ folder and different inputs never share one. An entry is built once, under its o
 callers wait, then reuse it), written to a temp folder and renamed into place, and re-hashed against
 its manifest every time it is handed out: a tampered entry is rebuilt, never served.
 
+The cache is bounded: every distinct stack or weight a client sends is one more entry, as large as its
+parts together, so a build that would take the cache past ``PERSONA_MERGE_CACHE_MAX_BYTES`` (default
+16 GiB) is refused with :class:`~persona.errors.MergeCacheFull` before anything is written; cached
+entries are still served. Nothing is evicted automatically: an engine (vLLM) may still hold an
+entry's path and reload it from there.
+
 The manifest names the adapters an entry was built from by a hash of their id (the cache holds no user
 name), so :func:`drop_built_from` (called by ``Store.delete``) removes every entry that holds a deleted
 adapter's weights: a user's deleted weights do not live on in a cache.
@@ -26,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from .._fs import TMP_PREFIX, dumps_json, fsync_tree, read_regular_file, remove_tree, temp_sibling
-from ..errors import IntegrityError, InvalidName
+from ..errors import IntegrityError, InvalidConfig, InvalidName, MergeCacheFull
 from ..peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ..refs import AdapterRef
 from .layout import id_digest, now
@@ -38,6 +44,8 @@ CACHE = "merges"
 MANIFEST = "manifest.json"
 FORMAT = 1
 KEY = re.compile(r"[0-9a-f]{64}")
+MAX_BYTES_ENV = "PERSONA_MERGE_CACHE_MAX_BYTES"
+DEFAULT_MAX_BYTES = 16 << 30
 logger = logging.getLogger("persona.store")
 
 # () -> (PEFT-keyed tensors, adapter_config.json): what to write when the entry has to be built
@@ -79,6 +87,7 @@ def _write(store: Store, folder: Path, key: str, sources: Sequence[AdapterRef], 
 
     blobs = {ADAPTER_CONFIG: dumps_json(dict(config)),
              ADAPTER_WEIGHTS: save({k: v.contiguous() for k, v in tensors.items()})}
+    _check_room(folder.parent, sum(len(b) for b in blobs.values()))
     files = {name: hashlib.sha256(data).hexdigest() for name, data in blobs.items()}
     manifest = {"format": FORMAT, "key": key, "files": files, "created": now(),
                 "sources": sorted({id_digest(ref.unpinned()) for ref in sources}),
@@ -95,6 +104,34 @@ def _write(store: Store, folder: Path, key: str, sources: Sequence[AdapterRef], 
         if tmp.exists():
             remove_tree(tmp)
     return MaterializedFolder(key, folder, files, built=True)
+
+
+def max_bytes() -> int:
+    """The cache's size cap: ``$PERSONA_MERGE_CACHE_MAX_BYTES``, else 16 GiB."""
+    text = os.environ.get(MAX_BYTES_ENV)
+    if text is None or not text.strip():
+        return DEFAULT_MAX_BYTES
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise InvalidConfig(f"{MAX_BYTES_ENV} must be a whole number of bytes >= 0, got {text!r}")
+    return value
+
+
+def _check_room(root: Path, size: int) -> None:
+    """Refuse a new entry of ``size`` bytes that would take the cache past its cap (called under the
+    lineage lock, which every build holds, so two builds cannot both pass on the same room)."""
+    cap = max_bytes()
+    used = sum(f.stat().st_size for f in root.glob("*/*") if f.is_file() and not f.is_symlink()) \
+        if root.is_dir() else 0
+    if used + size > cap:
+        raise MergeCacheFull(
+            f"the store's merge cache ({root}) holds {used:,} bytes; a new {size:,}-byte merged adapter would pass "
+            f"its cap of {cap:,} ({MAX_BYTES_ENV}). Cached stacks are still served. Raise the cap, or remove "
+            "entries no engine still serves (see docs/SCALING.md)"
+        )
 
 
 def _manifest(folder: Path) -> dict[str, Any]:
