@@ -448,8 +448,3 @@ class Store(Layout):
                 continue  # a stray folder, or deleted while we looked
         return found
 
-    def cache_dir(self, name: str) -> Path:
-        """``ROOT/.cache/NAME``: derived data (the router's centroids), safe to delete, never adapter data."""
-        if not name.isidentifier():
-            raise InvalidName(f"cache name {name!r} is not a plain identifier")
-        return self.root / ".cache" / name

@@ -165,6 +165,13 @@ class Layout:
                 record[key] = max(record.get(key, 0), max(numbers))
         atomic_write_json(self.root / RETIRED, record, PRIVATE_MODE)
 
+    def cache_dir(self, name: str) -> Path:
+        """``ROOT/.cache/NAME``: derived data (router centroids, materialized merges), never the only copy of
+        adapter data."""
+        if not name.isidentifier():
+            raise InvalidName(f"cache name {name!r} is not a plain identifier")
+        return self.root / ".cache" / name
+
     # ----------------------------------------------------------------- locks
     @contextmanager
     def _file_lock(self, name: str, held: str) -> Iterator[None]:

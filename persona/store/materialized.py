@@ -29,16 +29,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from .._fs import TMP_PREFIX, dumps_json, fsync_tree, read_regular_file, remove_tree, temp_sibling
 from ..errors import IntegrityError, InvalidConfig, InvalidName, MergeCacheFull
 from ..peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ..refs import AdapterRef
-from .layout import id_digest, now
-
-if TYPE_CHECKING:
-    from .facade import Store
+from .layout import Layout, id_digest, now
 
 CACHE = "merges"
 MANIFEST = "manifest.json"
@@ -62,7 +59,7 @@ class MaterializedFolder:
     built: bool  # True when this call built it, False when it reused a checked entry
 
 
-def get_or_build(store: Store, key: str, sources: Sequence[AdapterRef], build: Build) -> MaterializedFolder:
+def get_or_build(store: Layout, key: str, sources: Sequence[AdapterRef], build: Build) -> MaterializedFolder:
     """The entry ``key``, built from ``build()`` if it is absent or fails its hash check."""
     if not KEY.fullmatch(key):
         raise InvalidName(f"a materialized adapter's key is a sha256 hex digest, got {key!r}")
@@ -81,7 +78,7 @@ def get_or_build(store: Store, key: str, sources: Sequence[AdapterRef], build: B
             return _write(store, folder, key, sources, tensors, config)
 
 
-def _write(store: Store, folder: Path, key: str, sources: Sequence[AdapterRef], tensors: Mapping[str, Any],
+def _write(store: Layout, folder: Path, key: str, sources: Sequence[AdapterRef], tensors: Mapping[str, Any],
            config: Mapping[str, Any]) -> MaterializedFolder:
     from safetensors.torch import save
 
@@ -163,7 +160,7 @@ def _checked(folder: Path, key: str) -> tuple[MaterializedFolder | None, str | N
     return MaterializedFolder(key, folder, dict(files), built=False), None
 
 
-def drop_built_from(store: Store, refs: Sequence[AdapterRef]) -> int:
+def drop_built_from(store: Layout, refs: Sequence[AdapterRef]) -> int:
     """Remove every entry built from any of ``refs`` (and any entry whose manifest is unreadable:
     what it holds cannot be told); returns how many. Called with the lineage lock held."""
     root = store.cache_dir(CACHE)
