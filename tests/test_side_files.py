@@ -61,7 +61,7 @@ def test_a_safetensors_globbing_loader_gets_the_true_lora_tensors_of_every_versi
     merge(store, ["domain:finance", "user:alice"], "merged:team", "cat")  # merge
 
     ewc = store.version_info("user:alice@v2")
-    assert set(ewc.files) == {"adapter_config.json", "adapter_model.safetensors", "fisher.train"}
+    assert set(ewc.files) == {"adapter_config.json", "adapter_model.safetensors", "fisher.train", "heldout.train"}
     fisher = store.load_extra("user:alice@v2", "fisher")
     assert fisher is not None and sorted(fisher) == sorted(store.load("user:alice@v2").tensors)  # the clash it was
     for ref in ("user:alice@v1", "user:alice@v2", "domain:finance", "user:bob@v1", "user:bob@v2", "merged:team"):

@@ -112,28 +112,49 @@ def log(ref, data_file, store_root, as_json) -> None:
 
 @click.command("eval")
 @click.argument("ref")
-@click.option("--data", "data_file", required=True, type=click.Path(dir_okay=False), help="Interactions (JSON Lines).")
+@click.option("--data", "data_file", type=click.Path(dir_okay=False), help="Interactions (JSON Lines) to score.")
 @click.option("--versions", default=None, help="Comma-separated versions or aliases to compare, e.g. v1,v3,base (base: no adapter).")
+@click.option("--matrix", is_flag=True,
+              help="Instead of --data: every version on every update's kept held-out slice, with BWT, FWT and gain.")
 @options_from(UpdateConfig, {"max_length": "--max-length"})
 @placement_options
 @store_option
 @json_option
-def eval_(ref, data_file, versions, max_length, device, dtype, store_root, as_json) -> None:
-    """Loss and perplexity of REF (or of several versions) on interactions.
+def eval_(ref, data_file, versions, matrix, max_length, device, dtype, store_root, as_json) -> None:
+    """Loss and perplexity of REF (or of several versions) on interactions, or REF's loss matrix.
+
+    \b
+    --matrix: R[i][j] = loss per target token of row i (the base, then each version
+    up to the one REF names) on the held-out slice kept by update j (the columns;
+    versions that kept none are listed as not kept). Lower is better.
+      gain[j] = R[base][j] - R[j][j]          update j's gain over the base on its slice
+      BWT = mean over earlier j of R[j][j] - R[F][j]
+            (F: the version REF names; negative = F forgot what update j learned)
+      FWT = mean over j after the first of R[base][j] - R[parent(j)][j]
+            (positive = the version an update started from already beat the base on its slice)
 
     \b
     Examples:
       persona eval user:alice --data examples/interactions/alice-3.jsonl
       persona eval user:alice --data examples/interactions/alice-3.jsonl --versions v1,v2,base --json
+      persona eval user:alice --matrix
+      persona eval user:alice@v3 --matrix --json
     """
     from ..interactions import read_interactions
     from ..training.trainer import Trainer
 
+    if matrix == bool(data_file):
+        raise click.UsageError("give --data FILE to score interactions, or --matrix for the kept held-out slices")
+    if matrix and versions:
+        raise click.UsageError("--matrix scores every version up to REF; --versions does not apply")
     check_placement(device, dtype)
-    interactions = read_interactions(data_file)
+    interactions = read_interactions(data_file) if data_file else None
     store = open_store(store_root)
     parsed = parse_ref(ref)
     store.show(parsed)
+    if matrix:
+        _print_matrix(Trainer(store, device=device, dtype=dtype).loss_matrix(parsed, max_length=max_length), as_json)
+        return
     selectors = [v.strip() for v in versions.split(",") if v.strip()] if versions else [parsed.selector]
     results = Trainer(store, device=device, dtype=dtype).evaluate(parsed, interactions, selectors, max_length=max_length)
     if as_json:
@@ -143,6 +164,28 @@ def eval_(ref, data_file, versions, max_length, device, dtype, store_root, as_js
     for r in results:
         layer = f"  (over {r.over})" if r.over else ""
         click.echo(f"{r.version:10} {r.loss:8.4f} {r.perplexity:10.2f} {r.tokens:8d}{layer}")
+
+
+def _print_matrix(m, as_json: bool) -> None:
+    if as_json:
+        emit(True, m.to_dict())
+        return
+
+    def num(v):
+        return "-" if v is None or v != v else f"{v:.4f}"  # v != v: NaN, a slice with no target token
+
+    click.echo(f"{m.adapter} as of {m.final}: loss per token, rows = version, columns = update's held-out slice")
+    if not m.columns:
+        click.echo("no version up to it kept a held-out slice (updates keep one from this persona on)")
+    else:
+        click.echo(f"{'':10}" + "".join(f"{c:>10}" for c in m.columns))
+        for row, values in zip(m.rows, m.losses):
+            click.echo(f"{row:10}" + "".join(f"{num(v):>10}" for v in values))
+        click.echo(f"{'gain':10}" + "".join(f"{num(v):>10}" for v in m.gain) + "   (base - own version)")
+        click.echo(f"{'tokens':10}" + "".join(f"{t:>10}" for t in m.tokens))
+    click.echo(f"BWT {num(m.bwt).strip()}  (negative = forgetting)   FWT {num(m.fwt).strip()}")
+    if m.not_kept:
+        click.echo(f"not kept: {', '.join(m.not_kept)}")
 
 
 COMMANDS = [update, log, eval_]

@@ -382,6 +382,10 @@ class Store(Layout):
         written before issue 13) stored beside a version (None when absent), hash-checked."""
         return integrity.load_extra(self, ref, name)
 
+    def heldout(self, ref: str | AdapterRef) -> list[Interaction] | None:
+        """The held-out slice a version's update was judged on (``heldout.train``; None: not kept), hash-checked."""
+        return integrity.load_heldout(self, ref)
+
     # ----------------------------------------------------------------- queues, tokens, domains, caches
     def replay(self, ref: str | AdapterRef) -> ReplayBuffer:
         """An adapter's replay buffer (empty when it has none)."""

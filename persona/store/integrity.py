@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 from .._fs import read_regular_file, sha256_file, symlinks_under
 from ..base import PICKLE_SUFFIXES
-from ..errors import BaseMismatch, DamagedAdapter, IntegrityError, UnsafeWeightFile
+from ..errors import BaseMismatch, DamagedAdapter, IntegrityError, InvalidName, UnsafeWeightFile
+from ..interactions import Interaction, parse_interactions
 from ..peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ..refs import KINDS, AdapterRef, format_version, parse_ref
 from .layout import META, REFS
 from .lineage import user_ancestry
-from .records import SIDE_SUFFIX, LoadedAdapter, Problem, side_file_names
+from .records import HELDOUT_FILE, HELDOUT_NAME, SIDE_SUFFIX, LoadedAdapter, Problem, side_file_names
 
 if TYPE_CHECKING:
     from .facade import Store
@@ -175,6 +176,8 @@ def load_extra(store: Store, ref: str | AdapterRef, name: str) -> dict[str, Any]
     """
     from safetensors.torch import load as load_safetensors
 
+    if name == HELDOUT_NAME:
+        raise InvalidName("the held-out slice is JSON Lines, not tensors: read it with Store.heldout(ref)")
     info = store.version_info(ref)
     name = next((n for n in side_file_names(name) if n in info.files), None)
     if name is None:
@@ -183,6 +186,17 @@ def load_extra(store: Store, ref: str | AdapterRef, name: str) -> dict[str, Any]
     if hashlib.sha256(data).hexdigest() != info.files[name]:
         raise IntegrityError(f"{info.ref}: {name} does not match its recorded sha256")
     return load_safetensors(data)
+
+
+def load_heldout(store: Store, ref: str | AdapterRef) -> list[Interaction] | None:
+    """The held-out slice a version's update was judged on (None: not kept), hash-checked before it is parsed."""
+    info = store.version_info(ref)
+    if not info.heldout_kept:
+        return None
+    data = _read_version_file(info.ref, store._version_dir(info.ref, info.version), HELDOUT_FILE)
+    if hashlib.sha256(data).hexdigest() != info.files[HELDOUT_FILE]:
+        raise IntegrityError(f"{info.ref}: {HELDOUT_FILE} does not match its recorded sha256; run `persona verify`")
+    return parse_interactions(data.decode("utf-8").split("\n"), source=f"{info.ref}:{HELDOUT_FILE}")
 
 
 def checked_folder(store: Store, ref: str | AdapterRef) -> Path:

@@ -12,6 +12,7 @@ all, and aliases move only to versions that exist.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from contextlib import nullcontext
@@ -19,15 +20,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from .._fs import (atomic_write_json, dumps_json, fsync_dir, fsync_tree, remove_stale, remove_tree, sha256_file,
+from .._fs import (PRIVATE_MODE, atomic_write_bytes, atomic_write_json, dumps_json, fsync_dir, fsync_tree, remove_stale, remove_tree, sha256_file,
                    temp_sibling)
-from ..errors import (AdapterExists, AdapterNotFound, DamagedAdapter, InvalidReference, NonFiniteWeights,
-                      VersionNotFound)
+from ..errors import (AdapterExists, AdapterNotFound, DamagedAdapter, InvalidName, InvalidReference,
+                      NonFiniteWeights, VersionNotFound)
+from ..interactions import Interaction
 from ..peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraSettings
 from ..refs import CURRENT, AdapterRef, format_version, validate_alias
 from .layout import META, REFS, STORE_FORMAT, now
 from .lineage import check_shared_lineage
-from .records import VersionInfo, parse_meta, side_file_names
+from .records import HELDOUT_FILE, HELDOUT_NAME, VersionInfo, parse_meta, side_file_names
 
 if TYPE_CHECKING:
     from .facade import Store
@@ -43,7 +45,10 @@ class NewVersion:
     ``Store.load_extra(ref, NAME)``. ``pending`` records the head of the pending queue the version was
     trained on (``{"rows": N, "digest": ...}``, see :mod:`persona.store.queues`), so a crash before
     the queue is consumed does not train it twice. ``over`` pins the adapter it is layered on
-    (None: a layered adapter's next version stays on its parent's layer).
+    (None: a layered adapter's next version stays on its parent's layer). ``heldout`` is the slice of
+    the update's data its gate evaluated on, kept as ``heldout.train`` (JSON Lines, mode 0600, hashed
+    like every file; read back with ``Store.heldout(ref)``) for ``persona eval --matrix``; None or empty
+    keeps nothing.
 
     >>> store.publish_version("user:alice", NewVersion(tensors, config, parent=1))   # doctest: +SKIP
     """
@@ -60,6 +65,7 @@ class NewVersion:
     over: Mapping[str, Any] | None = None
     pending: Mapping[str, Any] | None = None
     imported: Mapping[str, Any] | None = None  # where an imported adapter came from (``persona import``)
+    heldout: Sequence[Interaction] | None = None
 
 
 def publish_version(store: Store, ref: AdapterRef, new: NewVersion, set_alias: str | None) -> VersionInfo:
@@ -144,6 +150,8 @@ def _write_version(store: Store, folder: Path, ref: AdapterRef, version: int, ne
 
     _check_finite(ref, version, new.tensors, new.extra_files)
     side = {side_file_names(name)[0]: extra for name, extra in (new.extra_files or {}).items()}
+    if HELDOUT_FILE in side:
+        raise InvalidName(f"side file name {HELDOUT_NAME!r} is the held-out slice's; pass it as NewVersion.heldout")
     folder.mkdir()
     save_file({k: v.detach().contiguous().cpu() for k, v in new.tensors.items()}, str(folder / ADAPTER_WEIGHTS),
               metadata={"format": "pt"})
@@ -151,6 +159,10 @@ def _write_version(store: Store, folder: Path, ref: AdapterRef, version: int, ne
     for file_name, extra in side.items():
         save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, str(folder / file_name),
                   metadata={"format": "pt"})
+    if new.heldout:  # a person's interactions: private from the first byte, as the replay buffer is
+        body = "".join(json.dumps(i.to_json(), sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n"
+                       for i in new.heldout)
+        atomic_write_bytes(folder / HELDOUT_FILE, body.encode("utf-8"), PRIVATE_MODE)
     files = {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
     lora = new.settings.to_dict() if new.settings else _settings_from_peft(new.adapter_config)
     meta = {

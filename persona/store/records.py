@@ -32,6 +32,11 @@ SIDE_FILE = re.compile(SIDE_NAME.pattern + re.escape(SIDE_SUFFIX))
 # never written (see :func:`side_file_names`).
 LEGACY_SIDE_FILE = re.compile(SIDE_NAME.pattern + r"\.safetensors")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# The held-out slice an update's gate evaluated on (issue 14): JSON Lines of interactions, a person's
+# data, so written with mode 0600 like the replay buffer. A side-file name (``.train``), so a version
+# holding one still reads in an older persona; the name ``heldout`` is therefore not for safetensors.
+HELDOUT_NAME = "heldout"
+HELDOUT_FILE = HELDOUT_NAME + SIDE_SUFFIX
 
 
 def is_version_file_name(name: str) -> bool:
@@ -72,6 +77,11 @@ class VersionInfo:
     # Where an imported version came from: {"source": folder or Hub id, "revision": commit or null,
     # "files": {name: sha256 of the file as it was read}} (``persona import``); None otherwise.
     imported: Mapping[str, Any] | None = None
+
+    @property
+    def heldout_kept(self) -> bool:
+        """Whether this version keeps the held-out slice its update was judged on (``Store.heldout``)."""
+        return HELDOUT_FILE in self.files
 
     @property
     def over_ref(self) -> AdapterRef | None:

@@ -23,7 +23,7 @@ from ..store.facade import Store, VersionInfo
 from .batches import Batch, iter_batches
 from .tokenize import IGNORE_INDEX, Example, TokenizedSet
 
-__all__ = ["EvalResult", "Evaluator", "evaluate_versions", "layers_below", "loss_sum"]
+__all__ = ["EvalResult", "Evaluator", "evaluate_versions", "layers_below", "loss_per_row", "loss_sum"]
 
 # Architectures whose logits are exactly lm_head(last hidden state): no softcapping or scaling.
 _PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2"}
@@ -51,19 +51,32 @@ def loss_sum(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
     For plain-head architectures the vocabulary projection is applied only at labelled positions
     (on chat data most positions are prompt), which saves a large share of each step.
     """
+    losses, rows = _target_losses(model, batch)
+    return losses.sum(), int(rows.numel())
+
+
+def loss_per_row(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token loss and labelled-token count of each row of ``batch`` (float64 and int64, on
+    the CPU): one pass scores rows of several data sets at once (:mod:`.matrix`)."""
+    losses, rows = _target_losses(model, batch)
+    n = batch.input_ids.size(0)
+    sums = torch.zeros(n, dtype=torch.float64).index_add_(0, rows.cpu(), losses.detach().double().cpu())
+    counts = torch.zeros(n, dtype=torch.int64).index_add_(0, rows.cpu(), torch.ones_like(rows.cpu()))
+    return sums, counts
+
+
+def _target_losses(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss at every labelled position (float32) and the row each position belongs to."""
     batch = batch.to(next(model.parameters()).device)  # batches are built on the CPU; the model may be on a GPU
     labels = batch.labels[:, 1:]
     mask = labels != IGNORE_INDEX
+    rows = mask.nonzero()[:, 0]
     if getattr(model.config, "model_type", None) in _PLAIN_HEAD:
         hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         logits = model.get_output_embeddings()(hidden[:, :-1][mask]).float()
-        loss = torch.nn.functional.cross_entropy(logits, labels[mask], reduction="sum")
     else:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-    return loss, int(mask.sum())
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1][mask].float()
+    return torch.nn.functional.cross_entropy(logits, labels[mask], reduction="none"), rows
 
 
 class Evaluator:

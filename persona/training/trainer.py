@@ -17,7 +17,8 @@
    is better on the new data and its replay loss rose by at most ``max_forgetting`` (relative) or
    ``forgetting_floor`` (nats per token, whichever allows more), else ``candidate``, with the
    reason recorded in ``meta.json``. ``force=True`` promotes anyway;
-6. publishes the new version with its :class:`UpdateMetrics`, then renews the replay buffer.
+6. publishes the new version with its :class:`UpdateMetrics` and the held-out slice it was judged on
+   (kept for ``persona eval --matrix``, :mod:`.matrix`), then renews the replay buffer.
 
 Nothing is published until step 6, and publishing is atomic, so an interrupted update leaves the
 store as it was.
@@ -42,6 +43,7 @@ from ..store import NewVersion, ReplayBuffer, Store, VersionInfo
 from .config import FORGETTING_FLOOR, UpdateConfig  # noqa: F401 - re-exported: UpdateConfig moved to config.py
 from .evaluate import EvalResult, Evaluator, evaluate_versions, layers_below
 from .gate import GateDecision, decide
+from .matrix import LossMatrix, loss_matrix
 from .optimize import optimize, training_precision
 from .regularize import Pull, anchor_of, estimate_fisher, fisher_by_module
 from .supersede import Supersession, SupersessionDetector
@@ -135,6 +137,7 @@ class _Parent:
 class _UpdateData:
     train: TokenizedSet
     held: TokenizedSet
+    held_items: list[Interaction]  # the held-out slice as given: kept with the version (``persona eval --matrix``)
     replay: ReplayBuffer
     supersession: Supersession
     replay_examples: list[Example]  # rehearsal rows: the buffer without superseded rows
@@ -210,6 +213,11 @@ class Trainer:
         ref = parse_ref(ref)
         return evaluate_versions(self.store, self.evaluator, ref, self.tokenize(interactions, max_length), versions)
 
+    def loss_matrix(self, ref: str | AdapterRef, max_length: int = 512) -> LossMatrix:
+        """The continual-learning matrix of ``ref``: the base and each version up to the one ``ref`` names,
+        on every kept held-out slice, with BWT, FWT and gain over the base (:mod:`.matrix`)."""
+        return loss_matrix(self.store, self.evaluator, self.tokenizer, parse_ref(ref), max_length=max_length)
+
     # ------------------------------------------------------------------ training
     def update(
         self,
@@ -275,6 +283,7 @@ class Trainer:
             extra_files=extra,
             settings=None,
             pending=pending,
+            heldout=data.held_items,
         ), set_alias=CURRENT if decision.promoted else CANDIDATE)
         self._renew_replay(ref, data, interactions, config, decision.promoted)
         return UpdateResult(ref.id, version, parent.info.version, decision.promoted, decision.reason, metrics.to_dict())
@@ -300,7 +309,7 @@ class Trainer:
         # The gate judges forgetting on a fixed seeded sample of the buffer: the buffer grows with
         # every update, and evaluating all of it twice would soon cost more than the training.
         gate_replay = random.Random(config.seed + 11).sample(replay_examples, min(config.gate_replay_samples, len(replay_examples)))
-        return _UpdateData(train_set, held_set, replay, supersession, replay_examples, gate_replay)
+        return _UpdateData(train_set, held_set, held_items, replay, supersession, replay_examples, gate_replay)
 
     def _supersession(self, replay_items, interactions, config: UpdateConfig) -> Supersession:
         if not config.supersede or not replay_items:
