@@ -66,6 +66,7 @@ _SUBMOD_ATTRS: dict[str, list[str]] = {
     ],
     # training/
     "training.config": ["UpdateConfig"],
+    "training.matrix": ["LossMatrix"],
     "training.trainer": ["EvalResult", "Trainer", "UpdateResult", "log_interactions"],
     # serving/
     "serving.engine": ["Engine"],
@@ -121,6 +122,7 @@ __all__ = [
     "InvalidReference",
     "LoadedAdapter",
     "LockTimeout",
+    "LossMatrix",
     "LoraRuntime",
     "LoraSettings",
     "MERGE_METHODS",
@@ -233,4 +235,5 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ lo
         VersionInfo,
     )
     from .training.config import UpdateConfig
+    from .training.matrix import LossMatrix
     from .training.trainer import EvalResult, Trainer, UpdateResult, log_interactions
