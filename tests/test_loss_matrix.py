@@ -143,3 +143,21 @@ def test_cli_eval_matrix_json_shape_and_text(run_cli, isolated_store, tiny_base)
     bad = run_cli("eval", "user:alice", "--matrix", "--data", str(EXAMPLES / "alice.jsonl"), ok=False)
     assert bad.exit_code != 0 and "--matrix" in bad.output
     assert run_cli("eval", "user:alice", ok=False).exit_code != 0
+
+
+def test_a_layered_version_is_scored_over_its_pinned_layer_as_eval_does(tiny_base, isolated_store):
+    store = Store.init(isolated_store, base=tiny_base)
+    store.create("domain:finance", LoraSettings(rank=2, init="random", seed=2))
+    store.create("user:bob", LoraSettings(rank=2, alpha=4), over="domain:finance")
+    loaded = store.load("user:bob")
+    torch.manual_seed(4)
+    tensors = {k: torch.randn_like(v) * 0.3 for k, v in loaded.tensors.items()}
+    held = alice()[:3]
+    store.publish_version("user:bob", NewVersion(tensors, loaded.config, parent=1, heldout=held))
+    trainer = Trainer(store)
+    m = trainer.loss_matrix("user:bob", max_length=MAX_LENGTH)
+    expected = {r.version: r.loss for r in trainer.evaluate("user:bob", held, ["base", "v1", "v2"], MAX_LENGTH)}
+    assert m.loss("base", "v0002") == pytest.approx(expected["base"], rel=1e-4)
+    assert m.loss("v0001", "v0002") == pytest.approx(expected["v0001"], rel=1e-4)  # the layer alone (B = 0 on top)
+    assert m.loss("v0002", "v0002") == pytest.approx(expected["v0002"], rel=1e-4)
+    assert abs(expected["v0001"] - expected["base"]) > 1e-3  # the layer is really applied
