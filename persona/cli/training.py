@@ -125,13 +125,14 @@ def eval_(ref, data_file, versions, matrix, max_length, device, dtype, store_roo
 
     \b
     --matrix: R[i][j] = loss per target token of row i (the base, then each version
-    up to the one REF names) on the held-out slice kept by update j (the columns;
-    versions that kept none are listed as not kept). Lower is better.
-      gain[j] = R[base][j] - R[j][j]          update j's gain over the base on its slice
-      BWT = mean over earlier j of R[j][j] - R[F][j]
-            (F: the version REF names; negative = F forgot what update j learned)
-      FWT = mean over j after the first of R[base][j] - R[parent(j)][j]
-            (positive = the version an update started from already beat the base on its slice)
+    up to the version F that REF names) on the held-out slice kept by update j (the
+    columns; v_j is the version update j published; versions that kept none are
+    listed as not kept). Lower is better.
+      gain[j] = R[base][j] - R[v_j][j]       update j's gain over the base on its slice
+      BWT = mean over j with v_j older than F of R[v_j][j] - R[F][j]
+            (negative = F is worse on update j's slice than v_j was: forgetting)
+      FWT = mean over j after the first of R[base][j] - R[parent(v_j)][j]
+            (positive = the version update j started from already beat the base there)
 
     \b
     Examples:
