@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 import click
@@ -173,7 +174,7 @@ def _print_matrix(m, as_json: bool) -> None:
         return
 
     def num(v):
-        return "-" if v is None or v != v else f"{v:.4f}"  # v != v: NaN, a slice with no target token
+        return "-" if v is None or math.isnan(v) else f"{v:.4f}"  # NaN: a slice with no target token
 
     click.echo(f"{m.adapter} as of {m.final}: loss per token, rows = version, columns = update's held-out slice")
     if not m.columns:

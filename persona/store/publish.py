@@ -12,7 +12,6 @@ all, and aliases move only to versions that exist.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from contextlib import nullcontext
@@ -20,8 +19,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from .._fs import (PRIVATE_MODE, atomic_write_bytes, atomic_write_json, dumps_json, fsync_dir, fsync_tree, remove_stale, remove_tree, sha256_file,
-                   temp_sibling)
+from .._fs import (PRIVATE_MODE, atomic_write_bytes, atomic_write_json, dumps_json, fsync_dir, fsync_tree,
+                   remove_stale, remove_tree, sha256_file, temp_sibling)
 from ..errors import (AdapterExists, AdapterNotFound, DamagedAdapter, InvalidName, InvalidReference,
                       NonFiniteWeights, VersionNotFound)
 from ..interactions import Interaction
@@ -29,6 +28,7 @@ from ..peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraSettings
 from ..refs import CURRENT, AdapterRef, format_version, validate_alias
 from .layout import META, REFS, STORE_FORMAT, now
 from .lineage import check_shared_lineage
+from .queues import jsonl_bytes
 from .records import HELDOUT_FILE, HELDOUT_NAME, VersionInfo, parse_meta, side_file_names
 
 if TYPE_CHECKING:
@@ -160,9 +160,7 @@ def _write_version(store: Store, folder: Path, ref: AdapterRef, version: int, ne
         save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, str(folder / file_name),
                   metadata={"format": "pt"})
     if new.heldout:  # a person's interactions: private from the first byte, as the replay buffer is
-        body = "".join(json.dumps(i.to_json(), sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n"
-                       for i in new.heldout)
-        atomic_write_bytes(folder / HELDOUT_FILE, body.encode("utf-8"), PRIVATE_MODE)
+        atomic_write_bytes(folder / HELDOUT_FILE, jsonl_bytes(new.heldout), PRIVATE_MODE)
     files = {p.name: sha256_file(p) for p in sorted(folder.iterdir())}
     lora = new.settings.to_dict() if new.settings else _settings_from_peft(new.adapter_config)
     meta = {

@@ -51,6 +51,11 @@ def _to_line(i: Interaction) -> str:
     return json.dumps(i.to_json(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def jsonl_bytes(interactions: Sequence[Interaction]) -> bytes:
+    """Interactions as the store writes them (replay buffer, a version's held-out slice): canonical JSON Lines."""
+    return "".join(_to_line(i) + "\n" for i in interactions).encode("utf-8")
+
+
 @dataclass(frozen=True)
 class ReplayBuffer:
     """The reservoir of one adapter: ``items`` kept, out of ``seen`` ever offered."""
@@ -93,8 +98,7 @@ class ReplayBuffer:
         return ReplayBuffer(tuple(items[:capacity]), seen)
 
     def write(self, folder: Path) -> None:
-        body = "".join(_to_line(i) + "\n" for i in self.items)
-        atomic_write_bytes(folder / REPLAY, body.encode("utf-8"), PRIVATE_MODE)
+        atomic_write_bytes(folder / REPLAY, jsonl_bytes(self.items), PRIVATE_MODE)
         atomic_write_json(folder / REPLAY_STATE, {"seen": self.seen, "size": len(self.items)}, PRIVATE_MODE)
 
 
