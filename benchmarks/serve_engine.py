@@ -242,7 +242,7 @@ def throughput(store: Store, base, refs: list[str], tokens: int, repeats: int) -
         value = f"{ours:.1f}" if not rows else ""
         rows.append((label, value, f"{name} {tps[name]:.1f}", f"{ours / tps[name]:.2f}{goal}"))
     engine.close()
-    del peft_model, plain
+    peft_model = plain = None  # free both copies before the memory part (the closures above hold them)
     return rows
 
 
