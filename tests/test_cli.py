@@ -143,3 +143,20 @@ def test_json_errors_are_a_json_object_on_stderr(cli, tmp_path):
         assert error["type"] == error_type and fragment in error["message"], error
     plain = cli("show", "user:nobody", ok=False)
     assert plain.stderr.startswith("Error: ") and "{" not in plain.stderr
+
+
+def test_show_draws_a_sparkline_of_held_out_loss_across_updates(cli, isolated_store):
+    from persona import Store
+    from persona.cli.adapters import sparkline
+
+    assert sparkline([4.0, 2.0, 1.0, 0.5]) == "█▄▂▁" and sparkline([1.0, 1.0]) == "▁▁" and sparkline([]) == ""
+    assert sparkline([1.0, float("nan"), 3.0]) == "▁ █"
+    cli("create", "user:alice")
+    assert "held-out loss after each update" not in cli("show", "user:alice").output  # nothing trained yet
+    store = Store.open(isolated_store)
+    loaded = store.load("user:alice")
+    for version, loss in ((1, 3.2), (2, 1.6), (3, 0.4)):
+        store.publish_version("user:alice", NewVersion(loaded.tensors, loaded.config, parent=version,
+                                                       metrics={"heldout_loss_after": loss}))
+    line = next(l for l in cli("show", "user:alice").output.splitlines() if "held-out loss after each update" in l)
+    assert "█▄▁" in line and "3.2 -> 0.4" in line and "v0002..v0004" in line

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import replace
 from typing import Any
@@ -126,6 +127,12 @@ def show(ref, store_root, as_json) -> None:
     if info.versions and info.versions[-1].over:
         layer = f"  over={info.versions[-1].over['adapter']}@v{info.versions[-1].over['version']}"
     click.echo(f"{info.adapter}  current=v{info.current}  pending={info.pending}  replay={info.replay}{layer}")
+    trained = [(v.label, v.metrics["heldout_loss_after"]) for v in info.versions
+               if isinstance(v.metrics.get("heldout_loss_after"), (int, float))]
+    if len(trained) >= 2:
+        losses = [loss for _, loss in trained]
+        click.echo(f"  held-out loss after each update  {sparkline(losses)}  {_fmt(losses[0])} -> {_fmt(losses[-1])}  "
+                   f"({trained[0][0]}..{trained[-1][0]}, each on its own update's slice)")
     for problem in info.damaged:
         click.echo(f"  DAMAGED {problem}")
     for v in info.versions:
@@ -148,6 +155,20 @@ def show(ref, store_root, as_json) -> None:
         if v.imported:
             revision = f"@{v.imported['revision']}" if v.imported.get("revision") else ""
             click.echo(f"      imported from {v.imported.get('source')}{revision}")
+
+
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float]) -> str:
+    """One block character per value, low to high (``▇▄▂▁`` for a falling loss); flat series sit at the bottom."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return ""
+    low, span = min(finite), max(finite) - min(finite)
+    top = len(SPARKS) - 1
+    return "".join(" " if not math.isfinite(v) else SPARKS[round((v - low) / span * top) if span else 0]
+                   for v in values)
 
 
 def _fmt(value: Any) -> str:
