@@ -10,13 +10,17 @@ from ._common import (emit, field_values, json_option, open_engine, options_from
                       store_option)
 
 
+# The sampling options generate and chat share, generated from SamplingParams' fields.
+sampling_options = options_from(SamplingParams, {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
+                                                 "top_p": "--top-p", "seed": "--seed", "stop": "--stop"})
+
+
 @click.command()
 @click.argument("model")
 @click.argument("prompt")
 @click.option("--raw", is_flag=True, help="Send PROMPT as plain text instead of a chat message through the chat template.")
 @route_top_k_option
-@options_from(SamplingParams, {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
-                                "top_p": "--top-p", "seed": "--seed", "stop": "--stop"})
+@sampling_options
 @placement_options
 @store_option
 @json_option
@@ -64,8 +68,7 @@ def generate(model, prompt, raw, route_top_k, device, dtype, store_root, as_json
 @click.argument("model")
 @click.option("--system", default=None, help="A system message for the conversation.")
 @route_top_k_option
-@options_from(SamplingParams, {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
-                                "top_p": "--top-p", "seed": "--seed", "stop": "--stop"})
+@sampling_options
 @placement_options
 @store_option
 def chat(model, system, route_top_k, device, dtype, store_root, **sampling) -> None:
