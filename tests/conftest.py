@@ -71,6 +71,59 @@ def tiny_base(tokenizer) -> str:
     return str(path)
 
 
+PLANTED = "<script>alert('planted')</script><img src=\"http://planted.example/x.png\">"
+
+
+@pytest.fixture(scope="session")
+def report_store(tiny_base, tmp_path_factory):
+    """A store on the tiny base with every kind of history a report shows; read-only (copy it to change it).
+
+    - ``user:alice``: created, two real updates (kept held-out slices), then a candidate the gate refused,
+      whose recorded reason is :data:`PLANTED` markup (it must reach HTML escaped);
+    - ``domain:finance`` (random init) and ``user:bob`` layered over it (``create --over``), with one
+      hand-made update keeping a slice, whose lineage names the layer with a planted relation;
+    - ``merged:af``: a cat merge of alice and finance.
+
+    Returns ``SimpleNamespace(root=Path, planted=str)``.
+    """
+    from types import SimpleNamespace
+
+    import torch
+
+    from persona import LoraSettings, Store
+    from persona.compose.merge import merge
+    from persona.interactions import read_interactions
+    from persona.store import NewVersion
+    from persona.training.trainer import Trainer, UpdateConfig
+
+    examples = Path(__file__).resolve().parent.parent / "examples" / "interactions"
+    root = tmp_path_factory.mktemp("report") / "adapters"
+    store = Store.init(root, base=tiny_base)
+    store.create("user:alice", LoraSettings(rank=2, seed=1))
+    store.create("domain:finance", LoraSettings(rank=2, init="random", seed=2))
+    store.create("user:bob", LoraSettings(rank=2, seed=3), over="domain:finance")
+    trainer = Trainer(store)
+    config = UpdateConfig(epochs=1, batch_size=8, max_length=96)
+    trainer.update("user:alice", read_interactions(examples / "alice.jsonl")[:12], config)
+    trainer.update("user:alice", read_interactions(examples / "alice-2.jsonl")[:12], config)
+    loaded = store.load("user:alice")
+    refused = {"heldout_loss_before": 3.0, "heldout_loss_after": 3.1, "replay_loss_before": 1.0,
+               "replay_loss_after": 1.5, "forgetting": 0.5, "train_examples": 9, "heldout_examples": 3,
+               "gate": {"promoted": False, "reason": PLANTED, "forced": False}}
+    store.publish_version("user:alice", NewVersion(loaded.tensors, loaded.config, parent=3, metrics=refused),
+                          set_alias="candidate")
+    bob = store.load("user:bob")
+    torch.manual_seed(4)
+    tensors = {k: torch.randn_like(v) * 0.3 for k, v in bob.tensors.items()}
+    metrics = {"heldout_loss_before": 10.9, "heldout_loss_after": 10.5, "train_examples": 6, "heldout_examples": 3,
+               "gate": {"promoted": True, "reason": "held-out loss improved", "forced": False}}
+    lineage = ({"adapter": "domain:finance", "version": 1, "relation": PLANTED},)
+    store.publish_version("user:bob", NewVersion(tensors, bob.config, parent=1, metrics=metrics, lineage=lineage,
+                                                 heldout=read_interactions(examples / "bob.jsonl")[:3]))
+    merge(store, ["user:alice", "domain:finance"], "merged:af", "cat", weights=[0.7, 0.5])
+    return SimpleNamespace(root=root, planted=PLANTED)
+
+
 @pytest.fixture
 def run_cli(tiny_base, isolated_store):
     """``run_cli(*args, ok=True, input=None)``: invoke the persona CLI in-process on a store bound to the tiny base."""

@@ -43,6 +43,7 @@ MANY = 40  # more adapters than this: a histogram instead of one labelled row ea
 # matplotlib's SVG metadata (an RDF block naming purl.org and creativecommons.org URLs) left out.
 _NO_METADATA = {"Creator": None, "Date": None, "Format": None, "Type": None}
 _ID = re.compile(r'\bid="([^"]+)"')
+_COMMENT = re.compile(r"<!--.*?-->\n?", re.S)
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -57,7 +58,9 @@ def figure_svg(fig: Figure, prefix: str, title: str = "") -> str:
     buffer = io.StringIO()
     fig.savefig(buffer, format="svg", metadata=_NO_METADATA)
     text = buffer.getvalue()
-    text = text[text.index("<svg"):]
+    # from <svg on: no XML prolog or DOCTYPE inside HTML; and without the comments in which matplotlib
+    # repeats the text of every label it drew as paths (bytes no reader sees)
+    text = _COMMENT.sub("", text[text.index("<svg"):])
     ids = set(_ID.findall(text))
     if ids:
         # one pass over every id, its definition and its references (#id in href and url())
@@ -66,6 +69,10 @@ def figure_svg(fig: Figure, prefix: str, title: str = "") -> str:
         text = pattern.sub(lambda m: f"{m.group(1)}{prefix}-{m.group(2)}", text)
     label = title.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;")
     return text.replace("<svg ", f'<svg role="img" aria-label="{label}" ', 1).strip()
+
+
+def _short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "\u2026"
 
 
 def _plain(text: str) -> str:
@@ -199,8 +206,9 @@ def lineage_figure(adapter: AdapterReport) -> Figure | None:
         x = sources[edge.source]
         color = {"merge": BEFORE, "over": REPLAY}.get(edge.relation, NEUTRAL)
         ax.add_patch(FancyArrowPatch((x, 1.0), (j, 0.3), arrowstyle="-|>", mutation_scale=10, color=color))
-        label = edge.relation + (f" ({edge.detail})" if edge.detail else "")
-        ax.text((x + j) / 2 + 0.05, 0.65, _plain(label), fontsize=6, color=color, ha="left", va="center")
+        label = _short(edge.relation + (f" ({edge.detail})" if edge.detail else ""), 36)  # in full below the figure
+        ax.text((x + j) / 2 + 0.05, 0.65, _plain(label), fontsize=6, color=color, ha="left", va="center",
+                in_layout=False)
     for source, x in sources.items():
         ax.add_patch(FancyBboxPatch((x - 1.0, 1.0), 2.0, 0.5, boxstyle="round,pad=0.02", fc="#f8f9fa", ec="#555555"))
         ax.text(x, 1.25, _plain(source), ha="center", va="center", fontsize=7)
