@@ -35,11 +35,12 @@ EXPECTED = {
         "--force": "force", "--supersede": "supersede", "--supersede-threshold": "supersede_threshold",
         "--replay-recency": "replay_recency"}.items()},
     ("eval", "--max-length"): (UpdateConfig, "max_length"),
+    ("report", "--max-length"): (UpdateConfig, "max_length"),
     **{(cmd, opt): (SamplingParams, name) for cmd in ("generate", "chat") for opt, name in {
         "--max-new-tokens": "max_new_tokens", "--temperature": "temperature", "--top-p": "top_p",
         "--seed": "seed", "--stop": "stop"}.items()},
     # where the base runs (issue 13): every command that loads it, from one dataclass
-    **{(cmd, opt): (Placement, name) for cmd in ("serve", "generate", "chat", "update", "eval", "route")
+    **{(cmd, opt): (Placement, name) for cmd in ("serve", "generate", "chat", "update", "eval", "report", "route")
        for opt, name in {"--device": "device", "--dtype": "dtype"}.items()},
 }
 
