@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -19,7 +20,7 @@ from click.testing import CliRunner
 from persona import Store
 from persona.cli import main
 from persona.errors import BaseModelUnavailable
-from persona.report import build_report, render_report, render_report_body
+from persona.report import build_report, plots, render_report, render_report_body
 
 ROOT = Path(__file__).resolve().parents[1]
 # a figure whose labels pushed its axes to nothing is a broken plot, not a warning
@@ -28,7 +29,7 @@ MAX_LENGTH = 96
 # attributes that make a browser fetch (or navigate to) what they name
 URL_ATTRIBUTES = {"src", "href", "xlink:href", "action", "formaction", "poster", "data", "srcset", "background",
                   "cite", "longdesc", "manifest", "ping"}
-CSS_URL = re.compile(r"url\(\s*['\"]?([^'\")]*)", re.I)
+CSS_URL = re.compile(r"url\(\s*['\"]?([^'\")]*)", re.IGNORECASE)
 
 
 class Page(HTMLParser):
@@ -93,7 +94,15 @@ def external_urls(page: Page) -> list[str]:
     """Every URL in the document that points off the file: an attribute or a CSS url() not a fragment (#id)
     or inline data."""
     urls = page.urls + [m for style in page.styles for m in CSS_URL.findall(style)]
-    return [u for u in urls if not (u.startswith("#") or u.startswith("data:"))]
+    return [u for u in urls if not u.startswith(("#", "data:"))]
+
+
+def heavy_modules_after(code: str) -> str:
+    """Run ``code`` (ending in a print of the heavy modules it imported) in a fresh interpreter: what it printed."""
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300,
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[-1]
 
 
 def write_report(root: Path, *args: str) -> tuple[object, dict | None]:
@@ -133,8 +142,40 @@ def test_report_has_a_section_per_adapter_with_its_versions_and_an_svg_per_plot(
     assert [p.origin for p in alice_report.timeline] == ["create", "update", "update", "update"]
     assert [p.promoted for p in alice_report.timeline] == [None, True, True, False]
     bob = report.adapters[1]
-    assert bob.matrix.columns == ("v0002",) and [(e.source, e.relation) for e in bob.lineage][0] == (
-        "domain:finance@v0001", "over")
+    assert bob.matrix.columns == ("v0002",)
+    assert (bob.lineage[0].source, bob.lineage[0].relation) == ("domain:finance@v0001", "over")
+
+
+def test_timeline_numbers_are_what_the_trainer_recorded_and_gain_is_the_final_versions_on_its_slices(full_report,
+                                                                                                       report_store):
+    report, _ = full_report
+    alice = report.adapters[0]
+    store = Store.open(report_store.root)
+    for point in alice.timeline[1:3]:  # the two real updates
+        metrics = store.version_info(f"user:alice@v{point.version}").metrics
+        assert (point.heldout_before, point.heldout_after) == (metrics["heldout_loss_before"],
+                                                               metrics["heldout_loss_after"])
+        assert point.rows_trained == metrics["train_examples"] > 0 and point.reason == metrics["gate"]["reason"]
+        assert point.heldout_kept
+    m = alice.matrix
+    expected = sum(m.loss("base", c) - m.loss("v0003", c) for c in m.columns) / len(m.columns)
+    assert plots.user_gain(alice, from_matrix=True) == pytest.approx(expected)
+    assert plots.user_gain(report.adapters[3], from_matrix=True) is None  # the merge kept no slice
+    improvements = [p.heldout_before - p.heldout_after for p in alice.timeline[1:3]]
+    assert plots.user_gain(alice, from_matrix=False) == pytest.approx(sum(improvements) / 2)  # promoted ones only
+    assert plots.user_forgetting(alice) == [alice.timeline[2].forgetting, 0.5]  # v2 had no replay to measure
+
+
+def test_a_damaged_version_is_reported_and_the_rest_still_shown(report_store, tmp_path):
+    root = tmp_path / "adapters"
+    shutil.copytree(report_store.root, root)
+    (root / "user" / "alice" / "v0002" / "meta.json").write_text("{")
+    report = build_report(Store.open(root), matrix=False)
+    alice = report.adapters[0]
+    assert [p.label for p in alice.timeline] == ["v0001", "v0003", "v0004"]
+    assert len(alice.damaged) == 1 and "v0002" in alice.damaged[0] and "meta.json" in alice.damaged[0]
+    page = Page(render_report(report))
+    assert "Damaged" in page.section_text("user:alice") and page.sections["user:alice"]["svg"] == 2
 
 
 def test_planted_markup_in_a_gate_reason_and_a_lineage_entry_is_escaped(full_report, report_store):
@@ -196,10 +237,7 @@ def test_no_matrix_report_reads_meta_only_and_imports_no_torch(report_store):
             f"text = render_report(build_report(Store.open({str(report_store.root)!r}), matrix=False))\n"
             "import sys\nassert text.count('<svg') == 8, text.count('<svg')\n"
             "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert heavy_modules_after(code) == "[]"
 
 
 def test_cli_no_matrix_imports_no_torch(report_store, tmp_path):
@@ -208,10 +246,7 @@ def test_cli_no_matrix_imports_no_torch(report_store, tmp_path):
             f"try:\n    main(['report', '--no-matrix', '--store', {str(report_store.root)!r}, '--out', {str(target)!r}])\n"
             "except SystemExit as e:\n    assert e.code in (0, None), e.code\n"
             "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "[]" and target.read_text().count("<svg") == 8
+    assert heavy_modules_after(code) == "[]" and target.read_text().count("<svg") == 8
 
 
 def test_cli_report_json_exit_codes_and_nothing_written_on_failure(report_store, tmp_path):

@@ -245,7 +245,9 @@ def _adapter_report(store: Store, ref: AdapterRef, info: AdapterInfo, matrix_for
     # shows the adapter as it was then.
     versions = [v for v in info.versions if not _selects(ref) or final is None or v.version <= final]
     matrix = None
-    if matrix_for is not None and final is not None:
+    if matrix_for is not None and final is None:
+        matrix_note = f"no version to score: {ref} names none (see `persona show {ref.id}`)"
+    elif matrix_for is not None:
         if not any(v.heldout_kept for v in versions if v.version <= final):
             matrix_note = "no version up to this one kept a held-out slice (updates keep one from this persona on)"
         else:

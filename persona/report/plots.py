@@ -10,6 +10,7 @@ document share one id namespace, and a reference to another figure's id would dr
 
 from __future__ import annotations
 
+import html
 import io
 import math
 import re
@@ -43,7 +44,7 @@ MANY = 40  # more adapters than this: a histogram instead of one labelled row ea
 # matplotlib's SVG metadata (an RDF block naming purl.org and creativecommons.org URLs) left out.
 _NO_METADATA = {"Creator": None, "Date": None, "Format": None, "Type": None}
 _ID = re.compile(r'\bid="([^"]+)"')
-_COMMENT = re.compile(r"<!--.*?-->\n?", re.S)
+_COMMENT = re.compile(r"<!--.*?-->\n?", re.DOTALL)
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -67,8 +68,7 @@ def figure_svg(fig: Figure, prefix: str, title: str = "") -> str:
         pattern = re.compile(r'(id="|#)(' + "|".join(re.escape(i) for i in sorted(ids, key=len, reverse=True))
                              + r')(?=["\)])')
         text = pattern.sub(lambda m: f"{m.group(1)}{prefix}-{m.group(2)}", text)
-    label = title.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;")
-    return text.replace("<svg ", f'<svg role="img" aria-label="{label}" ', 1).strip()
+    return text.replace("<svg ", f'<svg role="img" aria-label="{html.escape(title, quote=True)}" ', 1).strip()
 
 
 def _short(text: str, limit: int) -> str:
@@ -216,11 +216,13 @@ def lineage_figure(adapter: AdapterReport) -> Figure | None:
 
 
 # --------------------------------------------------------------------------------------------- across adapters
-def user_gain(adapter: AdapterReport) -> float | None:
-    """The final version's gain over the base, averaged over every kept slice up to it (matrix), or
+def user_gain(adapter: AdapterReport, from_matrix: bool) -> float | None:
+    """``from_matrix``: the final version's gain over the base, averaged over every kept slice up to it;
     else the mean held-out improvement of its promoted updates over their parents (``meta.json``)."""
     m = adapter.matrix
-    if m is not None and m.columns:
+    if from_matrix:
+        if m is None or not m.columns:
+            return None
         base, final = m.losses[0], m.losses[m.rows.index(m.final)]
         gains = [b - f for b, f in zip(base, final) if not (math.isnan(b) or math.isnan(f))]
         return sum(gains) / len(gains) if gains else None
@@ -251,11 +253,12 @@ def _by_user(ax, names: Sequence[str], values: Sequence[float], xlabel: str, *, 
 
 
 def gain_figure(report: Report) -> Figure | None:
-    """Gain over the base per adapter (:func:`user_gain`); None when no adapter has one."""
-    pairs = [(a.adapter, g) for a in report.adapters if (g := user_gain(a)) is not None]
+    """Gain over the base per adapter (:func:`user_gain`, from the matrix when any adapter has one, so that
+    one plot never mixes two measures); None when no adapter has one."""
+    from_matrix = any(a.matrix is not None and a.matrix.columns for a in report.adapters)
+    pairs = [(a.adapter, g) for a in report.adapters if (g := user_gain(a, from_matrix)) is not None]
     if not pairs:
         return None
-    from_matrix = any(a.matrix is not None and a.matrix.columns for a in report.adapters)
     fig = _figure(6.5, max(2.2, min(12.0, 0.8 + 0.3 * min(len(pairs), MANY))))
     ax = fig.subplots()
     label = ("gain over the base on its kept slices (loss per token; positive = better than the base)" if from_matrix
