@@ -9,6 +9,7 @@ the caller may inject (the server passes one over the trainer it already holds).
 
 from __future__ import annotations
 
+import datetime
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -293,8 +294,6 @@ def build_report(store: Store, refs: Iterable[str | AdapterRef] | None = None, *
     >>> [p.label for p in report.adapters[0].timeline]                      # doctest: +SKIP
     ['v0001', 'v0002', 'v0003']
     """
-    import datetime
-
     selected = _selected(store, refs)
     if matrix is True:
         matrix_for: MatrixSource | None = trainer_matrix_source(store, placement, max_length)
