@@ -49,6 +49,10 @@ def _num(value: float | None, digits: int = 4) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
 def anchor(adapter: str) -> str:
     """The HTML id of an adapter's section: ``user:alice`` -> ``adapter-user-alice`` (names are ``[a-z0-9._-]``)."""
     return "adapter-" + adapter.replace(":", "-")
@@ -62,7 +66,7 @@ def render_report(report: Report) -> str:
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<meta http-equiv=\"Content-Security-Policy\" content=\"{CSP}\">\n"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-            f"<title>persona report: {len(report.adapters)} adapter{'s' * (len(report.adapters) != 1)}</title>\n"
+            f"<title>persona report: {_count(len(report.adapters), 'adapter')}</title>\n"
             f"</head>\n<body>\n{render_report_body(report)}\n</body>\n</html>\n")
 
 
@@ -82,10 +86,10 @@ def render_report_body(report: Report, *, heading: bool = True) -> str:
 
     out = [f"<div class=\"persona-report\">\n<style>{STYLE}</style>"]
     if heading:
-        matrix = "with the loss matrix" if report.matrix_requested else "without the loss matrix (--no-matrix)"
+        matrix = "with the loss matrix" if report.matrix_requested else "without the loss matrix"
+        adapters = _count(len(report.adapters), "adapter")
         out.append(f"<h1>persona report</h1>\n<p class=\"meta\">store {_e(report.store_root)} &middot; base "
-                   f"{_e(report.base_id)} &middot; {_e(report.generated)} &middot; {len(report.adapters)} adapters, "
-                   f"{matrix}</p>")
+                   f"{_e(report.base_id)} &middot; {_e(report.generated)} &middot; {adapters}, {matrix}</p>")
     if report.adapters:
         links = " ".join(f"<a href=\"#{_e(anchor(a.adapter))}\">{_e(a.adapter)}</a>" for a in report.adapters)
         out.append(f"<nav><a href=\"#across-adapters\">across adapters</a> {links}</nav>")
@@ -135,7 +139,8 @@ def _adapter_section(a: AdapterReport, figure: Callable, plots) -> str:
     aliases = ", ".join(f"{_e(k)} = v{v}" for k, v in sorted(a.aliases.items())) or "none"
     parts = [f"<section class=\"adapter\" id=\"{_e(anchor(a.adapter))}\" data-adapter=\"{_e(a.adapter)}\">",
              f"<h2>{_e(a.adapter)}</h2>",
-             (f"<p class=\"meta\">{len(a.timeline)} versions, {len(a.updates)} updates ({len(a.refused)} refused) "
+             (f"<p class=\"meta\">{_count(len(a.timeline), 'version')}, {_count(len(a.updates), 'update')} "
+              f"({len(a.refused)} refused) "
               f"&middot; aliases: {aliases}</p>")]
     if a.damaged:
         items = "".join(f"<li>{_e(p)}</li>" for p in a.damaged)
