@@ -87,6 +87,10 @@ class AuthError(PersonaError, PermissionError):
     """A missing, malformed, unknown or revoked token."""
 
 
+class CrossSiteRequest(PersonaError, PermissionError):
+    """A dashboard form post without its session's CSRF token, or sent from another origin."""
+
+
 # ------------------------------------------------------------------------------ store contents
 class StoreNotInitialized(PersonaError, FileNotFoundError):
     """The store root has no ``persona.json``; run ``persona init`` first."""
@@ -261,6 +265,7 @@ ERROR_TABLE: dict[type[PersonaError], ErrorMapping] = {
     RequestTooLarge: ErrorMapping(413, _BAD, code="request_too_large"),
     InvalidInteractions: ErrorMapping(400, _BAD),
     AuthError: ErrorMapping(401, "authentication_error", code="invalid_api_key"),
+    CrossSiteRequest: ErrorMapping(403, _BAD, code="csrf_failed"),
     # what the store holds (or not)
     AdapterNotFound: ErrorMapping(404, _BAD, code="model_not_found", param="model"),
     VersionNotFound: ErrorMapping(404, _BAD, code="model_not_found", param="model"),

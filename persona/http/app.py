@@ -2,8 +2,9 @@
 
 Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (JSON or SSE streaming),
 ``GET /v1/models``, ``GET /v1/models/{model}``, ``GET /healthz`` (no auth), ``GET /metrics``
-(Prometheus text format). What the server does with each OpenAI request field (supported, refused
-with a 400 naming it, or ignored by design) is the table in ``persona.http.openai_schema``.
+(Prometheus text format), and the dashboard under ``/ui`` (:mod:`persona.http.routes.ui`). What
+the server does with each OpenAI request field (supported, refused with a 400 naming it, or ignored
+by design) is the table in ``persona.http.openai_schema``.
 
 ``model`` names what serves the request: an adapter reference (``user:alice``, ``user:alice@v2``), a
 stack (``user:alice+domain:finance``), weighted per part (``user:alice+domain:finance*0.5``), with
@@ -26,9 +27,10 @@ import contextlib
 from fastapi import FastAPI
 
 from .errors import ErrorGuard, install_error_handlers
-from .routes import admin, completions, models
+from .routes import admin, completions, models, ui
 from .schemas import MAX_N  # noqa: F401 - importable from here as before
 from .state import MAX_BODY_BYTES, MAX_TOKENS_LIMIT, ServerConfig, ServerState  # noqa: F401 - as above
+from .ui_pages import UiHeaders
 
 
 @contextlib.asynccontextmanager
@@ -47,7 +49,8 @@ def create_app(engine, config: ServerConfig | None = None) -> FastAPI:
     app.state.gate = state.gate  # as before the split: tests and make_server read it here
     install_error_handlers(app)
     app.add_middleware(ErrorGuard, count=state.metrics.count)
-    for router in (completions.router, models.router, admin.router):
+    app.add_middleware(UiHeaders)  # outermost: the dashboard's headers on its errors too
+    for router in (completions.router, models.router, admin.router, ui.router):
         app.include_router(router)
     return app
 

@@ -11,6 +11,8 @@ from fastapi import Request
 from ..store.tokens import TokenStore
 from .admission import AdmissionGate
 from .metrics import Metrics
+from .report_view import ReportCache
+from .sessions import SessionStore
 
 MAX_TOKENS_LIMIT = 4096
 MAX_BODY_BYTES = 4 << 20  # 4 MiB: far above any prompt the embedded base's context holds (issue 10)
@@ -32,13 +34,16 @@ class ServerConfig:
 
 @dataclass
 class ServerState:
-    """One app's engine, store, tokens, settings, admission gate and metrics."""
+    """One app's engine, store, tokens, settings, admission gate and metrics; the dashboard's
+    login sessions and rendered reports."""
 
     engine: Any  # persona.serving.engine.Engine, or the gateway (persona.http.gateway.Gateway): store, base_name, check
     config: ServerConfig
     tokens: TokenStore
     gate: AdmissionGate
     metrics: Metrics
+    sessions: SessionStore = field(default_factory=SessionStore)
+    reports: ReportCache = field(default_factory=ReportCache)
     _limiters: dict[str, Any] = field(default_factory=dict)
     _longest_token: int | None = None
 

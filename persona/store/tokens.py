@@ -136,3 +136,10 @@ class TokenStore:
         if entry is None or not hmac.compare_digest(entry["sha256"], _hash(secret)):
             raise AuthError("invalid or revoked token")
         return Scope(token_id, entry["subject"])
+
+    def still_valid(self, scope: Scope) -> bool:
+        """Whether the token behind ``scope`` still exists for the same subject (not revoked, its
+        user not deleted): what a session made from the token checks on each use (the secret is
+        not kept, so only the id is looked up)."""
+        entry = self._read().get(scope.token_id)
+        return entry is not None and entry["subject"] == scope.subject

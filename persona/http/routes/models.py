@@ -33,15 +33,19 @@ def _reachable(adapter, scope: Scope | None) -> bool:
     return scope is None or scope.allows([*parse_stack(adapter.adapter), *layers])
 
 
+def visible_adapters(adapters, scope: Scope | None) -> list:
+    """The adapters (of ``store.list()``) that ``scope`` may use and that have something to serve:
+    what ``/v1/models`` lists and the dashboard (``/ui``) shows."""
+    # no readable version: nothing to serve (a symlinked folder, every version damaged)
+    return [a for a in adapters if a.versions and _reachable(a, scope)]
+
+
 @router.get("/v1/models")
 async def models(state: State, scope: Caller):
     created = int(time.time())
     data = [_entry(state.engine.base_name, created)]
-    for adapter in state.store.list():
-        if not adapter.versions:  # nothing readable to serve (a symlinked folder, every version damaged)
-            continue
-        if _reachable(adapter, scope):
-            data.append(_entry(adapter.adapter, created, adapter.current))
+    for adapter in visible_adapters(state.store.list(), scope):
+        data.append(_entry(adapter.adapter, created, adapter.current))
     state.metrics.requests.labels("/v1/models", "200").inc()
     return {"object": "list", "data": data}
 
