@@ -131,7 +131,8 @@ def test_login_sets_an_httponly_samesite_strict_cookie_on_path_ui_holding_no_tok
     attributes = {a.strip().split("=")[0].lower(): a.strip() for a in cookie.split(";")[1:]}
     assert cookie.startswith("persona_ui=")
     assert "httponly" in attributes and attributes["samesite"].lower() == "samesite=strict"
-    assert attributes["path"] == "Path=/ui" and "secure" not in attributes  # plain http: a Secure cookie would not return
+    assert attributes["path"] == "Path=/ui"
+    assert "secure" not in attributes  # plain http: a Secure cookie would never come back
     value = cookie.split(";")[0].split("=", 1)[1]
     secret = world["tokens"]["alice"].rsplit("_", 1)[1]
     assert len(value) >= 40 and secret not in value and world["tokens"]["alice"].split("_")[1] not in value
@@ -200,7 +201,7 @@ def engine_answer(world, model: str, prompt: str, max_tokens: int) -> str:
 
 
 def answers_on(page: str) -> list[str]:
-    return [html.unescape(a) for a in re.findall(r"<pre>(.*?)</pre>", page, re.S)]
+    return [html.unescape(a) for a in re.findall(r"<pre>(.*?)</pre>", page, re.DOTALL)]
 
 
 def test_the_chat_answers_with_the_adapter_and_the_base_side_by_side(world):
@@ -248,7 +249,7 @@ def test_user_text_is_escaped_on_the_page(world):
 
 
 # ------------------------------------------------------------------------------- headers and URLs
-EXTERNAL = re.compile(r"""(?:src|href|action|url\()\s*=?\s*["']?\s*(?:[a-z][a-z0-9+.-]*:|//)""", re.I)
+EXTERNAL = re.compile(r"""(?:src|href|action|url\()\s*=?\s*["']?\s*(?:[a-z][a-z0-9+.-]*:|//)""", re.IGNORECASE)
 
 
 def test_ui_responses_carry_the_security_headers_and_no_external_url(world):

@@ -92,10 +92,13 @@ def login_needed(request: Request) -> Response:
 
 
 def check_same_origin(request: Request) -> None:
-    """Refuse a post another site's page made (:class:`CrossSiteRequest`, 403), where the browser says so."""
+    """Refuse a post another site's page made (:class:`CrossSiteRequest`, 403), where the browser says
+    so: ``Sec-Fetch-Site`` (every current browser), else ``Origin``."""
     fetch_site = request.headers.get("sec-fetch-site")
-    if fetch_site is not None and fetch_site not in ("same-origin", "none"):
-        raise CrossSiteRequest(f"refused a {fetch_site} form post: use the dashboard's own page")
+    if fetch_site is not None:
+        if fetch_site not in ("same-origin", "none"):  # none: typed or bookmarked, no page made it
+            raise CrossSiteRequest(f"refused a {fetch_site} form post: use the dashboard's own page")
+        return
     origin = request.headers.get("origin")
     if origin is not None and origin != f"{request.url.scheme}://{request.headers.get('host', '')}":
         raise CrossSiteRequest("refused a form post from another origin: use the dashboard's own page")

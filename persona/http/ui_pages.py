@@ -18,7 +18,8 @@ CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; form-actio
 UI_HEADERS = {
     "content-security-policy": CSP,
     "x-content-type-options": "nosniff",
-    "referrer-policy": "no-referrer",
+    # not no-referrer: under it a browser sends "Origin: null" with the page's own form posts
+    "referrer-policy": "same-origin",
     "cache-control": "no-store",  # pages carry the session's CSRF token and private answers
     "x-frame-options": "DENY",  # frame-ancestors for browsers that predate it
 }
@@ -47,27 +48,34 @@ class ChatPair:
 
 _STYLE = """
 :root { color-scheme: light; }
-body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0; color: #1d2329; background: #f5f6f8; }
+body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0; color: #1d2329;
+  background: #f5f6f8; }
 .ui-top { display: flex; align-items: center; gap: 1.2rem; padding: .7rem 1.5rem; background: #1d2a3a; color: #fff; }
 .ui-top h1 { font-size: 1.15rem; margin: 0; font-weight: 650; letter-spacing: .02em; }
 .ui-top .ui-meta { opacity: .85; font-size: .9rem; }
 .ui-top form { margin-left: auto; }
 .ui-main { max-width: 1180px; margin: 1.2rem auto; padding: 0 1.2rem; }
-.ui-card { background: #fff; border: 1px solid #dde1e6; border-radius: 8px; padding: 1rem 1.2rem; margin-bottom: 1.2rem; }
+.ui-card { background: #fff; border: 1px solid #dde1e6; border-radius: 8px; padding: 1rem 1.2rem;
+  margin-bottom: 1.2rem; }
 .ui-card h2 { font-size: 1.05rem; margin: 0 0 .7rem; }
 .ui-row { display: flex; gap: .8rem; flex-wrap: wrap; align-items: end; }
 label { display: flex; flex-direction: column; gap: .25rem; font-size: .85rem; color: #4a5561; }
-select, input, textarea { font: inherit; padding: .35rem .5rem; border: 1px solid #b9c1ca; border-radius: 5px; background: #fff; }
+select, input, textarea { font: inherit; padding: .35rem .5rem; border: 1px solid #b9c1ca; border-radius: 5px;
+  background: #fff; }
 textarea { width: 100%; box-sizing: border-box; min-height: 4.2rem; resize: vertical; }
-button { font: inherit; padding: .4rem .9rem; border-radius: 5px; border: 1px solid #2d5b8a; background: #2f6db0; color: #fff; cursor: pointer; }
+button { font: inherit; padding: .4rem .9rem; border-radius: 5px; border: 1px solid #2d5b8a; background: #2f6db0;
+  color: #fff; cursor: pointer; }
 button.ui-quiet { background: transparent; border-color: #8fa3b8; color: inherit; }
 .ui-pair { display: grid; grid-template-columns: 1fr 1fr; gap: 1rem; margin-top: 1rem; }
 .ui-answer { border: 1px solid #dde1e6; border-radius: 6px; padding: .6rem .8rem; background: #fafbfc; }
 .ui-answer h3 { font-size: .9rem; margin: 0 0 .4rem; color: #2f6db0; }
 .ui-answer.ui-base h3 { color: #6b7682; }
-.ui-answer pre { white-space: pre-wrap; word-break: break-word; margin: 0; font: 14px/1.45 ui-monospace, Menlo, Consolas, monospace; }
+.ui-answer pre { white-space: pre-wrap; word-break: break-word; margin: 0;
+  font: 14px/1.45 ui-monospace, Menlo, Consolas, monospace; }
 .ui-note { color: #5c6670; font-size: .88rem; }
-.ui-error { background: #fdecec; border: 1px solid #e3a3a3; color: #7a1f1f; border-radius: 6px; padding: .6rem .8rem; margin-bottom: 1rem; }
+.ui-error { background: #fdecec; border: 1px solid #e3a3a3; color: #7a1f1f; border-radius: 6px; padding: .6rem .8rem;
+  margin-bottom: 1rem; }
+.ui-gap { margin-top: .6rem; }
 .ui-login { max-width: 26rem; margin: 12vh auto; }
 .ui-login input { width: 100%; box-sizing: border-box; }
 """
@@ -114,19 +122,30 @@ def _chat_form(csrf: str, adapters: Sequence[str], chat: ChatPair | None) -> str
 <form method="post" action="/ui/chat">{_hidden(csrf)}
 <div class="ui-row">
 <label>Adapter <select name="model">{options}</select></label>
-<label>Max new tokens <input type="number" name="max_tokens" min="1" max="{MAX_CHAT_TOKENS}" value="{e(max_tokens)}"></label>
+<label>Max new tokens
+  <input type="number" name="max_tokens" min="1" max="{MAX_CHAT_TOKENS}" value="{e(max_tokens)}"></label>
 </div>
-<label style="margin-top:.6rem">Prompt <textarea name="prompt" required>{e(prompt)}</textarea></label>
-<div class="ui-row" style="margin-top:.6rem"><button type="submit">Ask the adapter and the base</button>
-<span class="ui-note">Greedy decoding, so both answers are reproducible. Nothing asked here is logged for training.</span></div>
+<label class="ui-gap">Prompt <textarea name="prompt" required>{e(prompt)}</textarea></label>
+<div class="ui-row ui-gap"><button type="submit">Ask the adapter and the base</button>
+<span class="ui-note">Greedy decoding, so both answers are reproducible. Nothing asked here is logged for
+training.</span></div>
 </form>"""
+
+
+def _answer(text: str) -> str:
+    if text.strip():
+        return f"<pre>{e(text)}</pre>"
+    what = f"only whitespace ({len(text)} characters)" if text else "no text: the model ended its answer at once"
+    return f'<pre>{e(text)}</pre><p class="ui-note">({what})</p>'
 
 
 def _answers(chat: ChatPair) -> str:
     return f"""
 <div class="ui-pair">
-<div class="ui-answer"><h3>{e(chat.model)} <span class="ui-note">({e(chat.adapter_ran)})</span></h3><pre>{e(chat.adapter_text)}</pre></div>
-<div class="ui-answer ui-base"><h3>the base <span class="ui-note">({e(chat.base_name)})</span></h3><pre>{e(chat.base_text)}</pre></div>
+<div class="ui-answer"><h3>{e(chat.model)} <span class="ui-note">({e(chat.adapter_ran)})</span></h3>
+{_answer(chat.adapter_text)}</div>
+<div class="ui-answer ui-base"><h3>the base <span class="ui-note">({e(chat.base_name)})</span></h3>
+{_answer(chat.base_text)}</div>
 </div>"""
 
 

@@ -193,7 +193,8 @@ async def report_body(state: ServerState, refs: list[str], digest: str, *, matri
             raise
         return report_unavailable(), False
     except PersonaError as exc:  # a damaged adapter, a busy store: the page still shows the chat
-        return f'<div class="ui-error">The report could not be built: {e(describe(exc, "/ui report").message)}</div>', False
+        message = describe(exc, "/ui report").message
+        return f'<div class="ui-error">The report could not be built: {e(message)}</div>', False
     return body, matrix
 
 
