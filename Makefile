@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test chromium clean
 
 $(BIN)/persona: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,8 +23,19 @@ setup: $(BIN)/persona
 demo: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash examples/demo.sh
 
-test: setup
+test: setup chromium
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# Headless Chromium for the real-browser tests (tests/test_ui_browser.py): Debian's package, installed
+# where apt-get is there and we are root (or have password-less sudo). Never fails: without it those
+# tests skip, saying why.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=none; fi; \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$SUDO" != none ]; then \
+	    { $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+	      || echo "chromium could not be installed: the browser tests will skip"; \
+	  else echo "chromium not installed (needs apt-get and root or password-less sudo): the browser tests will skip"; fi; }
 
 clean:
 	rm -rf $(VENV)
