@@ -37,7 +37,10 @@ def render_report_html(store, refs: Sequence[str], *, matrix: bool, placement=No
     """``persona report``'s body for ``refs`` (what the dashboard embeds; blocking: run it in a thread)."""
     from ..report import build_report, render_report_body
 
-    return render_report_body(build_report(store, list(refs), matrix=matrix, placement=placement))
+    # heading=False: no title (the page has its own) and no store line (a user token has no business with
+    # the server's paths)
+    report = build_report(store, list(refs), matrix=matrix, placement=placement)
+    return render_report_body(report, heading=False)
 
 
 class ReportCache:
