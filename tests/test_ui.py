@@ -226,9 +226,11 @@ def test_the_chat_answers_with_the_adapter_and_the_base_side_by_side(world):
 def test_another_users_adapter_is_refused_in_the_chat_as_on_v1(world):
     c, csrf = login(world, "alice")
     for model in ("user:bob", "user:nobody", "user:alice+user:bob*0.01"):
-        page = c.post("/ui/chat", data={"csrf": csrf, "model": model, "prompt": "hi", "max_tokens": "2"},
+        page = c.post("/ui/chat", data={"csrf": csrf, "model": model, "prompt": "my question", "max_tokens": "2"},
                       headers=BROWSER)
         assert page.status_code == 404 and "does not exist or you do not have access to it" in page.text
+        assert ">my question</textarea>" in page.text and "<pre>" not in page.text  # kept to fix; no answers
+        assert "user:bob" not in adapters_offered(page.text)
         api = client(world).post("/ui/chat", data={"model": model, "prompt": "hi", "max_tokens": "2"},
                                  headers=bearer(world, "alice"))
         v1 = client(world).post("/v1/chat/completions", headers=bearer(world, "alice"), json={

@@ -34,6 +34,15 @@ def e(value: object) -> str:
 
 
 @dataclass(frozen=True)
+class ChatForm:
+    """What the chat box holds: the last question asked (or the one that failed, to fix and resend)."""
+
+    model: str = ""
+    prompt: str = DEFAULT_PROMPT
+    max_tokens: str = str(DEFAULT_MAX_TOKENS)
+
+
+@dataclass(frozen=True)
 class ChatPair:
     """One prompt's answers: the adapter's and the base's, with what ran."""
 
@@ -111,13 +120,12 @@ def _hidden(csrf: str) -> str:
     return f'<input type="hidden" name="csrf" value="{e(csrf)}">' if csrf else ""
 
 
-def _chat_form(csrf: str, adapters: Sequence[str], chat: ChatPair | None) -> str:
+def _chat_form(csrf: str, adapters: Sequence[str], form: ChatForm) -> str:
     if not adapters:
         return '<p class="ui-note">No adapter to try yet: create one with <code>persona create</code>.</p>'
-    chosen = chat.model if chat is not None else adapters[0]
+    chosen = form.model if form.model in adapters else adapters[0]
     options = "".join(f'<option value="{e(a)}"{" selected" if a == chosen else ""}>{e(a)}</option>' for a in adapters)
-    prompt = chat.prompt if chat is not None else DEFAULT_PROMPT
-    max_tokens = chat.max_tokens if chat is not None else DEFAULT_MAX_TOKENS
+    prompt, max_tokens = form.prompt, form.max_tokens
     return f"""
 <form method="post" action="/ui/chat">{_hidden(csrf)}
 <div class="ui-row">
@@ -150,9 +158,12 @@ def _answers(chat: ChatPair) -> str:
 
 
 def dashboard_page(*, who: str, csrf: str, base_name: str, adapters: Sequence[str], report_html: str,
-                   matrix_built: bool, chat: ChatPair | None = None, error: str | None = None,
-                   can_logout: bool = True) -> str:
-    """The dashboard: who is logged in, the chat box (and its last answers), and the report of ``adapters``."""
+                   matrix_built: bool, chat: ChatPair | None = None, form: ChatForm | None = None,
+                   error: str | None = None, can_logout: bool = True) -> str:
+    """The dashboard: who is logged in, the chat box (``form``: what it holds; ``chat``: the answers
+    to show), and the report of ``adapters``."""
+    if form is None:
+        form = ChatForm(chat.model, chat.prompt, str(chat.max_tokens)) if chat is not None else ChatForm()
     logout = (f'<form method="post" action="/ui/logout">{_hidden(csrf)}'
               '<button class="ui-quiet" type="submit">Log out</button></form>') if can_logout else ""
     problem = f'<div class="ui-error">{e(error)}</div>' if error else ""
@@ -168,7 +179,7 @@ while). The page below is built without it.</span></div></form>"""
 {logout}</header>
 <main class="ui-main">
 <section class="ui-card" id="chat"><h2>Try an adapter against the base</h2>
-{problem}{_chat_form(csrf, adapters, chat)}{_answers(chat) if chat is not None else ""}
+{problem}{_chat_form(csrf, adapters, form)}{_answers(chat) if chat is not None else ""}
 </section>
 <section class="ui-card" id="report"><h2>What each update did</h2>
 {matrix}

@@ -41,7 +41,16 @@ from ..ui_auth import (
     set_session_cookie,
     wants_html,
 )
-from ..ui_pages import MAX_CHAT_TOKENS, ChatPair, dashboard_page, e, login_page, report_unavailable
+from ..ui_pages import (
+    DEFAULT_MAX_TOKENS,
+    MAX_CHAT_TOKENS,
+    ChatForm,
+    ChatPair,
+    dashboard_page,
+    e,
+    login_page,
+    report_unavailable,
+)
 from .models import visible_adapters
 from ...errors import AuthError, EngineClosed, InvalidRequest, PersonaError
 
@@ -115,7 +124,11 @@ async def chat(request: Request, state: State, caller: MaybeCaller):
         if not wants_html(request):
             raise  # the table's status and OpenAI-shaped body, as on /v1
         error = describe(exc, "POST /ui/chat")
-        return await page(state, request, caller, error=error.message, status=error.status)
+        sent = ChatForm(form.get("model", ""), form.get("prompt", ""), form.get("max_tokens", ""))
+        response = await page(state, request, caller, form=sent, error=error.message, status=error.status)
+        if error.retry_later:
+            response.headers["Retry-After"] = str(state.config.retry_after_s)
+        return response
     return await page(state, request, caller, chat=pair)
 
 
@@ -130,7 +143,7 @@ async def matrix(request: Request, state: State, caller: MaybeCaller):
 # ----------------------------------------------------------------------------------- the chat
 def _max_tokens(raw: str | None) -> int:
     try:
-        value = int(raw) if raw not in (None, "") else 64
+        value = int(raw) if raw not in (None, "") else DEFAULT_MAX_TOKENS
     except ValueError:
         value = 0
     if not 1 <= value <= MAX_CHAT_TOKENS:
@@ -199,11 +212,12 @@ async def report_body(state: ServerState, refs: list[str], digest: str, *, matri
 
 
 async def page(state: ServerState, request: Request, caller: UiCaller, *, chat: ChatPair | None = None,
-               error: str | None = None, status: int = 200, matrix: bool = False) -> HTMLResponse:
+               form: ChatForm | None = None, error: str | None = None, status: int = 200,
+               matrix: bool = False) -> HTMLResponse:
     refs, digest = await anyio.to_thread.run_sync(_listing, state, caller)
     body, with_matrix = await report_body(state, refs, digest, matrix=matrix)
     html = dashboard_page(who=caller.who, csrf=caller.csrf, base_name=state.engine.base_name, adapters=refs,
-                          report_html=body, matrix_built=with_matrix, chat=chat, error=error,
+                          report_html=body, matrix_built=with_matrix, chat=chat, form=form, error=error,
                           can_logout=caller.session is not None and state.config.auth)
     return _html(state, request, html, status=status)
 
