@@ -2,11 +2,11 @@
 (``persona report``'s file), from a demo store on the embedded base.
 
 The store (a temp dir): alice updated twice from ``examples/interactions`` (the second update
-revises where she works), bob once, ``domain:finance`` once. ``persona serve`` serves it; headless
+revises where she works), bob and ``domain:finance`` created. ``persona serve`` serves it; headless
 Chromium (driven over the DevTools protocol by ``tests/_cdp.py``) logs in with an admin token, asks
 alice's adapter and the base the same question, and screenshots the page; then ``persona report``
 writes the report of the same store, screenshotted too. Needs Debian's ``chromium``; takes a few
-minutes on a CPU (three updates of SmolLM2-135M).
+minutes on a CPU (two updates of SmolLM2-135M).
 
     python examples/readme_screenshots.py [--out docs/img]
 """
@@ -56,6 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img")
     parser.add_argument("--base", default=None, help="base model (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs of each update (the demo's 4)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="persona-screens-") as tmp:
@@ -64,10 +65,9 @@ def main() -> None:
         persona("init", *(["--base", args.base] if args.base else []), env=env)
         for ref in ("user:alice", "user:bob", "domain:finance"):
             persona("create", ref, env=env)
-        for ref, data in (("user:alice", "alice.jsonl"), ("user:alice", "alice-2.jsonl"), ("user:bob", "bob.jsonl"),
-                          ("domain:finance", "domain-finance.jsonl")):
-            persona("update", ref, "--data", str(EX / data), "--epochs", "4", "--lr", "2e-3", env=env)
-            print(f"updated {ref} from {data}")
+        for ref, data in (("user:alice", "alice.jsonl"), ("user:alice", "alice-2.jsonl")):
+            persona("update", ref, "--data", str(EX / data), "--epochs", str(args.epochs), "--lr", "2e-3", env=env)
+            print(f"updated {ref} from {data}", flush=True)
         token = json.loads(persona("token", "create", "--admin", "--json", env=env))["token"]
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
