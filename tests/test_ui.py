@@ -8,7 +8,6 @@ In-process through FastAPI's TestClient over one tiny-model engine; the real bro
 from __future__ import annotations
 
 import html
-import importlib.util
 import re
 from html.parser import HTMLParser
 
@@ -17,8 +16,6 @@ import pytest
 from persona import LoraSettings, Store
 from persona.store.tokens import TokenStore
 
-HAS_REPORT = importlib.util.find_spec("persona.report") is not None
-needs_report = pytest.mark.skipif(not HAS_REPORT, reason="persona.report not on this branch")
 BROWSER = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
 
 
@@ -359,15 +356,6 @@ def test_sessions_expire_and_are_bounded():
 
 
 # ------------------------------------------------------------------------------------------ report
-def test_the_page_embeds_the_report_only_once_persona_report_exists(world):
-    page = client(world).get("/ui", headers=bearer(world, "alice")).text
-    if HAS_REPORT:
-        assert "needs <code>persona.report</code>" not in page
-    else:
-        assert "needs <code>persona.report</code>" in page
-
-
-@needs_report
 def test_the_report_is_persona_reports_body_for_the_visible_adapters_and_cached_until_the_store_changes(world):
     from persona.report import build_report, render_report_body
 
@@ -388,7 +376,6 @@ def test_the_report_is_persona_reports_body_for_the_visible_adapters_and_cached_
         store.delete("domain:travel")
 
 
-@needs_report
 def test_the_loss_matrix_is_built_on_request_and_then_shown(world):
     c, csrf = login(world, "admin")
     page = c.get("/ui", headers=BROWSER).text

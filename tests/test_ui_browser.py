@@ -10,7 +10,6 @@ only). Where Debian's ``chromium`` is not installed the tests skip; ``make test`
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import socket
@@ -29,8 +28,6 @@ pytestmark = pytest.mark.skipif(
     shutil.which("chromium") is None,
     reason="Chromium is not installed: the real-browser tests need Debian's `chromium` package "
            "(`apt-get install chromium`; `make test` installs it where apt-get is available)")
-needs_report = pytest.mark.skipif(importlib.util.find_spec("persona.report") is None,
-                                  reason="persona.report not on this branch")
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "interactions"
@@ -137,7 +134,6 @@ def test_a_script_injected_into_the_chat_never_runs(served, browser):
     assert page.errors() == []
 
 
-@needs_report
 def test_the_report_file_in_chromium_has_no_console_error_and_no_external_request(served, browser, tmp_path):
     out = tmp_path / "report.html"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

@@ -188,11 +188,6 @@ while). The page below is built without it.</span></div></form>"""
 </main>""")
 
 
-def report_unavailable() -> str:
-    """Where the report would be, when this install has no :mod:`persona.report`."""
-    return '<p class="ui-note">The report needs <code>persona.report</code>, which this install lacks.</p>'
-
-
 class UiHeaders:
     """Pure ASGI middleware: :data:`UI_HEADERS` on every response under ``/ui`` (pages, redirects, errors)."""
 

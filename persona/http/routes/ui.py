@@ -49,7 +49,6 @@ from ..ui_pages import (
     dashboard_page,
     e,
     login_page,
-    report_unavailable,
 )
 from .models import visible_adapters
 from ...errors import AuthError, EngineClosed, InvalidRequest, PersonaError
@@ -201,10 +200,6 @@ async def report_body(state: ServerState, refs: list[str], digest: str, *, matri
     try:
         body = await anyio.to_thread.run_sync(lambda: state.reports.build(
             state.store, refs, digest, matrix=matrix, placement=placement), limiter=limiter)
-    except ModuleNotFoundError as exc:
-        if exc.name != "persona.report":
-            raise
-        return report_unavailable(), False
     except PersonaError as exc:  # a damaged adapter, a busy store: the page still shows the chat
         message = describe(exc, "/ui report").message
         return f'<div class="ui-error">The report could not be built: {e(message)}</div>', False
