@@ -35,7 +35,9 @@ run the forward passes and decode loop of each batch. The parts it drives live b
   or follow a JSON grammar (``response_format``, ``serving.constrain``); rows that ask for none of
   these are not touched.
 - ``generate`` runs in the caller's thread; ``submit``/``stream`` go through one worker thread
-  that gathers concurrent requests into mixed batches (``serving.scheduler``).
+  (``serving.scheduler``). By default it batches continuously: at every decode step waiting
+  requests join the running batch (``serving.running``) and finished rows leave it;
+  ``scheduler="static"`` runs each gathered batch to its end instead.
 
 Thread safety: every public method may be called from any thread; model execution is serialized by
 one lock. The engine owns its base model while it lives: do not run a ``Trainer`` on the same
@@ -51,16 +53,18 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from ..base import BaseModel, check_base, load_base, pad_rows, resolve_device
+from ..base import BaseModel, check_base, load_base, resolve_device
 from ..errors import EngineClosed, InvalidConfig, InvalidPrompt  # noqa: F401 - EngineClosed importable from here as before
 from ..lora_runtime import LoraRuntime
 from ..refs import MAX_STACK, StackPart
 from .constrain import Vocabulary
 from .decode import Row, advance, new_kv_cache, next_tokens, positions
+from .model_facts import check_base_dtype, context_length, eos_ids, vocab_size
 from .requests import EngineStats, GenerationRequest, GenerationResult, Handle, Job, cancelled_error
 from .resolve import ModelResolver
-from .scheduler import BatchWorker
-from .slots import AdapterCache, SlotBank, distinct_keys, group_rows
+from .running import RunningBatch, TurnLock, check_cache_layers
+from .scheduler import AdmissionPolicy, BatchWorker, ContinuousWorker, Occupancy
+from .slots import AdapterCache, SlotBank, distinct_keys, group_rows, weight_table
 
 __all__ = ["Engine"]
 
@@ -75,7 +79,9 @@ class Engine:
     evicted); ``cpu_cache`` bounds the decoded adapters kept in CPU memory; ``max_batch`` bounds the
     rows of one batch; ``batch_wait_s`` is how long the worker waits for more requests to batch.
     ``route_top_k`` is how many domain adapters ``domain:auto`` becomes (1: the router's best, at
-    weight 1).
+    weight 1). ``scheduler`` is ``"continuous"`` (requests join and leave the running batch at every
+    step; ``max_batch_tokens`` bounds the prompt tokens plus running rows of one step) or
+    ``"static"`` (each batch runs to its end; kept for comparison, to be removed).
 
     ``device``/``dtype`` (``persona serve --device/--dtype``) place the base the engine loads:
     ``"auto"`` (the default) is a GPU in bfloat16 where torch sees one, else the CPU in float32
@@ -95,12 +101,15 @@ class Engine:
         dtype: str | torch.dtype | None = None,
         batch_wait_s: float = 0.005,
         route_top_k: int = 1,
+        scheduler: str = "continuous",
+        max_batch_tokens: int = 2048,
     ):
         limits = (
             ("max_resident", max_resident, 1, 4096),
             ("cpu_cache", cpu_cache, 0, 1 << 20),
             ("max_batch", max_batch, 1, 4096),
             ("route_top_k", route_top_k, 1, MAX_STACK),
+            ("max_batch_tokens", max_batch_tokens, 1, 1 << 20),
         )
         for name, value, low, high in limits:
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -109,11 +118,13 @@ class Engine:
             raise InvalidConfig(f"route_top_k={route_top_k} cannot exceed max_resident={max_resident}")
         if not isinstance(batch_wait_s, (int, float)) or not 0 <= batch_wait_s <= 10:
             raise InvalidConfig(f"batch_wait_s must be in [0, 10] seconds, got {batch_wait_s!r}")
+        if scheduler not in ("continuous", "static"):
+            raise InvalidConfig(f"scheduler must be 'continuous' or 'static', got {scheduler!r}")
         self.store = store
         if base is None:  # device and dtype resolved (a missing GPU refused) before any weight is read
             base = load_base(store.config.base_id, device=device or "auto", dtype=dtype or "auto")
         else:
-            _check_base_dtype(base, dtype)
+            check_base_dtype(base, dtype)
             if device is not None:
                 base.model.to(resolve_device(device, None)[0])
         self.base = base
@@ -131,25 +142,35 @@ class Engine:
         # is folded in float32 first, then rounded once; see SlotBank.write).
         bank = SlotBank(self.runtime, device=self.device, dtype=self.dtype)
         self._cache = AdapterCache(store, bank, max_resident=max_resident, cpu_cache=cpu_cache)
-        self.context_length = _context_length(self.model.config)
-        self.eos_token_ids = _eos_ids(self.model, self.tokenizer)
-        self.vocabulary = Vocabulary(self.tokenizer, _vocab_size(self.model, self.tokenizer), self.eos_token_ids)
+        self.context_length = context_length(self.model.config)
+        self.eos_token_ids = eos_ids(self.model, self.tokenizer)
+        self.vocabulary = Vocabulary(self.tokenizer, vocab_size(self.model, self.tokenizer), self.eos_token_ids)
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else min(self.eos_token_ids, default=0)
         params = inspect.signature(self.model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
         self._logits_to_keep = "logits_to_keep" in params
-        self._lock = threading.RLock()  # the model and the slots
+        self._lock = TurnLock()  # the model and the slots
         self._tokenizer_lock = threading.Lock()  # fast tokenizers are not safe to share across threads
         self._stats_lock = threading.Lock()  # counters and a snapshot of residency: stats() never waits on a batch
-        self._counts = dict(requests=0, failed=0, cancelled=0, prompt_tokens=0, tokens_generated=0, batches=0, largest_batch=0)
+        self._counts = dict.fromkeys(
+            ("requests", "failed", "cancelled", "prompt_tokens", "tokens_generated", "batches", "largest_batch"), 0)
         self._residency: dict[str, Any] = {}
         self._snapshot_residency()
         self._router = None  # built on the first domain:auto request
         self._resolver = ModelResolver(
             store, base_name=self.base_name, max_resident=max_resident, route_top_k=route_top_k, route=self._route_prompt
         )
-        self._worker = BatchWorker(self._run_jobs, max_batch=max_batch, wait_s=batch_wait_s)
+        self.scheduler = scheduler
+        self._pins: dict[int, Job] = {}  # running rows' jobs (continuous batching), by id
+        self._worker: BatchWorker | ContinuousWorker
+        if scheduler == "static":
+            self._worker = BatchWorker(self._run_jobs, max_batch=max_batch, wait_s=batch_wait_s)
+        else:
+            check_cache_layers(new_kv_cache(self.model))
+            self._running = self._new_batch()
+            policy = AdmissionPolicy(max_batch=max_batch, max_batch_tokens=max_batch_tokens, max_resident=max_resident)
+            self._worker = ContinuousWorker(self._step, policy, wait_s=batch_wait_s)
 
     # ------------------------------------------------------------------ names and versions
     @property
@@ -218,22 +239,23 @@ class Engine:
         return torch.stack(out)  # type: ignore[arg-type]
 
     def _route(self, parts_per_row: Sequence[Sequence[StackPart]], *, decoding: bool = False) -> None:
-        """Make every adapter of these rows resident and route each row to its slots, at its parts' weights.
-
-        A decode loop pre-gathers each row's factors once (when that fits ``PREGATHER_BYTES``)
-        rather than gathering them again at every step.
-        """
-        refs_per_row = [[p.ref for p in parts] for parts in parts_per_row]
-        keys = distinct_keys(refs_per_row)
+        """Make every adapter of these rows resident and route each row to its slots, at its parts' weights."""
+        keys = distinct_keys([[p.ref for p in parts] for parts in parts_per_row])
         protected = {str(r) for r in keys}
         for ref in keys:
             self._cache.acquire(ref, protected)
         self._snapshot_residency()
+        self.runtime.set_routes(self._routes(parts_per_row, decoding=decoding))
+
+    def _routes(self, parts_per_row: Sequence[Sequence[StackPart]], *, decoding: bool) -> dict:
+        """The routes of rows whose adapters are resident. A decode loop pre-gathers each row's factors
+        once (when that fits ``PREGATHER_BYTES``) rather than gathering them again at every step."""
+        refs_per_row = [[p.ref for p in parts] for parts in parts_per_row]
         bank = self._cache.bank
         depth = max((len(r) for r in refs_per_row), default=0)
         pregather = decoding and len(refs_per_row) * depth * bank.slot_nbytes <= PREGATHER_BYTES
         slots = self._cache.slots_for(refs_per_row)
-        self.runtime.set_routes(bank.routes(slots, _weight_table(parts_per_row, slots.shape), pregather=pregather))
+        return bank.routes(slots, weight_table(parts_per_row, slots.shape), pregather=pregather)
 
     def _forward(self, input_ids, attention_mask, position_ids, *, cache, last_only: bool) -> torch.Tensor:
         kwargs: dict[str, Any] = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
@@ -328,11 +350,17 @@ class Engine:
         self.close()
 
     def _run_jobs(self, jobs: Sequence[Job]) -> None:
-        """Run admitted jobs to completion; every job's handle ends finished or failed."""
+        """Run admitted jobs to completion (a static batch); every job's handle ends finished or failed."""
         with self._lock:
             try:
                 for group in group_rows([j.refs for j in jobs], self._cache.max_resident):
-                    self._run_group([jobs[i] for i in group])
+                    live = self._load_adapters([jobs[i] for i in group], protected=())
+                    if live:
+                        with torch.no_grad():
+                            try:
+                                self._decode([self._row(j) for j in live])
+                            finally:
+                                self.runtime.clear_routes()
             except BaseException as exc:
                 for job in jobs:  # a failed forward fails the requests it left unfinished
                     job.handle.fail(exc)
@@ -340,23 +368,53 @@ class Engine:
             finally:
                 self._snapshot_residency()
                 for job in jobs:
-                    result = job.handle._result
-                    if result is not None:
-                        self._count(
-                            requests=1, prompt_tokens=result.prompt_tokens, tokens_generated=result.completion_tokens
-                        )
-                    elif job.handle.done():
-                        self._count(failed=1)
+                    self._count_ended(job)
 
-    def _run_group(self, jobs: list[Job]) -> None:
-        # Load each adapter on its own, so one that fails (a damaged file) fails only its requests.
-        protected = {str(r) for j in jobs for r in j.refs}
-        broken: dict[str, BaseException] = {}
-        for ref in distinct_keys([j.refs for j in jobs]):
+    def _step(self, joining: Sequence[Job]) -> Occupancy:
+        """One iteration of continuous batching: ``joining`` is prefilled and joins, every running row
+        decodes one token, finished rows leave and unpin their adapters. Returns what is left running."""
+        batch, ended = self._running, []
+        self._lock.yield_to_waiting()
+        with self._lock, torch.no_grad():
             try:
-                self._cache.acquire(ref, protected)
-            except Exception as exc:  # noqa: BLE001 - handed to the requests that need this adapter
-                broken[str(ref)] = exc
+                running = {str(r) for row in batch.rows for r in row.job.refs}
+                live = self._load_adapters(joining, protected=running)
+                kept = {id(j) for j in live}
+                ended += [j for j in joining if id(j) not in kept]  # a broken adapter, or cancelled: never ran
+                for job in live:  # a running row's slots stay resident until it leaves
+                    self._pins[id(job)] = job
+                    self._cache.pin(job.refs)
+                if live:
+                    self._count(batches=1)
+                    ended += [self._unpin(r.job) for r in batch.prefill([self._row(j) for j in live])]
+                with self._stats_lock:
+                    self._counts["largest_batch"] = max(self._counts["largest_batch"], len(batch))
+                ended += [self._unpin(r.job) for r in batch.decode()]
+            except BaseException as exc:
+                batch.clear()
+                done = {id(j) for j in ended}
+                lost = [*self._pins.values(), *(j for j in joining if id(j) not in self._pins and id(j) not in done)]
+                for job in lost:  # a failed forward fails every request it held
+                    job.handle.fail(exc)
+                    self._unpin(job)
+                ended += lost
+                raise
+            finally:
+                self.runtime.clear_routes()  # the router and logits() run the model between steps
+                self._snapshot_residency()
+                for job in ended:
+                    self._count_ended(job)
+            return Occupancy(len(batch), frozenset(str(r) for row in batch.rows for r in row.job.refs))
+
+    def _unpin(self, job: Job) -> Job:
+        if self._pins.pop(id(job), None) is not None:
+            self._cache.unpin(job.refs)
+        return job
+
+    def _load_adapters(self, jobs: Sequence[Job], *, protected: set[str] | tuple = ()) -> list[Job]:
+        """Make the jobs' adapters resident and return the jobs that can run. Each adapter loads on its
+        own, so one that fails (a damaged file) fails only its requests; cancelled jobs fail here too."""
+        broken = self._cache.acquire_each(distinct_keys([j.refs for j in jobs]), protected)
         live = []
         for job in jobs:
             error = next((broken[str(r)] for r in job.refs if str(r) in broken), None)
@@ -366,44 +424,34 @@ class Engine:
                 job.handle.fail(cancelled_error())
             else:
                 live.append(job)
-        if live:
-            with torch.no_grad():
-                try:
-                    self._decode([
-                        Row(j, tokenizer=self.tokenizer, tokenizer_lock=self._tokenizer_lock, device=self.device,
-                            eos_token_ids=self.eos_token_ids)
-                        for j in live
-                    ])
-                finally:
-                    self.runtime.clear_routes()
+        return live
+
+    def _row(self, job: Job) -> Row:
+        return Row(job, tokenizer=self.tokenizer, tokenizer_lock=self._tokenizer_lock, device=self.device,
+                   eos_token_ids=self.eos_token_ids)
+
+    def _choose(self, logits: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
+        """Shape the rows' logits, choose their tokens and hand them over; returns the tokens."""
+        tokens, entries = next_tokens(logits, rows, self.vocabulary.token_bytes)
+        advance(rows, tokens, entries)
+        return tokens
 
     def _decode(self, rows: list[Row]) -> None:
+        """A static batch: the rows' prompts in one forward, then decode steps until every row has left."""
         with self._stats_lock:
             self._counts["batches"] += 1
             self._counts["largest_batch"] = max(self._counts["largest_batch"], len(rows))
-        # Left padding: every row's last prompt token is in the last column.
-        ids, mask = pad_rows([r.job.prompt_ids for r in rows], self.pad_token_id, side="left")
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        position_ids = positions(mask)
-        self._route([r.job.parts for r in rows], decoding=True)
-        cache = new_kv_cache(self.model)
-        logits = self._forward(ids, mask, position_ids, cache=cache, last_only=True)
-        next_pos = position_ids[:, -1:] + 1
-        while True:
-            tokens, entries = next_tokens(logits, rows, self.vocabulary.token_bytes)
-            advance(rows, tokens, entries)
-            keep = [i for i, row in enumerate(rows) if not row.done]
-            if not keep:
-                return
-            if len(keep) < len(rows):  # finished rows leave the batch: cache, mask, positions and routes
-                index = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(index)
-                mask, next_pos, tokens = mask[index], next_pos[index], tokens[index]
-                rows = [rows[i] for i in keep]
-                self._route([r.job.parts for r in rows], decoding=True)
-            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
-            logits = self._forward(tokens.view(-1, 1), mask, next_pos, cache=cache, last_only=True)
-            next_pos = next_pos + 1
+        batch = self._new_batch()
+        batch.prefill(rows)
+        while len(batch):
+            batch.decode()
+
+    def _new_batch(self) -> RunningBatch:
+        return RunningBatch(
+            forward=lambda ids, mask, pos, cache: self._forward(ids, mask, pos, cache=cache, last_only=True),
+            routes_for=lambda rows, decoding: self._routes([r.job.parts for r in rows], decoding=decoding),
+            apply_routes=self.runtime.set_routes, choose=self._choose,
+            new_cache=lambda: new_kv_cache(self.model), pad_token_id=self.pad_token_id, device=self.device)
 
     # ------------------------------------------------------------------ observability
     def stats(self) -> EngineStats:
@@ -428,57 +476,14 @@ class Engine:
         if handle.cancelled and isinstance(handle.error, _CancelledError):
             self._count(cancelled=1)
 
+    def _count_ended(self, job: Job) -> None:
+        result = job.handle._result
+        if result is not None:
+            self._count(requests=1, prompt_tokens=result.prompt_tokens, tokens_generated=result.completion_tokens)
+        elif job.handle.done():
+            self._count(failed=1)
+
     def _count(self, **increments: int) -> None:
         with self._stats_lock:
             for key, value in increments.items():
                 self._counts[key] += value
-
-
-def _check_base_dtype(base: BaseModel, dtype: str | torch.dtype | None) -> None:
-    """A given base runs in the dtype it was loaded in; asking for another one is refused, not converted."""
-    if dtype is None or dtype == "auto":
-        return
-    have = next(base.model.parameters()).dtype
-    want = resolve_device(next(base.model.parameters()).device, dtype)[1]
-    if want != have:
-        raise InvalidConfig(f"the given base is loaded in {str(have).removeprefix('torch.')}, not "
-                            f"{str(want).removeprefix('torch.')}: load it with load_base(..., dtype=...) or leave dtype out")
-
-
-def _vocab_size(model, tokenizer) -> int:
-    """Width of the logits (models often pad their vocabulary past the tokenizer's)."""
-    embeddings = model.get_output_embeddings()
-    weight = getattr(embeddings, "weight", None)
-    return int(weight.shape[0]) if weight is not None else max(int(model.config.vocab_size), len(tokenizer))
-
-
-def _weight_table(parts_per_row: Sequence[Sequence[StackPart]], shape: torch.Size) -> torch.Tensor | None:
-    """``[depth, rows]`` weights of the rows' parts (1 where a stack is shorter); None when all are 1."""
-    if all(p.weight == 1.0 for parts in parts_per_row for p in parts):
-        return None
-    table = torch.ones(shape, dtype=torch.float32)
-    for i, parts in enumerate(parts_per_row):
-        for d, part in enumerate(parts):
-            table[d, i] = part.weight
-    return table
-
-
-def _context_length(config) -> int:
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 2048
-
-
-def _eos_ids(model, tokenizer) -> frozenset[int]:
-    ids: set[int] = set()
-    config = getattr(model, "generation_config", None)
-    value = getattr(config, "eos_token_id", None) if config is not None else None
-    if isinstance(value, int):
-        ids.add(value)
-    elif isinstance(value, (list, tuple)):
-        ids.update(int(v) for v in value)
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return frozenset(ids)

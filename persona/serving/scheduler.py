@@ -1,9 +1,18 @@
-"""The batch worker: requests from many threads, run together in mixed batches by one thread.
+"""The engine's worker thread and its admission policy: requests from many threads, run together.
 
 ``Engine.submit`` (in the caller's thread) validates and admits a request into a ``Job``, then
-queues it here. One worker thread takes the first waiting job, waits a few milliseconds for more (up
-to ``max_batch``), and hands them to the engine's run function as one batch. An exception while
-running a batch is delivered to the handles of that batch; the worker itself keeps serving.
+queues it here. Two workers exist (``Engine(scheduler=...)``, ``persona serve --scheduler``):
+
+- ``ContinuousWorker`` (the default; Orca's iteration-level scheduling, as vLLM, TGI and SGLang do):
+  at every decode step it admits waiting jobs, in arrival order, under ``AdmissionPolicy`` (rows,
+  tokens of the step, resident adapters), and hands them to the engine's step function, which
+  prefills them, decodes every running row one token and lets finished rows leave. A request that
+  arrives mid-batch joins at the next step instead of waiting for the batch to end.
+- ``BatchWorker`` (static, kept for comparison until the continuous one has won on a quiet machine):
+  takes the first waiting job, waits a few milliseconds for more (up to ``max_batch``) and has the
+  engine run them to the end as one batch.
+
+An exception while running is delivered to the handles it concerns; the worker keeps serving.
 """
 
 from __future__ import annotations
@@ -11,28 +20,23 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import CancelledError
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from ..errors import EngineClosed
 from .requests import Job
 
-__all__ = ["BatchWorker", "EngineClosed"]
+__all__ = ["AdmissionPolicy", "BatchWorker", "ContinuousWorker", "EngineClosed", "Occupancy"]
 
 _STOP = object()
 
 
-class BatchWorker:
-    """One background thread that runs queued jobs in batches of up to ``max_batch``.
+class _Worker:
+    """A queue and the one thread that serves it; ``put`` starts the thread, ``close`` stops it."""
 
-    ``run`` receives a list of admitted jobs; it must finish or fail every handle
-    (whatever it leaves open is failed with the exception it raised, or an error saying so).
-    """
-
-    def __init__(
-        self, run: Callable[[Sequence[Job]], None], *, max_batch: int, wait_s: float, name: str = "persona-engine"
-    ):
-        self._run = run
+    def __init__(self, *, max_batch: int, wait_s: float, name: str):
         self.max_batch = max_batch
         self.wait_s = wait_s
         self._name = name
@@ -71,6 +75,9 @@ class BatchWorker:
             if job is not _STOP:
                 job.handle.fail(EngineClosed("the engine was closed before this request ran"))
 
+    def _loop(self) -> None:
+        raise NotImplementedError
+
     def _next_batch(self) -> tuple[list[Job], bool]:
         first = self._queue.get()
         if first is _STOP:
@@ -86,6 +93,20 @@ class BatchWorker:
                 return batch, True
             batch.append(job)
         return batch, False
+
+
+class BatchWorker(_Worker):
+    """One background thread that runs queued jobs in static batches of up to ``max_batch``.
+
+    ``run`` receives a list of admitted jobs; it must finish or fail every handle
+    (whatever it leaves open is failed with the exception it raised, or an error saying so).
+    """
+
+    def __init__(
+        self, run: Callable[[Sequence[Job]], None], *, max_batch: int, wait_s: float, name: str = "persona-engine"
+    ):
+        super().__init__(max_batch=max_batch, wait_s=wait_s, name=name)
+        self._run = run
 
     def _loop(self) -> None:
         stop = False
@@ -108,3 +129,113 @@ class BatchWorker:
                 for job in live:
                     job.handle.fail(RuntimeError("internal error: the engine left this request unfinished"))
         self._fail_queued()
+
+
+@dataclass(frozen=True)
+class Occupancy:
+    """What the running batch holds after a step: its rows and the adapter versions they read."""
+
+    rows: int = 0
+    adapters: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class AdmissionPolicy:
+    """Which waiting jobs join the running batch at a step: strictly first come, first served.
+
+    A job joins while the batch stays within ``max_batch`` rows, the step's tokens (the joining
+    prompts plus one per running row) within ``max_batch_tokens``, and the distinct adapters of
+    the running and joining rows within ``max_resident`` (an adapter a running row reads stays
+    resident). Admission stops at the first job that does not fit: nothing overtakes it, so a long
+    prompt at the head of the queue joins as soon as enough running rows have finished, and no
+    stream of short requests can starve it. A prompt longer than ``max_batch_tokens`` on its own
+    joins as the only prompt of a step (it could never fit otherwise).
+    """
+
+    max_batch: int
+    max_batch_tokens: int
+    max_resident: int
+
+    def admit(self, waiting: deque[Job], occupancy: Occupancy) -> list[Job]:
+        """Pop the jobs that join now from the left of ``waiting``, in order."""
+        joining: list[Job] = []
+        tokens = occupancy.rows  # one decode token per running row
+        adapters = set(occupancy.adapters)
+        while waiting and occupancy.rows + len(joining) < self.max_batch:
+            job = waiting[0]
+            need = {str(r) for r in job.refs}
+            if len(adapters | need) > self.max_resident:
+                break
+            prompt = len(job.prompt_ids)
+            if tokens + prompt > self.max_batch_tokens and (joining or prompt <= self.max_batch_tokens):
+                break
+            joining.append(waiting.popleft())
+            tokens += prompt
+            adapters |= need
+        return joining
+
+
+class ContinuousWorker(_Worker):
+    """One background thread that schedules per iteration: jobs join and leave the running batch at every step.
+
+    ``step(joining)`` runs one iteration in the engine (prefill ``joining``, decode the running
+    rows one token, drop finished rows) and returns the batch's ``Occupancy``; it must finish or fail
+    every handle it drops, and on an exception fail every job it holds (the batch is then empty).
+    """
+
+    def __init__(
+        self,
+        step: Callable[[Sequence[Job]], Occupancy],
+        policy: AdmissionPolicy,
+        *,
+        wait_s: float,
+        name: str = "persona-engine",
+    ):
+        super().__init__(max_batch=policy.max_batch, wait_s=wait_s, name=name)
+        self._step = step
+        self.policy = policy
+
+    def _loop(self) -> None:
+        waiting: deque[Job] = deque()
+        occupancy, stopping = Occupancy(), False
+        while True:
+            if not waiting and not occupancy.rows:
+                if stopping:
+                    break
+                # Idle: block for the next job, then wait a moment for others arriving with it.
+                batch, stopping = self._next_batch()
+                waiting.extend(batch)
+            stopping = self._take_arrivals(waiting) or stopping
+            if stopping:  # closing: what has not joined yet fails; running rows finish
+                while waiting:
+                    waiting.popleft().handle.fail(EngineClosed("the engine was closed before this request ran"))
+            self._drop_cancelled(waiting)
+            joining = self.policy.admit(waiting, occupancy)
+            if not joining and not occupancy.rows:
+                continue
+            try:
+                occupancy = self._step(joining)
+            except BaseException:  # noqa: BLE001 - the step failed its own jobs; the worker lives on
+                occupancy = Occupancy()
+            for job in joining:
+                if not job.handle.done() and occupancy.rows == 0:
+                    job.handle.fail(RuntimeError("internal error: the engine left this request unfinished"))
+        self._fail_queued()
+
+    def _take_arrivals(self, waiting: deque[Job]) -> bool:
+        """Move every queued job to ``waiting`` without blocking; True if a stop was queued."""
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return False
+            if job is _STOP:
+                return True
+            waiting.append(job)
+
+    @staticmethod
+    def _drop_cancelled(waiting: deque[Job]) -> None:
+        if any(job.handle.cancelled for job in waiting):
+            for job in [j for j in waiting if j.handle.cancelled]:
+                waiting.remove(job)
+                job.handle.fail(CancelledError())

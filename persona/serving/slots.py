@@ -16,7 +16,7 @@ so no adapter is held twice.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -24,7 +24,7 @@ import torch
 
 from ..errors import CapacityExceeded
 from ..lora_runtime import AdapterWeights, LoraRuntime, SlotRoute
-from ..refs import AdapterRef
+from ..refs import AdapterRef, StackPart
 
 
 def weights_nbytes(weights: AdapterWeights) -> int:
@@ -199,6 +199,7 @@ class AdapterCache:
         self.resident: OrderedDict[str, int] = OrderedDict()  # key -> slot, least recently used first
         self.cpu: OrderedDict[str, AdapterWeights] = OrderedDict()
         self._free: list[int] = []
+        self.pinned: Counter[str] = Counter()  # key -> running rows that read it: never evicted while > 0
         self.loads = self.cpu_hits = self.resident_hits = self.evictions = 0
 
     @property
@@ -226,6 +227,18 @@ class AdapterCache:
         if self.exclusive:
             self.cpu.pop(key, None)
         return slot
+
+    def acquire_each(self, refs: Sequence[AdapterRef], protected: Iterable[str] = ()) -> dict[str, BaseException]:
+        """Make every one of ``refs`` resident (none evicts another, nor a ``protected`` key), each on
+        its own: returns the error of each that failed (a damaged file), by key, for its requests only."""
+        protected = set(protected) | {str(r) for r in refs}
+        broken: dict[str, BaseException] = {}
+        for ref in refs:
+            try:
+                self.acquire(ref, protected)
+            except Exception as exc:  # noqa: BLE001 - handed to the requests that need this adapter
+                broken[str(ref)] = exc
+        return broken
 
     def _fetch(self, ref: AdapterRef) -> AdapterWeights:
         key = str(ref)
@@ -256,12 +269,25 @@ class AdapterCache:
             self.bank.grow(self.bank.capacity + 1)
             return self.bank.capacity - 1
         for key in self.resident:  # least recently used first
-            if key not in protected:
+            if key not in protected and not self.pinned[key]:
                 self.evict(key)
                 return self._free.pop()
         raise CapacityExceeded(
             f"a batch needs more than max_resident={self.max_resident} adapters at once; raise max_resident"
         )
+
+    def pin(self, refs: Iterable[AdapterRef]) -> None:
+        """Keep these (resident) adapters in their slots until as many ``unpin`` calls: a running row
+        of continuous batching reads its slots at every step, between which other work may load adapters."""
+        for ref in refs:
+            self.pinned[str(ref)] += 1
+
+    def unpin(self, refs: Iterable[AdapterRef]) -> None:
+        for ref in refs:
+            key = str(ref)
+            self.pinned[key] -= 1
+            if self.pinned[key] <= 0:
+                del self.pinned[key]
 
     def evict(self, key: str) -> None:
         slot = self.resident.pop(key)
@@ -305,3 +331,13 @@ def group_rows(refs_per_row: Sequence[Sequence[AdapterRef]], limit: int) -> list
         groups.append(current)
     return groups
 
+
+def weight_table(parts_per_row: Sequence[Sequence[StackPart]], shape: torch.Size) -> torch.Tensor | None:
+    """``[depth, rows]`` weights of the rows' parts (1 where a stack is shorter); None when all are 1."""
+    if all(p.weight == 1.0 for parts in parts_per_row for p in parts):
+        return None
+    table = torch.ones(shape, dtype=torch.float32)
+    for i, parts in enumerate(parts_per_row):
+        for d, part in enumerate(parts):
+            table[d, i] = part.weight
+    return table

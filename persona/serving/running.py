@@ -1,0 +1,241 @@
+"""The running batch of continuous batching: rows that join and leave a shared KV cache at any step.
+
+``RunningBatch`` holds the rows being decoded, with one left-padded dense KV cache (a transformers
+``DynamicCache``: per layer, keys and values ``[rows, heads, length, head_dim]``), the attention mask
+``[rows, length]``, each row's next position id and the token it feeds next. Every step of the
+engine's worker:
+
+- ``prefill(rows)`` runs the new rows' prompts in a forward of their own (left padded among
+  themselves, a fresh cache), chooses their first tokens, and merges the rows that go on into the
+  running cache: the shorter of the two caches is padded on the left (zero keys and values under a
+  zero mask), then the two are concatenated along the batch;
+- ``decode()`` feeds every running row its pending token in one forward, chooses the next ones,
+  and drops the rows that finished (``index_select`` along the batch); columns that no remaining
+  row attends to any more are cut from the left, so the cache is as long as its longest live row.
+
+Why a dense cache and not a paged one (vLLM's PagedAttention): transformers' attention reads one
+contiguous tensor per layer, and a masked key contributes exactly zero to a softmax, so padding and
+re-packing change no row's result (checked against each adapter alone, and against the static
+engine). The cost is the copy when rows join (the whole cache once per join, not per step), which
+is small next to a forward pass at the batch sizes one engine serves; pages would pay off with
+many long contexts on a GPU, where memory, not copying, is the limit.
+
+Position ids are per row (``decode.positions``), so a row's positions do not depend on how much
+padding the batch gives it. Nothing here chooses which rows join: that is ``scheduler``'s admission.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from ..base import pad_rows
+from ..errors import InvalidConfig
+from .decode import Row, positions
+
+__all__ = ["RunningBatch", "TurnLock", "check_cache_layers"]
+
+Forward = Callable[..., torch.Tensor]  # (ids, mask, position_ids, cache) -> last-position logits
+Choose = Callable[[torch.Tensor, Sequence[Row]], torch.Tensor]  # shape, choose, hand every row its token; the tokens
+Routes = Mapping[str, Any]
+
+
+class RunningBatch:
+    """Rows being decoded together, with their KV cache; rows join (``prefill``) and leave at any step.
+
+    ``forward`` runs the model on ``(ids, mask, position_ids, cache)`` and returns last-position
+    logits; ``routes_for(rows, decoding)`` builds the LoRA routes of these rows and ``apply_routes``
+    sets them on the model; ``choose`` picks each row's token from the logits and hands it over
+    (``decode.next_tokens`` + ``decode.advance``), returning the tokens; ``new_cache`` makes an empty KV cache.
+    """
+
+    def __init__(
+        self,
+        *,
+        forward: Forward,
+        routes_for: Callable[[Sequence[Row], bool], Routes],
+        apply_routes: Callable[[Routes], None],
+        choose: Choose,
+        new_cache: Callable[[], Any],
+        pad_token_id: int,
+        device: torch.device,
+    ):
+        self._forward = forward
+        self._routes_for = routes_for
+        self._apply_routes = apply_routes
+        self._choose = choose
+        self._new_cache = new_cache
+        self._pad = pad_token_id
+        self._device = device
+        self.rows: list[Row] = []
+        self._cache: Any = None
+        self._mask: torch.Tensor | None = None  # [rows, length]: 1 over each row's real tokens
+        self._next_pos: torch.Tensor | None = None  # [rows, 1]: each row's next position id
+        self._pending: torch.Tensor | None = None  # [rows]: the token each row feeds at the next step
+        self._routes: Routes | None = None  # the running rows' routes; None after rows joined or left
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def length(self) -> int:
+        """Columns of the cache (the longest live row's tokens so far, padding included)."""
+        return 0 if self._mask is None else int(self._mask.shape[1])
+
+    def prefill(self, rows: Sequence[Row]) -> list[Row]:
+        """Run the new rows' prompts, hand each its first token, and let those that go on join.
+
+        Returns the rows that ended at their first token (their handles are finished or failed).
+        """
+        rows = list(rows)
+        if not rows:
+            return []
+        ids, mask = pad_rows([r.job.prompt_ids for r in rows], self._pad, side="left")
+        ids, mask = ids.to(self._device), mask.to(self._device)
+        position_ids = positions(mask)
+        self._apply_routes(self._routes_for(rows, False))  # one forward: gathered at that forward, no pre-gather
+        cache = self._new_cache()
+        logits = self._forward(ids, mask, position_ids, cache)
+        tokens = self._choose(logits, rows)
+        keep = [i for i, r in enumerate(rows) if not r.done]
+        ended = [r for r in rows if r.done]
+        if keep:
+            index = torch.tensor(keep, device=self._device)
+            if len(keep) < len(rows):
+                cache.batch_select_indices(index)
+            self._join([rows[i] for i in keep], cache, mask[index], position_ids[index, -1:] + 1, tokens[index])
+        return ended
+
+    def decode(self) -> list[Row]:
+        """One step for every running row; returns the rows that ended (they have left the batch)."""
+        if not self.rows:
+            return []
+        assert self._mask is not None and self._next_pos is not None and self._pending is not None
+        if self._routes is None:  # the rows changed: gather their factors once for the steps to come
+            self._routes = self._routes_for(self.rows, True)
+        self._apply_routes(self._routes)
+        self._mask = torch.cat([self._mask, self._mask.new_ones((len(self.rows), 1))], dim=1)
+        logits = self._forward(self._pending.view(-1, 1), self._mask, self._next_pos, self._cache)
+        self._next_pos = self._next_pos + 1
+        self._pending = self._choose(logits, self.rows)
+        return self._drop_finished()
+
+    def clear(self) -> list[Row]:
+        """Empty the batch (after a failed forward); returns the rows it held."""
+        rows, self.rows = self.rows, []
+        self._cache = self._mask = self._next_pos = self._pending = self._routes = None
+        return rows
+
+    # ------------------------------------------------------------------ cache surgery
+    def _join(self, rows: list[Row], cache: Any, mask: torch.Tensor, next_pos: torch.Tensor,
+              tokens: torch.Tensor) -> None:
+        """Merge prefilled rows into the running cache: the shorter side is padded on the left."""
+        if not self.rows:
+            self.rows, self._cache, self._mask, self._next_pos, self._pending = rows, cache, mask, next_pos, tokens
+            self._routes = None
+            return
+        check_cache_layers(cache)
+        assert self._mask is not None and self._next_pos is not None and self._pending is not None
+        width = max(self._mask.shape[1], mask.shape[1])
+        old_pad, new_pad = width - self._mask.shape[1], width - mask.shape[1]
+        for old, new in zip(self._cache.layers, cache.layers, strict=True):
+            old.keys = torch.cat([_pad_left(old.keys, old_pad), _pad_left(new.keys, new_pad)], dim=0)
+            old.values = torch.cat([_pad_left(old.values, old_pad), _pad_left(new.values, new_pad)], dim=0)
+        self._mask = torch.cat([_pad_left(self._mask, old_pad), _pad_left(mask, new_pad)], dim=0)
+        self._next_pos = torch.cat([self._next_pos, next_pos], dim=0)
+        self._pending = torch.cat([self._pending, tokens], dim=0)
+        self.rows = self.rows + rows
+        self._routes = None
+
+    def _drop_finished(self) -> list[Row]:
+        keep = [i for i, r in enumerate(self.rows) if not r.done]
+        ended = [r for r in self.rows if r.done]
+        if not ended:
+            return []
+        if not keep:
+            self.clear()
+            return ended
+        assert self._mask is not None and self._next_pos is not None and self._pending is not None
+        index = torch.tensor(keep, device=self._device)
+        self._mask = self._mask.index_select(0, index)
+        if _plain(self._cache):
+            # Columns only the finished rows attended to: cut them, so the cache tracks its longest live row.
+            start = int(self._mask.any(dim=0).long().argmax())
+            for layer in self._cache.layers:
+                layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+                layer.values = layer.values.index_select(0, index)[:, :, start:]
+            self._mask = self._mask[:, start:]
+        else:  # a static batch over sliding-window layers: rows only leave, as transformers does it
+            self._cache.batch_select_indices(index)
+        self._next_pos = self._next_pos.index_select(0, index)
+        self._pending = self._pending.index_select(0, index)
+        self.rows = [self.rows[i] for i in keep]
+        self._routes = None
+        return ended
+
+
+def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t`` with ``n`` zero columns in front of its sequence axis (dim 2 of a cache, dim 1 of a mask)."""
+    if n == 0:
+        return t
+    axis = 2 if t.dim() == 4 else 1
+    shape = list(t.shape)
+    shape[axis] = n
+    return torch.cat([t.new_zeros(shape), t], dim=axis)
+
+
+def _plain(cache: Any) -> bool:
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", ()))
+
+
+def check_cache_layers(cache: Any) -> None:
+    """Refuse a cache whose layers the surgery above would get wrong (sliding windows keep a rolling
+    tail, not one column per token; quantized or offloaded layers hold other tensors)."""
+    from transformers.cache_utils import DynamicLayer
+
+    for layer in getattr(cache, "layers", ()):
+        if type(layer) is not DynamicLayer:
+            raise InvalidConfig(
+                f"continuous batching needs plain dynamic KV cache layers; this model's cache has "
+                f"{type(layer).__name__}: serve it with scheduler='static'"
+            )
+
+
+class TurnLock:
+    """The engine's model lock: re-entrant, and a thread that takes it in a loop lets waiters in.
+
+    Continuous batching takes the lock for one step at a time; between steps, the router
+    (``domain:auto`` admission), ``logits`` or ``generate`` from other threads may run. A plain
+    lock released and at once re-taken by the same thread is rarely won by a waiter, so the worker
+    calls ``yield_to_waiting`` before each step.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._waiting = 0
+        self._count = threading.Lock()
+
+    def __enter__(self) -> "TurnLock":
+        if not self._lock.acquire(blocking=False):
+            with self._count:
+                self._waiting += 1
+            try:
+                self._lock.acquire()
+            finally:
+                with self._count:
+                    self._waiting -= 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+    def yield_to_waiting(self, limit_s: float = 0.05) -> None:
+        """Pause (up to ``limit_s``) while other threads wait for the lock, so one of them takes it first."""
+        deadline = time.monotonic() + limit_s
+        while self._waiting and time.monotonic() < deadline:
+            time.sleep(0.0005)
