@@ -216,12 +216,12 @@ def open_store(store_root: str | None) -> "Store":
 
 
 def open_engine(store_root: str | None, max_resident: int = 16, max_batch: int = 8, route_top_k: int = 1, *,
-                device: str = "auto", dtype: str = "auto") -> "Engine":
+                device: str = "auto", dtype: str = "auto", **engine_options) -> "Engine":
     from ..serving.engine import Engine
 
     # The engine resolves device and dtype first: a missing GPU is refused before any weight is read.
     return Engine(open_store(store_root), max_resident=max_resident, max_batch=max_batch, route_top_k=route_top_k,
-                  device=device, dtype=dtype)
+                  device=device, dtype=dtype, **engine_options)
 
 
 def check_placement(device: str, dtype: str, *, training: bool = False) -> None:

@@ -15,6 +15,12 @@ MAX_BODY_BYTES = 4 << 20  # persona.http.app.MAX_BODY_BYTES, without importing F
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--max-resident", default=16, show_default=True, type=click.IntRange(1, 4096), help="Adapters held in engine slots at once.")
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 256), help="Requests batched into one forward pass.")
+@click.option("--max-batch-tokens", default=2048, show_default=True, type=click.IntRange(1, 1 << 20),
+              help="Continuous batching: prompt tokens joining plus rows decoding in one step (a longer prompt runs "
+                   "as the only one joining its step).")
+@click.option("--scheduler", type=click.Choice(["continuous", "static"]), default="continuous", show_default=True,
+              help="continuous: requests join and leave the running batch at every decode step; static: each batch "
+                   "runs to its end (kept for comparison, to be removed).")
 @click.option("--no-auth", is_flag=True, help="Serve without tokens (local use only): every adapter is reachable by anyone.")
 @click.option("--log-interactions", is_flag=True, help="Append completed chats to the user's pending queue for the next `persona update`.")
 @click.option("--max-body-bytes", default=MAX_BODY_BYTES, show_default=True, type=click.IntRange(1024),
@@ -29,7 +35,7 @@ MAX_BODY_BYTES = 4 << 20  # persona.http.app.MAX_BODY_BYTES, without importing F
 @placement_options
 @upstream_options
 @store_option
-def serve(host, port, max_resident, max_batch, no_auth, log_interactions, max_body_bytes, max_queue, max_per_token,
+def serve(host, port, max_resident, max_batch, max_batch_tokens, scheduler, no_auth, log_interactions, max_body_bytes, max_queue, max_per_token,
           drain_timeout, route_top_k, device, dtype, upstream, upstream_key, store_root) -> None:
     """Serve adapters over an OpenAI-compatible HTTP API.
 
@@ -74,7 +80,7 @@ def serve(host, port, max_resident, max_batch, no_auth, log_interactions, max_bo
     if upstream:  # --device/--dtype place the base the router loads for domain:auto, if it is used
         return run_gateway(store_root, host, port, config, upstream, upstream_key, route_top_k, device=device, dtype=dtype)
     engine = open_engine(store_root, max_resident=max_resident, max_batch=max_batch, route_top_k=route_top_k,
-                         device=device, dtype=dtype)
+                         device=device, dtype=dtype, scheduler=scheduler, max_batch_tokens=max_batch_tokens)
     try:
         run_server(engine, host, port, config)
     finally:
