@@ -1,0 +1,201 @@
+"""Serving under open-loop load: the continuous-batching engine against the static one (issue 17).
+
+    python benchmarks/serve_load.py [--rate 1.5 --requests 64 --users 16 --tokens 32 --threads 2]
+    python benchmarks/serve_load.py --rate 0.5 --rate 1.5      # several arrival rates in one run
+    python benchmarks/serve_load.py --quick                    # smoke run: tiny random base, 8 requests
+
+`persona serve`'s app on loopback (uvicorn, auth on), one adapter and one token per user, the
+official `openai` client streaming each request (chat, greedy, `max_tokens` new tokens). Requests
+arrive open loop: a Poisson process of the given rate (seeded), request i always the same user and
+question, so both engines get the same schedule and the same requests. For each engine it reports
+single-request time to first token (TTFT) and end-to-end latency (requests one at a time), then
+under load p50/p95 TTFT and end-to-end latency and throughput (completed tokens per second from the
+first arrival to the last completion), and whether every greedy output is identical across engines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import socket
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import header, table, temporary_folder, make_tiny  # noqa: E402
+
+import torch  # noqa: E402
+
+from persona import EMBEDDED_BASE, LoraSettings, Store  # noqa: E402
+from persona.base import load_base  # noqa: E402
+from persona.store.tokens import TokenStore  # noqa: E402
+from persona.serving.engine import Engine  # noqa: E402
+from persona.http.app import ServerConfig, create_app  # noqa: E402
+
+QUESTIONS = ["What should I cook tonight?", "Tell me about my week.", "Any advice for today?", "Say something kind.",
+             "How do I stay focused when I work from home?", "Give me one idea for a weekend trip."]
+SCHEDULERS = ("static", "continuous")
+
+
+@dataclass(frozen=True)
+class Timing:
+    ttft: float  # seconds from sending to the first text
+    e2e: float  # seconds from sending to the end of the stream
+    tokens: int  # completion tokens (the usage chunk)
+    text: str
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rate", type=float, action="append", help="arrivals per second (repeatable; default 1.5)")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--users", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--singles", type=int, default=6, help="requests run one at a time for the single-request figures")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the arrival schedule")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-batch-tokens", type=int, default=2048)
+    parser.add_argument("--quick", action="store_true", help="tiny random base, 8 requests, 8 tokens: checks the script runs")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.requests, args.users, args.tokens, args.singles = min(args.requests, 8), min(args.users, 4), 8, 2
+    rates = args.rate or [4.0 if args.quick else 1.5]
+    torch.set_num_threads(args.threads)
+    header("persona serving under open-loop load: continuous vs static batching" + (" (QUICK: tiny random base)" if args.quick else ""))
+    root = temporary_folder("load")
+    base_id = make_tiny(root) if args.quick else EMBEDDED_BASE
+    store = Store.init(root / "store", base=base_id)
+    users = [f"user:u{i:02d}" for i in range(args.users)]
+    tokens = {}
+    for i, user in enumerate(users):
+        store.create(user, LoraSettings(seed=i, init="random"))  # every user a distinct adapter: mix-ups would show
+        tokens[user] = TokenStore(store).create(user)[0]
+    base = load_base(store.config.base_id)
+    print(f"{args.requests} requests over {args.users} users (adapter + token each), {args.tokens} new tokens, greedy, "
+          f"streamed with the openai client; max_batch {args.users}, max_resident {args.users}, "
+          f"max_batch_tokens {args.max_batch_tokens}\n")
+
+    rows, outputs = [], {}
+    for scheduler in SCHEDULERS:
+        engine = Engine(store, base=base, max_resident=args.users, max_batch=args.users, scheduler=scheduler,
+                        max_batch_tokens=args.max_batch_tokens)
+        with serving(engine) as url:
+            clients = {u: _client(url, tokens[u]) for u in users}
+            warm = [threading.Thread(target=ask, args=(clients[u], u, k, 4)) for k, u in enumerate(users)]
+            for thread in warm:  # warm-up: every adapter resident, every path run once
+                thread.start()
+            for thread in warm:
+                thread.join()
+            singles = [ask(clients[users[k % len(users)]], users[k % len(users)], k, args.tokens) for k in range(args.singles)]
+            single_ttft = statistics.median(t.ttft for t in singles)
+            single_e2e = statistics.median(t.e2e for t in singles)
+            for rate in rates:
+                timings, wall = open_loop(clients, users, rate, args)
+                outputs[(scheduler, rate)] = [t.text for t in timings]
+                ttfts, e2es = [t.ttft for t in timings], [t.e2e for t in timings]
+                rows.append([scheduler, rate, single_ttft, pct(ttfts, 50), pct(ttfts, 50) / single_ttft, pct(ttfts, 95),
+                             single_e2e, pct(e2es, 50), pct(e2es, 50) / single_e2e, pct(e2es, 95),
+                             sum(t.tokens for t in timings) / wall])
+        engine.close()
+    print(table(["scheduler", "rate (req/s)", "single TTFT (s)", "p50 TTFT (s)", "p50 TTFT / single", "p95 TTFT (s)",
+                 "single e2e (s)", "p50 e2e (s)", "p50 e2e / single", "p95 e2e (s)", "tokens/s"], rows))
+    print()
+    for rate in rates:
+        same = outputs[("static", rate)] == outputs[("continuous", rate)]
+        differ = sum(a != b for a, b in zip(outputs[("static", rate)], outputs[("continuous", rate)], strict=True))
+        by = {r[0]: r for r in rows if r[1] == rate}
+        print(f"rate {rate}: greedy outputs identical across engines: {same}"
+              + ("" if same else f" ({differ} of {args.requests} differ)")
+              + f"; throughput continuous / static {by['continuous'][10] / by['static'][10]:.2f}x; "
+                f"static p50 e2e {by['static'][8]:.2f}x single, continuous p50 TTFT {by['continuous'][4]:.2f}x single")
+
+
+def serving(engine: Engine):
+    """``with serving(engine) as url``: persona's app on a free loopback port in a thread."""
+    import contextlib
+
+    import uvicorn
+
+    @contextlib.contextmanager
+    def run():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(create_app(engine, ServerConfig()), host="127.0.0.1", port=port,
+                                               log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        while not server.started:
+            time.sleep(0.05)
+        try:
+            yield f"http://127.0.0.1:{port}/v1"
+        finally:
+            server.should_exit = True
+            thread.join(30)
+
+    return run()
+
+
+def _client(url: str, token: str):
+    from openai import OpenAI
+
+    return OpenAI(base_url=url, api_key=token, max_retries=0, timeout=600)
+
+
+def ask(client, user: str, k: int, max_tokens: int) -> Timing:
+    start = time.perf_counter()
+    first, parts, used = None, [], 0
+    stream = client.chat.completions.create(
+        model=user, messages=[{"role": "user", "content": QUESTIONS[k % len(QUESTIONS)]}], max_tokens=max_tokens,
+        temperature=0, stream=True, stream_options={"include_usage": True})
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            if first is None:
+                first = time.perf_counter() - start
+            parts.append(chunk.choices[0].delta.content)
+        if chunk.usage is not None:
+            used = chunk.usage.completion_tokens
+    e2e = time.perf_counter() - start
+    return Timing(first if first is not None else e2e, e2e, used, "".join(parts))
+
+
+def open_loop(clients, users, rate: float, args) -> tuple[list[Timing], float]:
+    """Send request i at its Poisson arrival time (seeded: the same schedule for every engine), each in
+    its own thread; returns every request's timing and the wall time from the first arrival to the last end."""
+    rng = random.Random(args.seed)
+    arrivals, t = [], 0.0
+    for _ in range(args.requests):
+        arrivals.append(t)
+        t += rng.expovariate(rate)
+    timings: list[Timing | None] = [None] * args.requests
+    ends = [0.0] * args.requests
+
+    def one(i: int) -> None:
+        user = users[i % len(users)]
+        timings[i] = ask(clients[user], user, i, args.tokens)
+        ends[i] = time.perf_counter()
+
+    threads = []
+    start = time.perf_counter()
+    for i, at in enumerate(arrivals):
+        delay = start + at - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        thread = threading.Thread(target=one, args=(i,))
+        thread.start()
+        threads.append(thread)
+    for thread in threads:
+        thread.join()
+    return [t for t in timings if t is not None], max(ends) - start
+
+
+def pct(xs: list[float], q: int) -> float:
+    return statistics.quantiles(xs, n=100, method="inclusive")[q - 1] if len(xs) > 1 else xs[0]
+
+
+if __name__ == "__main__":
+    main()
