@@ -22,7 +22,7 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -41,8 +41,7 @@ QUESTIONS = ["What should I cook tonight?", "Tell me about my week.", "Any advic
 SCHEDULERS = ("static", "continuous")
 
 
-@dataclass(frozen=True)
-class Timing:
+class Timing(NamedTuple):
     ttft: float  # seconds from sending to the first text
     e2e: float  # seconds from sending to the end of the stream
     tokens: int  # completion tokens (the usage chunk)
@@ -100,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append([scheduler, rate, single_ttft, pct(ttfts, 50), pct(ttfts, 50) / single_ttft, pct(ttfts, 95),
                              single_e2e, pct(e2es, 50), pct(e2es, 50) / single_e2e, pct(e2es, 95),
                              sum(t.tokens for t in timings) / wall])
+                print(f"  {scheduler} at {rate}/s done: " + ", ".join(f"{x:.3g}" for x in rows[-1][2:]), flush=True)
         engine.close()
     print(table(["scheduler", "rate (req/s)", "single TTFT (s)", "p50 TTFT (s)", "p50 TTFT / single", "p95 TTFT (s)",
                  "single e2e (s)", "p50 e2e (s)", "p50 e2e / single", "p95 e2e (s)", "tokens/s"], rows))

@@ -83,3 +83,15 @@ def test_gateway_benchmark_quick_path_reports_a_ratio_per_way(capsys):
     out = capsys.readouterr().out
     assert "TINY RANDOM MODEL" in out and "ratio (goal <= 1.10)" in out
     assert "| whole answer |" in out and "| streamed: to [DONE] |" in out
+
+
+def test_serve_load_quick_path_runs_both_schedulers_on_one_schedule(capsys):
+    module = _load("serve_load")
+    threads = torch.get_num_threads()
+    try:
+        module.main(["--quick", "--requests", "4", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "| static | 4 |" in out and "| continuous | 4 |" in out
+    assert "greedy outputs identical across engines: True" in out  # the same requests, greedy: the same text

@@ -121,8 +121,8 @@ class EngineStats:
     cancelled: int  # submitted requests stopped by Handle.cancel() (e.g. their HTTP client went away)
     prompt_tokens: int
     tokens_generated: int
-    batches: int  # forward batches run (generate chunks and worker batches)
-    largest_batch: int
+    batches: int  # static batches run (generate chunks, static worker) and continuous prefills (rows joining)
+    largest_batch: int  # most rows in one decode step
     slot_bytes: int  # memory of the slot tensors
     cpu_cache_bytes: int  # memory of the CPU tier
 
