@@ -1,13 +1,15 @@
 """Serving under open-loop load: the continuous-batching engine against the static one (issue 17).
 
-    python benchmarks/serve_load.py [--rate 1.5 --requests 64 --users 16 --tokens 32 --threads 2]
-    python benchmarks/serve_load.py --rate 0.5 --rate 1.5      # several arrival rates in one run
+    python benchmarks/serve_load.py [--load 3 --requests 64 --users 16 --tokens 32 --threads 2]
+    python benchmarks/serve_load.py --rate 0.5 --rate 1.5      # fixed arrival rates (req/s) instead
     python benchmarks/serve_load.py --quick                    # smoke run: tiny random base, 8 requests
 
 `persona serve`'s app on loopback (uvicorn, auth on), one adapter and one token per user, the
 official `openai` client streaming each request (chat, greedy, `max_tokens` new tokens). Requests
-arrive open loop: a Poisson process of the given rate (seeded), request i always the same user and
-question, so both engines get the same schedule and the same requests. For each engine it reports
+arrive open loop: a Poisson process (seeded), request i always the same user and question, so both
+engines get the same schedule and the same requests. The rate is ``--load`` requests per
+single-request latency of the static engine, measured first in the same run (so the load means the
+same on a fast or a busy machine), or fixed with ``--rate``. For each engine it reports
 single-request time to first token (TTFT) and end-to-end latency (requests one at a time), then
 under load p50/p95 TTFT and end-to-end latency and throughput (completed tokens per second from the
 first arrival to the last completion), and whether every greedy output is identical across engines.
@@ -50,7 +52,9 @@ class Timing(NamedTuple):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rate", type=float, action="append", help="arrivals per second (repeatable; default 1.5)")
+    parser.add_argument("--rate", type=float, action="append", help="arrivals per second (repeatable)")
+    parser.add_argument("--load", type=float, default=3.0,
+                        help="without --rate: arrivals per single-request latency of the static engine")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--users", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=32)
@@ -62,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.users, args.tokens, args.singles = min(args.requests, 8), min(args.users, 4), 8, 2
-    rates = args.rate or [4.0 if args.quick else 1.5]
+    rates = args.rate
     torch.set_num_threads(args.threads)
     header("persona serving under open-loop load: continuous vs static batching" + (" (QUICK: tiny random base)" if args.quick else ""))
     root = temporary_folder("load")
@@ -92,6 +96,10 @@ def main(argv: list[str] | None = None) -> None:
             singles = [ask(clients[users[k % len(users)]], users[k % len(users)], k, args.tokens) for k in range(args.singles)]
             single_ttft = statistics.median(t.ttft for t in singles)
             single_e2e = statistics.median(t.e2e for t in singles)
+            if rates is None:  # static runs first: its single-request latency sets the rate for both
+                rates = [round(args.load / single_e2e, 3)]
+                print(f"arrival rate: {rates[0]} requests/s ({args.load} per single-request latency "
+                      f"{single_e2e:.3f} s)", flush=True)
             for rate in rates:
                 timings, wall = open_loop(clients, users, rate, args)
                 outputs[(scheduler, rate)] = [t.text for t in timings]

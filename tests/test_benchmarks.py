@@ -93,5 +93,5 @@ def test_serve_load_quick_path_runs_both_schedulers_on_one_schedule(capsys):
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    assert "| static | 4 |" in out and "| continuous | 4 |" in out
+    assert "| static |" in out and "| continuous |" in out and "arrival rate:" in out
     assert "greedy outputs identical across engines: True" in out  # the same requests, greedy: the same text
