@@ -58,17 +58,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--users", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--singles", type=int, default=6, help="requests run one at a time for the single-request figures")
+    parser.add_argument("--singles", type=int, default=6,
+                        help="requests run one at a time for the single-request figures")
     parser.add_argument("--seed", type=int, default=0, help="seed of the arrival schedule")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-batch-tokens", type=int, default=2048)
-    parser.add_argument("--quick", action="store_true", help="tiny random base, 8 requests, 8 tokens: checks the script runs")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny random base, 8 requests, 8 tokens: checks the script runs")
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.users, args.tokens, args.singles = min(args.requests, 8), min(args.users, 4), 8, 2
     rates = args.rate
     torch.set_num_threads(args.threads)
-    header("persona serving under open-loop load: continuous vs static batching" + (" (QUICK: tiny random base)" if args.quick else ""))
+    quick = " (QUICK: tiny random base)" if args.quick else ""
+    header("persona serving under open-loop load: continuous vs static batching" + quick)
     root = temporary_folder("load")
     base_id = make_tiny(root) if args.quick else EMBEDDED_BASE
     store = Store.init(root / "store", base=base_id)
@@ -93,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
                 thread.start()
             for thread in warm:
                 thread.join()
-            singles = [ask(clients[users[k % len(users)]], users[k % len(users)], k, args.tokens) for k in range(args.singles)]
+            alone = [users[k % len(users)] for k in range(args.singles)]
+            singles = [ask(clients[u], u, k, args.tokens) for k, u in enumerate(alone)]
             single_ttft = statistics.median(t.ttft for t in singles)
             single_e2e = statistics.median(t.e2e for t in singles)
             if rates is None:  # static runs first: its single-request latency sets the rate for both

@@ -121,7 +121,7 @@ def test_rows_joining_mid_decode_match_peft_each_alone(engine, store, tiny_base,
         ours = torch.stack(recorder.logits[id(job)])
         start = len(job.prompt_ids) - 1
         assert (ours - theirs[start : start + n]).abs().max() < 1e-4, model
-    assert engine._cache.pinned == {} and engine._pins == {}  # every row that left unpinned its adapters
+    assert engine._cache.pinned == set()  # every row that left unpinned its adapters
 
 
 def test_joining_rows_generate_what_they_generate_alone(engine, store, base):
@@ -195,12 +195,12 @@ def test_submitted_requests_through_the_worker_equal_static_results(store, base)
 def test_a_cancelled_row_leaves_the_running_batch_at_the_next_step(engine):
     stay, leave = engine._admit(greedy("user:a", n=30)), engine._admit(greedy("user:b", n=30))
     assert engine._step([stay, leave]).rows == 2
-    assert engine._cache.pinned == {"user:a@v1": 1, "user:b@v1": 1}
+    assert engine._cache.pinned == {"user:a@v1", "user:b@v1"}
     leave.handle.cancel()
     occupancy = engine._step([])
     assert occupancy == Occupancy(1, frozenset({"user:a@v1"}))
     assert isinstance(leave.handle.error, CancelledError)
-    assert engine._cache.pinned == {"user:a@v1": 1}  # its slot may be evicted again
+    assert engine._cache.pinned == {"user:a@v1"}  # its slot may be evicted again
     run_steps(engine, [])
     assert stay.handle.result(timeout=0).completion_tokens == 30
     assert engine.stats().failed == 1 and engine.stats().requests == 1

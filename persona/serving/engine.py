@@ -3,7 +3,8 @@
 Its job: admit requests (validate, pin their adapters, tokenize), keep their adapters resident, and
 run the forward passes and decode loop of each batch. The parts it drives live beside it in
 ``persona.serving``: ``requests`` (the types), ``resolve`` (pinning a model string), ``slots``
-(residency), ``decode`` (one step's token choice), ``scheduler`` (the batch worker).
+(residency), ``decode`` (one step's token choice), ``running`` (the running batch and its KV cache),
+``scheduler`` (the worker thread and its admission policy).
 
 >>> engine = Engine(Store.open())                                            # doctest: +SKIP
 >>> engine.generate([
@@ -162,7 +163,6 @@ class Engine:
             store, base_name=self.base_name, max_resident=max_resident, route_top_k=route_top_k, route=self._route_prompt
         )
         self.scheduler = scheduler
-        self._pins: dict[int, Job] = {}  # running rows' jobs (continuous batching), by id
         self._worker: BatchWorker | ContinuousWorker
         if scheduler == "static":
             self._worker = BatchWorker(self._run_jobs, max_batch=max_batch, wait_s=batch_wait_s)
@@ -372,7 +372,7 @@ class Engine:
 
     def _step(self, joining: Sequence[Job]) -> Occupancy:
         """One iteration of continuous batching: ``joining`` is prefilled and joins, every running row
-        decodes one token, finished rows leave and unpin their adapters. Returns what is left running."""
+        decodes one token, finished rows leave. Returns what is left running."""
         batch, ended = self._running, []
         self._lock.yield_to_waiting()
         with self._lock, torch.no_grad():
@@ -381,35 +381,27 @@ class Engine:
                 live = self._load_adapters(joining, protected=running)
                 kept = {id(j) for j in live}
                 ended += [j for j in joining if id(j) not in kept]  # a broken adapter, or cancelled: never ran
-                for job in live:  # a running row's slots stay resident until it leaves
-                    self._pins[id(job)] = job
-                    self._cache.pin(job.refs)
                 if live:
                     self._count(batches=1)
-                    ended += [self._unpin(r.job) for r in batch.prefill([self._row(j) for j in live])]
+                    ended += [r.job for r in batch.prefill([self._row(j) for j in live])]
                 with self._stats_lock:
                     self._counts["largest_batch"] = max(self._counts["largest_batch"], len(batch))
-                ended += [self._unpin(r.job) for r in batch.decode()]
+                ended += [r.job for r in batch.decode()]
             except BaseException as exc:
-                batch.clear()
                 done = {id(j) for j in ended}
-                lost = [*self._pins.values(), *(j for j in joining if id(j) not in self._pins and id(j) not in done)]
-                for job in lost:  # a failed forward fails every request it held
+                lost = {id(j): j for j in [*(r.job for r in batch.clear()), *joining] if id(j) not in done}
+                for job in lost.values():  # a failed forward fails every request it held
                     job.handle.fail(exc)
-                    self._unpin(job)
-                ended += lost
+                ended += lost.values()
                 raise
             finally:
                 self.runtime.clear_routes()  # the router and logits() run the model between steps
+                adapters = frozenset(str(r) for row in batch.rows for r in row.job.refs)
+                self._cache.pinned = adapters  # a running row's slots are never evicted between its steps
                 self._snapshot_residency()
                 for job in ended:
                     self._count_ended(job)
-            return Occupancy(len(batch), frozenset(str(r) for row in batch.rows for r in row.job.refs))
-
-    def _unpin(self, job: Job) -> Job:
-        if self._pins.pop(id(job), None) is not None:
-            self._cache.unpin(job.refs)
-        return job
+            return Occupancy(len(batch), adapters)
 
     def _load_adapters(self, jobs: Sequence[Job], *, protected: set[str] | tuple = ()) -> list[Job]:
         """Make the jobs' adapters resident and return the jobs that can run. Each adapter loads on its

@@ -16,7 +16,7 @@ so no adapter is held twice.
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -199,7 +199,9 @@ class AdapterCache:
         self.resident: OrderedDict[str, int] = OrderedDict()  # key -> slot, least recently used first
         self.cpu: OrderedDict[str, AdapterWeights] = OrderedDict()
         self._free: list[int] = []
-        self.pinned: Counter[str] = Counter()  # key -> running rows that read it: never evicted while > 0
+        # Keys running rows read (continuous batching): between two steps other work may load adapters,
+        # and these are never evicted for it.
+        self.pinned: frozenset[str] = frozenset()
         self.loads = self.cpu_hits = self.resident_hits = self.evictions = 0
 
     @property
@@ -269,25 +271,12 @@ class AdapterCache:
             self.bank.grow(self.bank.capacity + 1)
             return self.bank.capacity - 1
         for key in self.resident:  # least recently used first
-            if key not in protected and not self.pinned[key]:
+            if key not in protected and key not in self.pinned:
                 self.evict(key)
                 return self._free.pop()
         raise CapacityExceeded(
             f"a batch needs more than max_resident={self.max_resident} adapters at once; raise max_resident"
         )
-
-    def pin(self, refs: Iterable[AdapterRef]) -> None:
-        """Keep these (resident) adapters in their slots until as many ``unpin`` calls: a running row
-        of continuous batching reads its slots at every step, between which other work may load adapters."""
-        for ref in refs:
-            self.pinned[str(ref)] += 1
-
-    def unpin(self, refs: Iterable[AdapterRef]) -> None:
-        for ref in refs:
-            key = str(ref)
-            self.pinned[key] -= 1
-            if self.pinned[key] <= 0:
-                del self.pinned[key]
 
     def evict(self, key: str) -> None:
         slot = self.resident.pop(key)
