@@ -7,7 +7,11 @@ served. An adapter is a set of ``(A, B)`` pairs keyed by module name plus one sc
 several may be active on one forward, each on all rows or on a subset of rows (mixed batches and
 stacks).
 
-Serving adds a second path, *routes* (S-LoRA / Punica's idea): the engine keeps every resident
+Multi-adapter training adds *row blocks*: rows ``start:stop`` of a batch train one adapter, the
+next block another, each block with its own trainable factors (leaf tensors, so each adapter's
+gradient comes only from its own rows) and its own dropout stream (:class:`RowBlock`).
+
+Serving adds a third path, *routes* (S-LoRA / Punica's idea): the engine keeps every resident
 adapter in preallocated per-module slot tensors, and a route says which slot each row of the batch
 reads. The wrapper then gathers the rows' factors and applies them with two batched matmuls, so a
 batch mixing eight adapters costs about what a batch of one adapter costs (no loop over adapters).
@@ -85,11 +89,31 @@ class SlotRoute:
 
 @dataclass(frozen=True)
 class Activation:
-    """An adapter active on a forward: on every row (``rows=None``) or on the given row indices."""
+    """An adapter active on a forward: on every row (``rows=None``) or on the given row indices.
+
+    ``generator`` draws its dropout masks (training, ``rows=None`` only): None is torch's global one."""
 
     weights: AdapterWeights
     rows: torch.Tensor | None = None
     weight: float = 1.0
+    generator: torch.Generator | None = None
+
+
+@dataclass(frozen=True)
+class RowBlock:
+    """An adapter applied to the contiguous rows ``start:stop`` of a batch (multi-adapter training).
+
+    The blocks of one forward partition the batch, in order. Each draws its dropout masks from its
+    own ``generator`` at its own padded ``length`` (its rows' longest, as if it were alone in the
+    batch; positions after it are padding and keep their input), so an adapter trained beside
+    others sees the very masks it would see alone, whatever shares its batch.
+    """
+
+    weights: AdapterWeights
+    start: int
+    stop: int
+    length: int | None = None
+    generator: torch.Generator | None = None
 
 
 class AdapterLinear(nn.Module):
@@ -99,7 +123,8 @@ class AdapterLinear(nn.Module):
         super().__init__()
         self.base = base
         self.name = name
-        self.active: tuple[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, float, float], ...] = ()
+        self.active: tuple[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, float, float, Any], ...] = ()
+        self.blocks: tuple[tuple[int, int, torch.Tensor | None, torch.Tensor | None, float, float, int | None, Any], ...] = ()
         self.routes: tuple[SlotRoute, ...] = ()
 
     @property
@@ -116,27 +141,48 @@ class AdapterLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        for rows, a, b, scale, dropout in self.active:
-            # Active adapters keep float32 factors (training quality) even over a 16-bit base: the input
-            # is raised to the factors' dtype and the update rounded once into y's (autocast, when on,
-            # runs the products in bf16 itself).
+        for rows, a, b, scale, dropout, generator in self.active:
             if rows is None:
-                h = _dropout(x, dropout) if dropout and self.training else x
-                # y + scale * (h A^T) B^T in one addmm: no separate pass over y for the scale and the sum.
-                low = h.reshape(-1, h.shape[-1]).to(a.dtype) @ a.t()
-                if low.dtype == y.dtype:
-                    y = torch.addmm(y.reshape(-1, y.shape[-1]), low, b.t(), alpha=scale).view(y.shape)
-                else:
-                    y = y + ((low @ b.t()) * scale).to(y.dtype).view(*y.shape[:-1], -1)
+                h = _dropout(x, dropout, generator) if dropout and self.training else x
+                y = _lora_add(y, h, a, b, scale)
             else:
                 delta = (x.index_select(0, rows).to(a.dtype) @ a.t() @ b.t()) * scale
                 y = y.index_add(0, rows, delta.to(y.dtype))
+        if self.blocks:
+            if self.blocks[-1][1] != y.shape[0]:
+                raise RuntimeError(f"row blocks cover {self.blocks[-1][1]} rows of a batch of {y.shape[0]}")
+            y = torch.cat([_apply_block(block, x, y, self.training) for block in self.blocks])
         for route in self.routes:
             y = _apply_route(route, x, y)
         return y
 
 
-def _dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+def _lora_add(y: torch.Tensor, h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``y + scale * (h A^T) B^T``. Factors stay float32 (training quality) even over a 16-bit base: the
+    input is raised to the factors' dtype and the update rounded once into y's (autocast, when on, runs
+    the products in bf16 itself)."""
+    low = h.reshape(-1, h.shape[-1]).to(a.dtype) @ a.t()
+    if low.dtype == y.dtype:  # one addmm: no separate pass over y for the scale and the sum
+        return torch.addmm(y.reshape(-1, y.shape[-1]), low, b.t(), alpha=scale).view(y.shape)
+    return y + ((low @ b.t()) * scale).to(y.dtype).view(*y.shape[:-1], -1)
+
+
+def _apply_block(block, x: torch.Tensor, y: torch.Tensor, training: bool) -> torch.Tensor:
+    """Rows ``start:stop`` of ``y`` plus their adapter's update (unchanged where it has no factors here)."""
+    start, stop, a, b, scale, dropout, length, generator = block
+    ys = y[start:stop]
+    if a is None:
+        return ys
+    h = x[start:stop]
+    if dropout and training:
+        if length is None or length >= h.shape[1]:
+            h = _dropout(h, dropout, generator)
+        else:  # masks drawn at the block's own length, as alone; padding positions after it keep their input
+            h = torch.cat([_dropout(h[:, :length], dropout, generator), h[:, length:]], dim=1)
+    return _lora_add(ys, h, a, b, scale)
+
+
+def _dropout(x: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Inverted dropout whose mask comes from 16-bit random integers, four per int64 draw.
 
     Same semantics as ``nn.functional.dropout`` (each element zeroed independently, survivors
@@ -145,7 +191,7 @@ def _dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     inputs per layer it was about a fifth of a training step; this draws a quarter as many numbers.
     """
     n = x.numel()
-    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device, generator=generator)
     bits = words.view(torch.int16)[:n].view(x.shape)
     return torch.where(bits >= round(p * 65536) - 32768, x * (1.0 / (1.0 - p)), 0.0)
 
@@ -232,13 +278,30 @@ class LoraRuntime:
         for act in activations:
             self.check(act.weights)
             for module, (a, b) in act.weights.factors.items():
-                plans[module].append((act.rows, a, b, act.weights.scale * act.weight, act.weights.dropout))
+                plans[module].append((act.rows, a, b, act.weights.scale * act.weight, act.weights.dropout,
+                                      act.generator))
         for name, module in self.modules.items():
             module.active = tuple(plans[name])
+
+    def set_blocks(self, blocks: Sequence[RowBlock]) -> None:
+        """Give each block of rows its own adapter (blocks partition the batch, in order)."""
+        stops = [0] + [blk.stop for blk in blocks]
+        if any(blk.start != stop or blk.stop <= blk.start for blk, stop in zip(blocks, stops)):
+            raise InvalidConfig("row blocks must partition the batch: contiguous, in order, none empty")
+        for blk in blocks:
+            self.check(blk.weights)
+        for name, module in self.modules.items():
+            plan = []
+            for blk in blocks:
+                a, b = blk.weights.factors.get(name, (None, None))
+                plan.append((blk.start, blk.stop, a, b, blk.weights.scale, blk.weights.dropout, blk.length, blk.generator))
+            # A module no block trains keeps its plain path (no split of the batch and no concatenation).
+            module.blocks = tuple(plan) if any(p[2] is not None for p in plan) else ()
 
     def clear(self) -> None:
         for module in self.modules.values():
             module.active = ()
+            module.blocks = ()
 
     def set_routes(self, routes: Mapping[str, Sequence[SlotRoute]]) -> None:
         """Route rows to slots: ``{module name: routes}``; modules not named get none."""
@@ -252,13 +315,18 @@ class LoraRuntime:
         for module in self.modules.values():
             module.routes = ()
 
-    def activate(self, activations: Sequence[Activation]):
-        """Context manager: the given adapters are active inside, none after."""
+    def activate(self, activations: Sequence[Activation], blocks: Sequence[RowBlock] = ()):
+        """Context manager: the given adapters (and row blocks) are active inside, none after."""
         runtime = self
 
         class _Active:
             def __enter__(self_inner):
                 runtime.set_active(activations)
+                try:
+                    runtime.set_blocks(blocks)
+                except BaseException:
+                    runtime.clear()
+                    raise
                 return runtime
 
             def __exit__(self_inner, *exc):

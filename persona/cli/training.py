@@ -9,7 +9,7 @@ import sys
 import click
 
 from ..refs import parse_ref
-from ..training.config import UpdateConfig
+from ..training.config import BulkConfig, UpdateConfig
 from ._common import (check_placement, emit, field_values, json_option, open_store, options_from, placement_options,
                       store_option)
 
@@ -40,16 +40,25 @@ def _install_sigterm() -> None:
     "supersede": "--supersede/--no-supersede", "supersede_threshold": "--supersede-threshold",
     "replay_recency": "--replay-recency",
 })
+@options_from(BulkConfig, {"rows_per_step": "--rows-per-step", "max_adapters_per_step": "--max-adapters-per-step"})
 @placement_options
 @store_option
 @json_option
-def update(ref, data_file, all_, device, dtype, store_root, as_json, **settings) -> None:
+@click.pass_context
+def update(ctx, ref, data_file, all_, device, dtype, store_root, as_json, rows_per_step, max_adapters_per_step,
+           **settings) -> None:
     """Train REF's current version on new interactions and publish the next version.
 
     \b
     The new version becomes `current` only if its held-out loss beats the parent's and its loss on
     the replay buffer rose by at most --max-forgetting (or --forgetting-floor); otherwise it is published as `candidate`
     and the reason is recorded (see `persona show REF`). Ctrl-C or SIGTERM publishes nothing.
+
+    \b
+    --all packs several adapters' training steps into shared batches (--rows-per-step,
+    --max-adapters-per-step; each adapter still trains as it would alone); --rows-per-step 0
+    updates one adapter after another. An adapter that fails is reported with its reason and
+    the others publish; the exit status is then 1.
 
     \b
     Examples:
@@ -59,12 +68,15 @@ def update(ref, data_file, all_, device, dtype, store_root, as_json, **settings)
       persona update --all --device cuda        (the base in bfloat16; the LoRA factors train in float32)
     """
     from ..interactions import read_interactions
-    from ..training.trainer import Trainer
+    from ..training.trainer import Trainer, UpdateFailure
 
     if bool(ref) == bool(all_):
         raise click.UsageError("give one adapter REF, or --all")
     if all_ and data_file:
         raise click.UsageError("--all trains each adapter on its own pending queue; --data does not apply")
+    if not all_ and ctx.get_parameter_source("rows_per_step") != click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("--rows-per-step packs the adapters of --all; one REF trains alone")
+    bulk = BulkConfig(rows_per_step=rows_per_step, max_adapters_per_step=max_adapters_per_step)
     config = UpdateConfig(**field_values(UpdateConfig, settings))
     check_placement(device, dtype, training=True)
     store = open_store(store_root)
@@ -74,15 +86,27 @@ def update(ref, data_file, all_, device, dtype, store_root, as_json, **settings)
     interactions = read_interactions(data_file) if data_file else None  # validated before any training
     _install_sigterm()
     trainer = Trainer(store, device=device, dtype=dtype)
-    results = trainer.update_all(config, progress=_progress(as_json)) if all_ else [
+    results = trainer.update_all(config, bulk, progress=_progress(as_json)) if all_ else [
         trainer.update(parsed, interactions, config, progress=_progress(as_json))
     ]
+    failed = [r for r in results if isinstance(r, UpdateFailure)]
     if as_json:
         emit(True, [r.to_dict() for r in results] if all_ else results[0].to_dict())
-        return
+    else:
+        _print_updates(results, all_)
+    if failed:
+        ctx.exit(1)
+
+
+def _print_updates(results, all_: bool) -> None:
+    from ..training.trainer import UpdateFailure
+
     if all_ and not results:
         click.echo("no adapter has pending interactions")
     for r in results:
+        if isinstance(r, UpdateFailure):
+            click.echo(f"{r.adapter}: FAILED, nothing published ({r.error}): {r.reason}")
+            continue
         alias_name = "current" if r.promoted else "candidate"
         m = r.metrics
         click.echo(f"{r.adapter}: published {r.version.label} (parent v{r.parent}) as {alias_name}: {r.reason}")

@@ -1,4 +1,5 @@
-"""How an update trains and when its result becomes ``current``: :class:`UpdateConfig`, torch-free.
+"""How an update trains and when its result becomes ``current``: :class:`UpdateConfig`, torch-free;
+and how ``update --all`` packs many adapters' steps into shared batches: :class:`BulkConfig`.
 
 Each field's ``metadata`` carries its ``help`` and, where ``__post_init__`` validates one, its
 ``range`` (keyword arguments of ``click.IntRange``/``click.FloatRange``): the ``persona update``
@@ -108,3 +109,27 @@ class UpdateConfig:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class BulkConfig:
+    """How ``update --all`` packs adapters' steps into shared batches.
+
+    >>> BulkConfig(rows_per_step=0).sequential
+    True
+    """
+
+    rows_per_step: int = field(default=64, metadata={
+        "help": "Rows per shared training step across adapters (each adapter's batch whole: batch size + replayed "
+                "rows); 0 trains one adapter after another.", "range": {"min": 0}})
+    max_adapters_per_step: int = field(default=8, metadata={
+        "help": "Adapters trained at once (open updates; each holds its factors and optimizer state).",
+        "range": {"min": 1}})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rows_per_step, int) or self.rows_per_step < 0:
+            raise InvalidConfig(f"rows_per_step must be >= 0, got {self.rows_per_step!r}")
+        if not isinstance(self.max_adapters_per_step, int) or self.max_adapters_per_step < 1:
+            raise InvalidConfig(f"max_adapters_per_step must be >= 1, got {self.max_adapters_per_step!r}")
+
+    @property
+    def sequential(self) -> bool:
+        return self.rows_per_step == 0

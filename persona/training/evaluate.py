@@ -23,7 +23,7 @@ from ..store.facade import Store, VersionInfo
 from .batches import Batch, iter_batches
 from .tokenize import IGNORE_INDEX, Example, TokenizedSet
 
-__all__ = ["EvalResult", "Evaluator", "evaluate_versions", "layers_below", "loss_per_row", "loss_sum"]
+__all__ = ["EvalResult", "Evaluator", "evaluate_versions", "layers_below", "loss_per_row", "loss_sum", "loss_sums"]
 
 # Architectures whose logits are exactly lm_head(last hidden state): no softcapping or scaling.
 _PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2"}
@@ -53,6 +53,15 @@ def loss_sum(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, int]:
     """
     losses, rows = _target_losses(model, batch)
     return losses.sum(), int(rows.numel())
+
+
+def loss_sums(model: torch.nn.Module, batch: Batch, blocks: Sequence[tuple[int, int]]) -> list[tuple[torch.Tensor, int]]:
+    """:func:`loss_sum` of each block of rows ``(start, stop)`` of ``batch`` (contiguous, in order), from one
+    forward: a multi-adapter training step's loss per adapter, each differentiable only through its rows."""
+    losses, rows = _target_losses(model, batch)
+    per_row = torch.bincount(rows, minlength=batch.input_ids.size(0)).cumsum(0).tolist()
+    ends = [0] + per_row  # labelled positions come row by row, so a block's positions are one slice
+    return [(losses[ends[start]:ends[stop]].sum(), ends[stop] - ends[start]) for start, stop in blocks]
 
 
 def loss_per_row(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,8 +39,9 @@ from ..errors import InvalidConfig, InvalidInteractions
 from ..interactions import Interaction, data_digest
 from ..lora_runtime import AdapterWeights, LoraRuntime
 from ..refs import CANDIDATE, CURRENT, AdapterRef, parse_ref
-from ..store import NewVersion, ReplayBuffer, Store, VersionInfo
-from .config import FORGETTING_FLOOR, UpdateConfig  # noqa: F401 - re-exported: UpdateConfig moved to config.py
+from ..store import NewVersion, PendingBatch, ReplayBuffer, Store, VersionInfo
+from .config import FORGETTING_FLOOR, BulkConfig, UpdateConfig  # noqa: F401 - re-exported: UpdateConfig moved to config.py
+from .bulk import UpdateFailure, update_many
 from .evaluate import EvalResult, Evaluator, evaluate_versions, layers_below
 from .gate import GateDecision, decide
 from .matrix import LossMatrix, loss_matrix
@@ -49,7 +50,8 @@ from .regularize import Pull, anchor_of, estimate_fisher, fisher_by_module
 from .supersede import Supersession, SupersessionDetector
 from .tokenize import Example, TokenizedSet, tokenize_interactions
 
-__all__ = ["EvalResult", "Trainer", "UpdateConfig", "UpdateMetrics", "UpdateResult", "log_interactions", "split_holdout"]
+__all__ = ["BulkConfig", "EvalResult", "Trainer", "UpdateConfig", "UpdateFailure", "UpdateMetrics", "UpdateResult",
+           "log_interactions", "split_holdout"]
 
 # The EWC Fisher estimate, a side file of the version (the store writes it as fisher.train, where no
 # loader globbing *.safetensors picks it up; versions written before issue 13 hold fisher.safetensors).
@@ -161,6 +163,19 @@ class _Trained:
     precision: str
 
 
+@dataclass(frozen=True)
+class _Job:
+    """An update between its start (parent loaded, data prepared, baseline measured) and its training."""
+
+    ref: AdapterRef
+    interactions: list[Interaction]
+    config: UpdateConfig
+    parent: _Parent
+    data: _UpdateData
+    before: _Losses
+    started: float  # perf_counter at the start: metrics.seconds
+
+
 class Trainer:
     """Holds one frozen base (loaded once) and updates adapters of one store on it.
 
@@ -234,44 +249,65 @@ class Trainer:
         a crash in between does not train them again (see :mod:`persona.store.queues`).
         """
         config = config or UpdateConfig()
+        self._refuse_float16()
+        ref = parse_ref(ref).unpinned()
+        with self.store.lock(ref, purpose="update"):
+            interactions, batch = self._interactions(ref, interactions)
+            result = self._train_and_publish(ref, interactions, config, progress,
+                                             pending=batch.record() if batch else None)
+            self._consume(ref, batch, result)
+        return result
+
+    def _refuse_float16(self) -> None:
         if self.dtype == torch.float16:  # before the lock and the pending queue: nothing is touched
             raise InvalidConfig("training over a float16 base is refused: its gradients underflow without loss "
                                 "scaling; load it with --dtype bfloat16 or float32 (float16 is for serving)")
-        ref = parse_ref(ref).unpinned()
-        with self.store.lock(ref, purpose="update"):
-            from_pending = interactions is None
-            batch = None
-            if from_pending:
-                self.store.show(ref)  # AdapterNotFound before "nothing pending"
-                batch = self.store.take_pending(ref)
-                interactions = list(batch.interactions)
-                if not interactions:
-                    raise InvalidInteractions(
-                        f"{ref.id} has no pending interactions: pass --data FILE, or log some with `persona log {ref.id} --data FILE`"
-                    )
-            interactions = list(interactions)
+
+    def _interactions(self, ref: AdapterRef, interactions: Sequence[Interaction] | None
+                      ) -> tuple[list[Interaction], PendingBatch | None]:
+        """What to train on: the given interactions, or (None) the pending queue as a batch to consume."""
+        batch = None
+        if interactions is None:
+            self.store.show(ref)  # AdapterNotFound before "nothing pending"
+            batch = self.store.take_pending(ref)
+            interactions = list(batch.interactions)
             if not interactions:
-                raise InvalidInteractions("no interactions to train on")
-            result = self._train_and_publish(ref, interactions, config, progress,
-                                             pending=batch.record() if batch else None)
-            if batch is not None:
-                self.store.consume_pending(ref, batch, result.version.version)
-        return result
+                raise InvalidInteractions(
+                    f"{ref.id} has no pending interactions: pass --data FILE, or log some with `persona log {ref.id} --data FILE`"
+                )
+        interactions = list(interactions)
+        if not interactions:
+            raise InvalidInteractions("no interactions to train on")
+        return interactions, batch
+
+    def _consume(self, ref: AdapterRef, batch: PendingBatch | None, result: UpdateResult) -> None:
+        if batch is not None:  # only now that the version is published (it records the batch)
+            self.store.consume_pending(ref, batch, result.version.version)
 
     def _train_and_publish(self, ref: AdapterRef, interactions: list[Interaction], config: UpdateConfig,
                            progress: bool, pending: Mapping[str, Any] | None = None) -> UpdateResult:
+        job = self._begin(ref, interactions, config)
+        return self._finish(job, self._train(job.parent, job.data, config, progress), pending)
+
+    def _begin(self, ref: AdapterRef, interactions: list[Interaction], config: UpdateConfig) -> _Job:
+        """Steps 1-3: the parent, the data (split, replay, supersession) and the gate's baseline."""
         started = time.perf_counter()
         parent = self._load_parent(ref)
         data = self._prepare(ref, interactions, config)
-        before = self._measure(parent.weights, data, parent.below)  # the gate's baseline
-        trained = self._train(parent, data, config, progress)
+        before = self._measure(parent.weights, data, parent.below)
+        return _Job(ref, interactions, config, parent, data, before, started)
+
+    def _finish(self, job: _Job, trained: _Trained, pending: Mapping[str, Any] | None = None) -> UpdateResult:
+        """Steps 5-6: measure the trained weights, gate, publish, renew the replay buffer."""
+        ref, parent, data, config = job.ref, job.parent, job.data, job.config
         after = self._measure(trained.weights, data, parent.below)
-        decision = self._judge(before, after, data.supersession, config)
+        decision = self._judge(job.before, after, data.supersession, config)
         extra = {}
         if config.reg == "ewc":
             extra[FISHER_FILE] = self._fisher(trained.weights, [*data.train.examples, *data.replay_examples], config,
                                               parent.below)
-        metrics = self._metrics(data, before, after, trained, decision, seconds=round(time.perf_counter() - started, 3))
+        metrics = self._metrics(data, job.before, after, trained, decision,
+                                seconds=round(time.perf_counter() - job.started, 3))
         version = self.store.publish_version(ref, NewVersion(
             trained.weights.to_peft(),
             parent.adapter_config,
@@ -279,13 +315,13 @@ class Trainer:
             metrics=metrics.to_dict(),
             training=config.to_dict() | {"reg_applied": trained.reg, "precision_applied": trained.precision,
                                          "device": self.device.type, "base_dtype": str(self.dtype).removeprefix("torch.")},
-            data_digest=data_digest(interactions),
+            data_digest=data_digest(job.interactions),
             extra_files=extra,
             settings=None,
             pending=pending,
             heldout=data.held_items,
         ), set_alias=CURRENT if decision.promoted else CANDIDATE)
-        self._renew_replay(ref, data, interactions, config, decision.promoted)
+        self._renew_replay(ref, data, job.interactions, config, decision.promoted)
         return UpdateResult(ref.id, version, parent.info.version, decision.promoted, decision.reason, metrics.to_dict())
 
     def _load_parent(self, ref: AdapterRef) -> _Parent:
@@ -325,14 +361,22 @@ class Trainer:
         return _Losses(held, held_tokens, replay, replay_tokens)
 
     def _train(self, parent: _Parent, data: _UpdateData, config: UpdateConfig, progress: bool) -> _Trained:
-        params = {m: (torch.nn.Parameter(a.clone()), torch.nn.Parameter(b.clone())) for m, (a, b) in parent.weights.factors.items()}
-        pull = self._pull(parent, data.replay_examples, config)
-        weights = AdapterWeights(factors=params, scale=parent.weights.scale, dropout=parent.weights.dropout)
+        weights, pull = self._trainable(parent, data, config)
         precision = training_precision(config.precision, self.model)
         losses, steps = self._optimize(weights, parent.below, pull, data.train, data.replay_examples, config, progress,
                                        precision)
-        trained = AdapterWeights({m: (a.detach(), b.detach()) for m, (a, b) in params.items()}, parent.weights.scale)
-        return _Trained(trained, losses, steps, pull.kind, precision)
+        return self._trained(weights, losses, steps, pull, precision)
+
+    def _trainable(self, parent: _Parent, data: _UpdateData, config: UpdateConfig) -> tuple[AdapterWeights, Pull]:
+        """Step 4's start: trainable copies of the parent's factors, and the pull toward the parent."""
+        params = {m: (torch.nn.Parameter(a.clone()), torch.nn.Parameter(b.clone())) for m, (a, b) in parent.weights.factors.items()}
+        pull = self._pull(parent, data.replay_examples, config)
+        return AdapterWeights(factors=params, scale=parent.weights.scale, dropout=parent.weights.dropout), pull
+
+    @staticmethod
+    def _trained(weights: AdapterWeights, losses: list[float], steps: int, pull: Pull, precision: str) -> _Trained:
+        frozen = AdapterWeights({m: (a.detach(), b.detach()) for m, (a, b) in weights.factors.items()}, weights.scale)
+        return _Trained(frozen, losses, steps, pull.kind, precision)
 
     def _optimize(self, weights: AdapterWeights, below: Sequence[AdapterWeights], pull: Pull, train_set: TokenizedSet,
                   replay_examples: list[Example], config: UpdateConfig, progress: bool,
@@ -403,14 +447,36 @@ class Trainer:
             # Only data a current version learned joins the reservoir; a rejected candidate's does not.
             self.store.write_replay(ref, replay.offer(interactions, config.replay_capacity, config.seed))
 
-    def update_all(self, config: UpdateConfig | None = None, *, progress: bool = False) -> list[UpdateResult]:
-        """Update every adapter that has pending interactions, with the base loaded once."""
-        results = []
+    def update_many(self, refs: Sequence[str | AdapterRef], config: UpdateConfig | None = None,
+                    bulk: BulkConfig | None = None, *, progress: bool = False) -> list[UpdateResult | UpdateFailure]:
+        """Update each of ``refs`` from its pending queue, their training steps packed into shared batches.
+
+        One :class:`UpdateResult` (as :meth:`update` gives) or :class:`UpdateFailure` (with the reason)
+        per adapter, in the order given: one adapter's failure does not stop the others. Each adapter
+        trains as it would alone (same batches, optimizer, replay, gate); ``bulk`` sets how many rows
+        and adapters a step holds (``rows_per_step=0``: one :meth:`update` after another). See :mod:`.bulk`.
+
+        >>> outcome = trainer.update_many(["user:alice", "user:bob"], UpdateConfig(epochs=1))   # doctest: +SKIP
+        >>> [r.to_dict()["adapter"] for r in outcome]                                           # doctest: +SKIP
+        ['user:alice', 'user:bob']
+        """
+        self._refuse_float16()
+        return update_many(self, refs, config or UpdateConfig(), bulk or BulkConfig(), progress=progress)
+
+    def update_all(self, config: UpdateConfig | None = None, bulk: BulkConfig | None = None, *,
+                   progress: bool = False) -> list[UpdateResult | UpdateFailure]:
+        """:meth:`update_many` of every adapter that has pending interactions, with the base loaded once."""
+        return self.update_many(self.pending_adapters(), config, bulk, progress=progress)
+
+    def pending_adapters(self) -> list[AdapterRef]:
+        """The adapters with pending interactions, by reference."""
+        found = []
         for adapter in self.store.list():
+            ref = AdapterRef(adapter.kind, adapter.name)
             # Rows a published version consumed before a crash are not pending any more.
-            if adapter.pending and adapter.pending > self.store.drop_consumed_pending(AdapterRef(adapter.kind, adapter.name)):
-                results.append(self.update(AdapterRef(adapter.kind, adapter.name), None, config, progress=progress))
-        return results
+            if adapter.pending and adapter.pending > self.store.drop_consumed_pending(ref):
+                found.append(ref)
+        return found
 
 
 def log_interactions(store: Store, ref: str | AdapterRef, interactions: Sequence[Interaction]) -> int:
