@@ -18,7 +18,8 @@
 # Time: `run` is sized for one 10-minute device call (each step has its own timeout, ~9 min in all;
 # a step cut short still leaves what it printed). Steps: serve_engine (bf16: correctness, cold load,
 # memory, throughput at 8 and 32 rows; float32 throughput), serve_http (16 clients), update (three
-# sequential updates vs plain Trainer+PEFT, both on the GPU). `run serve` or `run update` runs one half.
+# sequential updates vs plain Trainer+PEFT, both on the GPU), update_many (8 and 32 users, batched vs one after
+# another, random weights too: times and memory only). `run serve` or `run update` runs one half.
 #
 # Overrides (a dry run on a CPU: `DEVICE=cpu DTYPE=float32 QUICK=1 NO_INSTALL=1 ARCH=DIR OUT=DIR bash benchmarks/gpu.sh run`):
 #   DEVICE (cuda), DTYPE (bfloat16), ARCH (.gpu/arch), OUT (./gpu-results), PY (python3), QUICK, NO_INSTALL (unset).
@@ -89,7 +90,8 @@ run() {
     cat "$OUT/env.txt"
     local place=(--device "$DEVICE" --random-base "$ARCH" --threads 4)
     local sizes=8,32 tokens=32 repeats=3 users=16 update=()
-    if [ -n "${QUICK:-}" ]; then sizes=8; tokens=2; repeats=1; users=2; update=(--epochs 1); fi
+    local many_users=8,32
+    if [ -n "${QUICK:-}" ]; then sizes=8; tokens=2; repeats=1; users=2; update=(--epochs 1); many_users=2; fi
     if [ "$what" = all ] || [ "$what" = serve ]; then
         step serve_engine 240 "$PY" benchmarks/serve_engine.py "${place[@]}" --dtype "$DTYPE" --adapters "$sizes" \
             --tokens "$tokens" --repeats "$repeats" --parts dacb --check-dtypes "float32,$DTYPE"
@@ -99,6 +101,8 @@ run() {
     fi
     if [ "$what" = all ] || [ "$what" = update ]; then
         step update 150 "$PY" benchmarks/update.py "${place[@]}" --dtype "$DTYPE" "${update[@]}"
+        step update_many 240 "$PY" benchmarks/update_many.py --device "$DEVICE" --dtype "$DTYPE" --random-base "$ARCH" \
+            --users "$many_users" "${update[@]}"
     fi
     echo "results in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 }

@@ -64,7 +64,7 @@ def test_gpu_script_prints_its_usage_and_names_every_step():
     result = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh")], capture_output=True, text=True)
     assert result.returncode == 2 and "bash benchmarks/gpu.sh run" in result.stdout
     script = (BENCHMARKS / "gpu.sh").read_text()
-    for step in ("serve_engine", "serve_http", "update"):
+    for step in ("serve_engine", "serve_http", "update", "update_many"):
         assert f"step {step} " in script
 
 
