@@ -22,6 +22,10 @@
 
 Nothing is published until step 6, and publishing is atomic, so an interrupted update leaves the
 store as it was.
+
+``Trainer.update_many(refs)`` (``persona update --all``) runs steps 1-3 and 5-6 of each adapter
+through the same methods (``_begin``, ``_finish``) and packs their step 4 into shared batches
+(:mod:`.bulk`, :func:`.optimize.train_step`).
 """
 
 from __future__ import annotations
