@@ -185,12 +185,12 @@ def single_update(work: Path, base_id: str, args) -> list[list[object]]:
     store.create("user:solo", LoraSettings(rank=8, alpha=16))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PERSONA_HOME": str(work / "single-store")}
     start = time.perf_counter()
-    imports = subprocess.run([sys.executable, "-c", "import persona.cli.main, persona.training.trainer"], env=env, check=True)
+    subprocess.run([sys.executable, "-c", "import persona.cli.main, persona.training.trainer"], env=env, check=True)
     import_s = time.perf_counter() - start
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "persona", "update", "user:solo", "--data", str(data), "--json",
                            "--epochs", str(args.epochs), "--device", args.device, "--dtype", args.dtype],
-                          env=env, capture_output=True, text=True)
+                          env=env, capture_output=True, text=True, check=False)
     cli_s = time.perf_counter() - start
     if done.returncode:
         raise SystemExit(f"persona update failed: {done.stderr[-2000:]}")
@@ -200,7 +200,7 @@ def single_update(work: Path, base_id: str, args) -> list[list[object]]:
     base_path = resolve_base(base_id)  # the local safetensors folder (the embedded base converted once)
     start = time.perf_counter()
     plain = subprocess.run([sys.executable, "-c", PLAIN, str(base_path), str(data),
-                            str(args.epochs), "1e-3"], env=env, capture_output=True, text=True)
+                            str(args.epochs), "1e-3"], env=env, capture_output=True, text=True, check=False)
     plain_s = time.perf_counter() - start
     if plain.returncode:
         raise SystemExit(f"plain PEFT loop failed: {plain.stderr[-2000:]}")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..refs import AdapterRef, parse_ref
@@ -49,7 +49,7 @@ class UpdateFailure:
     reason: str
 
     @classmethod
-    def of(cls, ref: AdapterRef, exc: Exception) -> "UpdateFailure":
+    def of(cls, ref: AdapterRef, exc: Exception) -> UpdateFailure:
         return cls(ref.id, type(exc).__name__, str(exc) or type(exc).__name__)
 
     def to_dict(self) -> dict[str, Any]:
@@ -81,7 +81,7 @@ def update_many(trainer: Trainer, refs: Sequence[str | AdapterRef], config: Upda
     try:
         if bulk.sequential:
             for ref in order:
-                outcome[ref] = _attempt(ref, lambda: trainer.update(ref, None, config))
+                outcome[ref] = _attempt(ref, lambda ref=ref: trainer.update(ref, None, config))
                 bar.update(1)
         else:
             _run_packed(trainer, order, config, bulk, outcome, bar)
@@ -108,7 +108,7 @@ def _run_packed(trainer: Trainer, order: list[AdapterRef], config: UpdateConfig,
         while waiting or open_:
             while waiting and len(open_) < bulk.max_adapters_per_step:
                 ref = waiting.pop(0)
-                opened = _attempt(ref, lambda: _open(trainer, ref, config))
+                opened = _attempt(ref, lambda ref=ref: _open(trainer, ref, config))
                 if isinstance(opened, _Open):
                     open_.append(opened)
                 else:
@@ -129,7 +129,7 @@ def _run_packed(trainer: Trainer, order: list[AdapterRef], config: UpdateConfig,
                 bar.set_postfix(steps=steps, rows_per_s=f"{rows / max(time.perf_counter() - started, 1e-9):.1f}")
             for o in [o for o in open_ if o.lane.done]:
                 open_.remove(o)
-                outcome[o.ref] = _attempt(o.ref, lambda: _close(trainer, o, precision))
+                outcome[o.ref] = _attempt(o.ref, lambda o=o: _close(trainer, o, precision))
                 o.locks.close()
                 bar.update(1)
     finally:

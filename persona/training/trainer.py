@@ -44,8 +44,8 @@ from ..interactions import Interaction, data_digest
 from ..lora_runtime import AdapterWeights, LoraRuntime
 from ..refs import CANDIDATE, CURRENT, AdapterRef, parse_ref
 from ..store import NewVersion, PendingBatch, ReplayBuffer, Store, VersionInfo
-from .config import FORGETTING_FLOOR, BulkConfig, UpdateConfig  # noqa: F401 - re-exported: UpdateConfig moved to config.py
 from .bulk import UpdateFailure, update_many
+from .config import FORGETTING_FLOOR, BulkConfig, UpdateConfig  # noqa: F401 - re-exported: UpdateConfig moved to config.py
 from .evaluate import EvalResult, Evaluator, evaluate_versions, layers_below
 from .gate import GateDecision, decide
 from .matrix import LossMatrix, loss_matrix
