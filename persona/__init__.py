@@ -65,7 +65,8 @@ _SUBMOD_ATTRS: dict[str, list[str]] = {
         "VersionInfo",
     ],
     # training/
-    "training.config": ["UpdateConfig"],
+    "training.bulk": ["UpdateFailure"],
+    "training.config": ["BulkConfig", "UpdateConfig"],
     "training.matrix": ["LossMatrix"],
     "training.trainer": ["EvalResult", "Trainer", "UpdateResult", "log_interactions"],
     # serving/
@@ -100,6 +101,7 @@ __all__ = [
     "BaseMismatch",
     "BaseModel",
     "BaseModelUnavailable",
+    "BulkConfig",
     "DamagedAdapter",
     "Dependent",
     "DeviceUnavailable",
@@ -146,6 +148,7 @@ __all__ = [
     "Trainer",
     "UnsafeWeightFile",
     "UpdateConfig",
+    "UpdateFailure",
     "UpdateResult",
     "VerifyReport",
     "VersionInfo",
@@ -234,6 +237,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ lo
         VerifyReport,
         VersionInfo,
     )
-    from .training.config import UpdateConfig
+    from .training.bulk import UpdateFailure
+    from .training.config import BulkConfig, UpdateConfig
     from .training.matrix import LossMatrix
     from .training.trainer import EvalResult, Trainer, UpdateResult, log_interactions
