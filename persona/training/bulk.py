@@ -129,8 +129,10 @@ def _run_packed(trainer: Trainer, order: list[AdapterRef], config: UpdateConfig,
                 bar.set_postfix(steps=steps, rows_per_s=f"{rows / max(time.perf_counter() - started, 1e-9):.1f}")
             for o in [o for o in open_ if o.lane.done]:
                 open_.remove(o)
-                outcome[o.ref] = _attempt(o.ref, lambda o=o: _close(trainer, o, precision))
-                o.locks.close()
+                try:
+                    outcome[o.ref] = _attempt(o.ref, lambda o=o: _close(trainer, o, precision))
+                finally:  # an interrupt while publishing frees this lock too
+                    o.locks.close()
                 bar.update(1)
     finally:
         trainer.model.eval()
