@@ -17,7 +17,7 @@ from persona.cli import main
 from persona.cli._common import FieldOption
 from persona.peft_format import LoraSettings
 from persona.serving.sampling import SamplingParams
-from persona.training.config import UpdateConfig
+from persona.training.config import BulkConfig, UpdateConfig
 
 # (command path, option) -> (dataclass, field) that each must be generated from
 EXPECTED = {
@@ -34,6 +34,8 @@ EXPECTED = {
         "--forgetting-floor": "forgetting_floor", "--max-length": "max_length", "--precision": "precision",
         "--force": "force", "--supersede": "supersede", "--supersede-threshold": "supersede_threshold",
         "--replay-recency": "replay_recency"}.items()},
+    ("update", "--rows-per-step"): (BulkConfig, "rows_per_step"),
+    ("update", "--max-adapters-per-step"): (BulkConfig, "max_adapters_per_step"),
     ("eval", "--max-length"): (UpdateConfig, "max_length"),
     ("report", "--max-length"): (UpdateConfig, "max_length"),
     **{(cmd, opt): (SamplingParams, name) for cmd in ("generate", "chat") for opt, name in {
@@ -80,7 +82,7 @@ def test_every_config_option_is_generated_from_its_field():
     assert found == EXPECTED
 
 
-@pytest.mark.parametrize("cls", [UpdateConfig, LoraSettings, SamplingParams, Placement])
+@pytest.mark.parametrize("cls", [UpdateConfig, BulkConfig, LoraSettings, SamplingParams, Placement])
 def test_every_config_field_has_help_metadata(cls):
     assert [f.name for f in dataclasses.fields(cls) if not f.metadata.get("help")] == []
 
