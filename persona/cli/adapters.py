@@ -138,7 +138,8 @@ def show(ref, store_root, as_json) -> None:
     for v in info.versions:
         aliases = f" [{', '.join(v.aliases)}]" if v.aliases else ""
         parent = f" parent=v{v.parent}" if v.parent else ""
-        click.echo(f"  {v.label}{aliases}{parent}  {v.created}")
+        origin = f"  from {v.origin}" if v.origin else ""  # "from auto-update": published by serve --auto-update
+        click.echo(f"  {v.label}{aliases}{parent}  {v.created}{origin}")
         m = v.metrics
         if "heldout_loss_after" in m:
             click.echo(f"      held-out loss {_fmt(m.get('heldout_loss_before'))} -> {_fmt(m.get('heldout_loss_after'))}, "

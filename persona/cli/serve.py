@@ -2,12 +2,74 @@
 
 from __future__ import annotations
 
+import shlex
+
 import click
 
+from ..errors import InvalidConfig
+from ..http.update_policy import GRAMMAR, UpdatePolicy, parse_policy
 from ._common import open_engine, placement_options, route_top_k_option, store_option
 from .gateway import run_gateway, upstream_options
 
 MAX_BODY_BYTES = 4 << 20  # persona.http.app.MAX_BODY_BYTES, without importing FastAPI for every command
+# persona.http.autoupdate.RESERVED_UPDATE_ARGS, without importing the server for every command
+RESERVED_UPDATE_ARGS = ("--all", "--json", "--data", "--store", "--origin")
+
+
+class PolicyType(click.ParamType):
+    """``--auto-update``'s value, parsed by :func:`persona.http.update_policy.parse_policy` (exit 2 when bad)."""
+
+    name = "POLICY"
+
+    def convert(self, value, param, ctx) -> UpdatePolicy:
+        if isinstance(value, UpdatePolicy):
+            return value
+        try:
+            return parse_policy(value)
+        except InvalidConfig as exc:
+            self.fail(str(exc).removeprefix("--auto-update: "), param, ctx)
+
+
+def auto_update_options(f):
+    """``--auto-update POLICY``, ``--auto-update-args``, ``--auto-update-interval``."""
+    f = click.option("--auto-update-interval", default=10.0, show_default=True, type=click.FloatRange(0.1, 3600),
+                     help="Seconds between checks of the --auto-update policy.")(f)
+    f = click.option("--auto-update-args", default="", metavar="OPTIONS",
+                     help="More `persona update` options for the auto-update worker, as one string "
+                          "(e.g. '--epochs 1 --max-steps 50'); checked at start.")(f)
+    return click.option("--auto-update", "auto_update", type=PolicyType(), default=None,
+                        help=f"Learn while serving (needs --log-interactions): run `persona update --all` in a worker "
+                             f"process when the policy says so. POLICY: {GRAMMAR}. docs/SERVING.md, "
+                             f"\"Learning while serving\".")(f)
+
+
+def check_update_args(text: str, dtype: str) -> tuple[str, ...]:
+    """``--auto-update-args`` split like a shell and parsed by ``persona update`` itself now, so a typo stops
+    the server from starting (exit 2) instead of failing every run later."""
+    from .training import update
+
+    try:
+        args = tuple(shlex.split(text))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--auto-update-args'") from None
+    for arg in args:
+        if arg.split("=", 1)[0] in RESERVED_UPDATE_ARGS:
+            raise click.BadParameter(f"{arg.split('=', 1)[0]} is set by the server ({' '.join(RESERVED_UPDATE_ARGS)})",
+                                     param_hint="'--auto-update-args'")
+    if any(arg in ("--help", "-h") for arg in args):
+        raise click.BadParameter("--help is not an update option here", param_hint="'--auto-update-args'")
+    try:
+        parsed = update.make_context("update", ["--all", *args]).params
+    except click.ClickException as exc:
+        raise click.BadParameter(exc.format_message(), param_hint="'--auto-update-args'") from None
+    if parsed.get("ref"):
+        raise click.BadParameter(f"unexpected argument {parsed['ref']!r}: the worker updates every adapter with "
+                                 "pending rows", param_hint="'--auto-update-args'")
+    own_dtype = any(arg.split("=", 1)[0] == "--dtype" for arg in args)  # given last, it wins over the server's
+    if (parsed.get("dtype") if own_dtype else dtype) == "float16":
+        raise click.BadParameter("the server runs in float16, which training refuses; give the worker "
+                                 "--auto-update-args '--dtype bfloat16' (or float32)", param_hint="'--auto-update-args'")
+    return args
 
 
 @click.command()
@@ -31,12 +93,14 @@ MAX_BODY_BYTES = 4 << 20  # persona.http.app.MAX_BODY_BYTES, without importing F
               help="Requests in the engine at once per token; more get 429 (not applied with --no-auth).")
 @click.option("--drain-timeout", default=5.0, show_default=True, type=click.FloatRange(0, 3600),
               help="On SIGTERM or Ctrl-C: seconds in-flight requests may finish before they are cancelled.")
+@auto_update_options
 @route_top_k_option
 @placement_options
 @upstream_options
 @store_option
-def serve(host, port, max_resident, max_batch, max_batch_tokens, scheduler, no_auth, log_interactions, max_body_bytes, max_queue, max_per_token,
-          drain_timeout, route_top_k, device, dtype, upstream, upstream_key, store_root) -> None:
+def serve(host, port, max_resident, max_batch, max_batch_tokens, scheduler, no_auth, log_interactions, max_body_bytes,
+          max_queue, max_per_token, drain_timeout, auto_update, auto_update_args, auto_update_interval, route_top_k,
+          device, dtype, upstream, upstream_key, store_root) -> None:
     """Serve adapters over an OpenAI-compatible HTTP API.
 
     \b
@@ -63,15 +127,32 @@ def serve(host, port, max_resident, max_batch, max_batch_tokens, scheduler, no_a
     loaded unless domain:auto is used. docs/SERVING.md, "The gateway".
 
     \b
+    Learning while serving (--log-interactions --auto-update POLICY): logged chats
+    queue up per user; when the policy says so (pending>=32: an adapter has 32
+    pending rows; every=1h; quiet=22:00-06:00: no run starts then) one worker
+    process runs `persona update --all` over the same store while serving goes on,
+    and the next request uses each promoted version. `persona show` marks its
+    versions "auto-update"; /metrics counts runs and updates.
+
+    \b
     Examples:
       persona serve --port 8000
       persona serve --port 8000 --route-top-k 2 --log-interactions
+      persona serve --log-interactions --auto-update 'pending>=32,every=1h,quiet=22:00-06:00'
       persona serve --device cuda --dtype bfloat16      (auto picks this where torch sees a GPU)
       PERSONA_UPSTREAM_API_KEY=... persona serve --port 8080 \\
           --upstream http://10.0.0.5:8000 --upstream http://10.0.0.6:8000
     """
     from ..http.app import ServerConfig, serve as run_server
 
+    if auto_update is None and auto_update_args:
+        raise click.UsageError("--auto-update-args needs --auto-update POLICY")
+    if auto_update is not None and not log_interactions:
+        raise click.UsageError("--auto-update learns from logged chats: add --log-interactions")
+    if auto_update is not None and upstream:
+        raise click.UsageError("--auto-update needs the engine: a gateway (--upstream) serves no weights to update; "
+                               "run the auto-update on an engine server, or `persona update --all` on a schedule")
+    update_args = check_update_args(auto_update_args, dtype) if auto_update is not None else ()
     if no_auth:
         click.secho("WARNING: --no-auth: authentication is OFF. Anyone who can reach "
                     f"{host}:{port} can use every adapter, including every user's.", fg="red", bold=True, err=True)
@@ -81,6 +162,11 @@ def serve(host, port, max_resident, max_batch, max_batch_tokens, scheduler, no_a
         return run_gateway(store_root, host, port, config, upstream, upstream_key, route_top_k, device=device, dtype=dtype)
     engine = open_engine(store_root, max_resident=max_resident, max_batch=max_batch, route_top_k=route_top_k,
                          device=device, dtype=dtype, scheduler=scheduler, max_batch_tokens=max_batch_tokens)
+    if auto_update is not None:
+        from ..http.autoupdate import AutoUpdateSettings
+
+        config.auto_update = AutoUpdateSettings(auto_update, str(engine.store.root), device=device, dtype=dtype,
+                                                update_args=update_args, check_interval_s=auto_update_interval)
     try:
         run_server(engine, host, port, config)
     finally:

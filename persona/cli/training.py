@@ -9,6 +9,7 @@ import sys
 import click
 
 from ..refs import parse_ref
+from ..store.records import AUTO_UPDATE_ORIGIN
 from ..training.config import BulkConfig, UpdateConfig
 from ._common import (check_placement, emit, field_values, json_option, open_store, options_from, placement_options,
                       store_option)
@@ -41,11 +42,13 @@ def _install_sigterm() -> None:
     "replay_recency": "--replay-recency",
 })
 @options_from(BulkConfig, {"rows_per_step": "--rows-per-step", "max_adapters_per_step": "--max-adapters-per-step"})
+@click.option("--origin", type=click.Choice([AUTO_UPDATE_ORIGIN]), hidden=True,
+              help="Tag the published versions' meta.json with where they came from (set by `serve --auto-update`).")
 @placement_options
 @store_option
 @json_option
 @click.pass_context
-def update(ctx, ref, data_file, all_, device, dtype, store_root, as_json, rows_per_step, max_adapters_per_step,
+def update(ctx, ref, data_file, all_, origin, device, dtype, store_root, as_json, rows_per_step, max_adapters_per_step,
            **settings) -> None:
     """Train REF's current version on new interactions and publish the next version.
 
@@ -85,7 +88,7 @@ def update(ctx, ref, data_file, all_, device, dtype, store_root, as_json, rows_p
         store.show(parsed)  # fail fast, before loading the base
     interactions = read_interactions(data_file) if data_file else None  # validated before any training
     _install_sigterm()
-    trainer = Trainer(store, device=device, dtype=dtype)
+    trainer = Trainer(store, device=device, dtype=dtype, origin=origin)
     results = trainer.update_all(config, bulk, progress=_progress(as_json)) if all_ else [
         trainer.update(parsed, interactions, config, progress=_progress(as_json))
     ]

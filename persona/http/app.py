@@ -35,9 +35,16 @@ from .ui_pages import UiHeaders
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI):
-    yield
-    # After uvicorn's graceful drain (--drain-timeout): whatever is still in the engine stops at its next step.
-    app.state.persona.gate.cancel_all()
+    updater = app.state.persona.updater
+    if updater is not None:  # --auto-update: the scheduler thread lives as long as the app
+        updater.start()
+    try:
+        yield
+    finally:
+        # After uvicorn's graceful drain (--drain-timeout): whatever is still in the engine stops at its next step.
+        app.state.persona.gate.cancel_all()
+        if updater is not None:  # SIGTERM to a running worker, then SIGKILL: off the event loop
+            await asyncio.to_thread(updater.stop)
 
 
 def create_app(engine, config: ServerConfig | None = None) -> FastAPI:

@@ -10,6 +10,7 @@ from fastapi import Request
 
 from ..store.tokens import TokenStore
 from .admission import AdmissionGate
+from .autoupdate import AutoUpdateCollector, AutoUpdater, AutoUpdateSettings
 from .metrics import Metrics
 from .report_view import ReportCache
 from .sessions import SessionStore
@@ -30,6 +31,7 @@ class ServerConfig:
     max_per_token: int = 8  # requests in the engine per token (not applied with auth off)
     retry_after_s: int = 1  # the Retry-After of a 429 or 503
     drain_timeout_s: float = 5.0  # on SIGTERM: how long in-flight requests may finish before they are cancelled
+    auto_update: AutoUpdateSettings | None = None  # --auto-update: the learning loop (engine mode only)
 
 
 @dataclass
@@ -44,6 +46,7 @@ class ServerState:
     metrics: Metrics
     sessions: SessionStore = field(default_factory=SessionStore)
     reports: ReportCache = field(default_factory=ReportCache)
+    updater: AutoUpdater | None = None  # started and stopped with the app (http/app.py's lifespan)
     _limiters: dict[str, Any] = field(default_factory=dict)
     _longest_token: int | None = None
 
@@ -51,8 +54,12 @@ class ServerState:
     def over(cls, engine, config: ServerConfig, *, engine_metrics: bool = True) -> "ServerState":
         """The state over ``engine`` (or the gateway, ``engine_metrics=False``: it has no engine totals)."""
         gate = AdmissionGate(config.max_queue, config.max_per_token)
-        return cls(engine=engine, config=config, tokens=engine.store.tokens, gate=gate,
-                   metrics=Metrics(engine if engine_metrics else None, gate))
+        metrics = Metrics(engine if engine_metrics else None, gate)
+        updater = None
+        if config.auto_update is not None and engine_metrics:  # the gateway has no store to train (serve refuses it)
+            updater = AutoUpdater(engine.store, config.auto_update)
+            metrics.registry.register(AutoUpdateCollector(updater))
+        return cls(engine=engine, config=config, tokens=engine.store.tokens, gate=gate, metrics=metrics, updater=updater)
 
     @property
     def store(self):

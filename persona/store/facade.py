@@ -423,6 +423,15 @@ class Store(Layout):
         """Remove ``batch`` from the head of the queue now that ``version`` (trained on it) is published."""
         return queues.consume(self, parse_ref(ref).unpinned(), batch, version)
 
+    def pending_counts(self) -> dict[str, int]:
+        """``{adapter id: pending rows}`` of every adapter with rows queued (no meta.json read; see
+        :func:`~persona.store.queues.pending_counts`).
+
+        >>> store.pending_counts()   # doctest: +SKIP
+        {'user:alice': 2}
+        """
+        return queues.pending_counts(self)
+
     def drop_consumed_pending(self, ref: str | AdapterRef) -> int:
         """Remove rows a published version consumed but a crash left queued; returns how many."""
         return queues.drop_consumed(self, parse_ref(ref))

@@ -66,6 +66,7 @@ class NewVersion:
     pending: Mapping[str, Any] | None = None
     imported: Mapping[str, Any] | None = None  # where an imported adapter came from (``persona import``)
     heldout: Sequence[Interaction] | None = None
+    origin: str | None = None  # what published it, when not a person: "auto-update" (``serve --auto-update``)
 
 
 def publish_version(store: Store, ref: AdapterRef, new: NewVersion, set_alias: str | None) -> VersionInfo:
@@ -182,6 +183,8 @@ def _write_version(store: Store, folder: Path, ref: AdapterRef, version: int, ne
     }
     if new.imported:  # only on imported versions: an older persona ignores the key (records.py)
         meta["imported"] = dict(new.imported)
+    if new.origin:  # only where set, like "imported"; records.py checks the tag
+        meta["origin"] = new.origin
     raw = dumps_json(meta)
     # What is published must read back: the same strict parser every reader uses checks it now.
     try:

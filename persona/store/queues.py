@@ -32,10 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .._fs import PRIVATE_MODE, atomic_write_bytes, atomic_write_json, read_regular_file
-from ..errors import IntegrityError, InvalidInteractions
+from .._fs import PRIVATE_MODE, TMP_PREFIX, atomic_write_bytes, atomic_write_json, read_regular_file
+from ..errors import IntegrityError, InvalidInteractions, InvalidName
 from ..interactions import Interaction, append_jsonl, parse_interactions
-from ..refs import AdapterRef
+from ..refs import KINDS, AdapterRef
 
 if TYPE_CHECKING:
     from .facade import Store
@@ -210,3 +210,27 @@ def consume(store: Store, ref: AdapterRef, batch: PendingBatch, version: int) ->
             _remove_head(folder, lines, batch.rows)
         _mark_consumed(folder, version)
         return removed
+
+
+def pending_counts(store: Store) -> dict[str, int]:
+    """``{adapter id: rows}`` of every adapter whose pending queue holds rows (the server's
+    ``--auto-update`` polls it). Counts non-blank lines without parsing them, so a damaged queue
+    still counts (its update then fails and says why); rows a crash left after a published version
+    consumed them are counted until the next update drops them. No lock: an append in progress is
+    counted by the next call. Cost: one read of each pending file; no ``meta.json`` is read."""
+    counts: dict[str, int] = {}
+    for kind in KINDS:
+        folder = store.root / kind
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        for child in folder.iterdir():
+            if child.name.startswith(TMP_PREFIX) or child.is_symlink():
+                continue
+            try:
+                ref = AdapterRef(kind, child.name)
+                rows = len(_lines(child))
+            except (InvalidName, IntegrityError, OSError):
+                continue  # a stray folder, a symlinked queue (refused everywhere), or deleted while we looked
+            if rows:
+                counts[ref.id] = rows
+    return counts

@@ -5,7 +5,7 @@ Every reader of a version goes through :func:`parse_meta`. A ``meta.json`` that 
 required key, holds a value of the wrong type, names a file that is not a plain file name of the
 version folder, or claims another adapter or version than the folder it sits in raises
 :class:`~persona.errors.DamagedAdapter` (issue 10, items 5-7): that adapter is damaged, never the
-store. Keys added after format 1 was first written (``over``, ``pending``, ``imported``) are optional, so
+store. Keys added after format 1 was first written (``over``, ``pending``, ``imported``, ``origin``) are optional, so
 older stores keep loading; unknown keys are ignored, so a newer persona's additions do not damage a version.
 """
 
@@ -32,6 +32,9 @@ SIDE_FILE = re.compile(SIDE_NAME.pattern + re.escape(SIDE_SUFFIX))
 # never written (see :func:`side_file_names`).
 LEGACY_SIDE_FILE = re.compile(SIDE_NAME.pattern + r"\.safetensors")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# What a version's ``origin`` may say (a short tag such as ``auto-update``; shown by ``persona show``).
+ORIGIN = re.compile(r"[a-z][a-z0-9-]{0,31}")
+AUTO_UPDATE_ORIGIN = "auto-update"
 # The held-out slice an update's gate evaluated on (issue 14): JSON Lines of interactions, a person's
 # data, so written with mode 0600 like the replay buffer. A side-file name (``.train``), so a version
 # holding one still reads in an older persona; the name ``heldout`` is therefore not for safetensors.
@@ -77,6 +80,9 @@ class VersionInfo:
     # Where an imported version came from: {"source": folder or Hub id, "revision": commit or null,
     # "files": {name: sha256 of the file as it was read}} (``persona import``); None otherwise.
     imported: Mapping[str, Any] | None = None
+    # What published the version when it was not a person at a command: "auto-update" for the
+    # server's learning loop (``persona serve --auto-update``); None (no key in meta.json) otherwise.
+    origin: str | None = None
 
     @property
     def heldout_kept(self) -> bool:
@@ -123,6 +129,7 @@ class VersionInfo:
         }
         if self.imported:  # as in meta.json: only an imported version has the key
             out["imported"] = dict(self.imported)
+        out["origin"] = self.origin
         return out
 
 
@@ -181,6 +188,13 @@ def _pinned(entry: Any, where: str) -> dict[str, Any]:
     return entry
 
 
+def _origin(meta: Mapping[str, Any]) -> str | None:
+    origin = _get(meta, "origin", str, nullable=True)
+    if origin is not None and not ORIGIN.fullmatch(origin):
+        raise _Bad(f"'origin' {origin[:40]!r} should match {ORIGIN.pattern}")
+    return origin
+
+
 def _parse(meta: Any, adapter: str, version: int) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise _Bad(f"should hold a JSON object, not {type(meta).__name__}")
@@ -231,6 +245,7 @@ def _parse(meta: Any, adapter: str, version: int) -> dict[str, Any]:
         "over": over,
         "pending": pending,
         "imported": _get(meta, "imported", dict, nullable=True),
+        "origin": _origin(meta),
     }
 
 

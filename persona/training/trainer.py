@@ -190,13 +190,15 @@ class Trainer:
     """
 
     def __init__(self, store: Store, base: BaseModel | None = None, *, device: str | torch.device | None = None,
-                 dtype: str | torch.dtype | None = None):
+                 dtype: str | torch.dtype | None = None, origin: str | None = None):
         """``device``/``dtype`` place the base the trainer loads (``persona update --device/--dtype``):
         ``"auto"`` (the default) is a GPU in bfloat16 where torch sees one, else the CPU in float32
         (:func:`persona.base.resolve_device`; on a GPU without bfloat16, float32). They do not apply to a
         given ``base``. Whatever the base's dtype, the trained LoRA factors, their gradients and the
-        optimizer state are float32 on the base's device."""
+        optimizer state are float32 on the base's device. ``origin`` tags every version it publishes
+        (``meta.json`` ``origin``, e.g. ``"auto-update"`` for the server's learning loop)."""
         self.store = store
+        self.origin = origin
         if base is None:
             base = load_base(store.config.base_id, device=device or "auto", dtype=dtype or "auto", training=True)
         elif device is not None or dtype is not None:
@@ -324,6 +326,7 @@ class Trainer:
             settings=None,
             pending=pending,
             heldout=data.held_items,
+            origin=self.origin,
         ), set_alias=CURRENT if decision.promoted else CANDIDATE)
         self._renew_replay(ref, data, job.interactions, config, decision.promoted)
         return UpdateResult(ref.id, version, parent.info.version, decision.promoted, decision.reason, metrics.to_dict())

@@ -2,7 +2,9 @@
 
 Each request is checked (:mod:`persona.http.generation`), admitted and submitted as n rows, then
 answered when the rows end (or streamed as they decode); with ``--log-interactions`` a chat's
-answer is appended to its user's pending interactions.
+answer is appended to its user's pending interactions. Every answer carries the header
+``x-persona-model``: the pinned stack that ran (``user:alice@v3``), as the gateway's answers do, so a
+client sees which version answered (after ``persona update`` or the auto-update loop moved ``current``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from concurrent.futures import CancelledError
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..auth import Caller
 from ..body import json_body
@@ -28,6 +30,7 @@ from ...refs import parse_stack
 
 router = APIRouter()
 State = Annotated[ServerState, Depends(server_state)]
+PINNED_HEADER = "x-persona-model"
 
 
 @router.post("/v1/chat/completions")
@@ -47,6 +50,7 @@ async def complete(state: ServerState, request: Request, scope, body: Completion
     gen = generation_request(state, body, chat)
     handles = await admit(state, scope, gen, body.n)
     messages = logged_messages(gen.messages) if chat else None
+    pinned = {PINNED_HEADER: "+".join(handles[0].resolved)}  # every choice runs the same pinned stack
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     if body.stream:
@@ -55,7 +59,7 @@ async def complete(state: ServerState, request: Request, scope, body: Completion
         chunks = sse_chunks(state, handles, rid, created, body.model, chat=chat, route=route, started=started,
                             include_usage=include_usage, on_text=on_text)
         return StreamingResponse(stream_unless_gone(state, request, handles, chunks, route, started),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache", **pinned})
     try:
         results = await results_unless_gone(request, handles)
     except ClientGone:
@@ -71,7 +75,7 @@ async def complete(state: ServerState, request: Request, scope, body: Completion
     state.metrics.record(route, "200", started, result)
     if chat:
         log_chat(state, body.model, messages, results[0].text)  # one interaction per request, whatever n
-    return answer(results, rid, created, body.model, chat=chat, result=result)
+    return JSONResponse(answer(results, rid, created, body.model, chat=chat, result=result), headers=pinned)
 
 
 def answer(results, rid: str, created: int, model: str, *, chat: bool, result) -> dict:

@@ -38,14 +38,13 @@ from ..schemas import ChatRequest, CompletionCommon, CompletionRequest
 from ..state import ServerState, server_state
 from ..streaming import ClientGone, _client_gone
 from ..upstream import HOP_HEADER, Forwarded
-from .completions import log_chat, logged_messages
+from .completions import PINNED_HEADER, log_chat, logged_messages
 from ...errors import AdapterNotFound, NoDomainToRoute, UpstreamRejected, UpstreamUnavailable, VersionNotFound
 from ...refs import parse_stack
 from ...serving.resolve import is_auto
 
 router = APIRouter()
 State = Annotated[ServerState, Depends(server_state)]
-PINNED_HEADER = "x-persona-model"
 T = TypeVar("T")
 
 

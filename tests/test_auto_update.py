@@ -1,0 +1,407 @@
+"""The server's learning loop (``persona serve --log-interactions --auto-update POLICY``, issue 15).
+
+The policy grammar and the scheduler's decisions are tested in-process (a fake clock, a stand-in
+worker); the loop itself for real: a server subprocess over a tiny store, chats logged, a worker
+process running ``persona update --all``, the next answer from the new version, the failure of a
+worker and the shutdown of a server whose worker is training. Every wait is bounded; nothing
+asserts how long anything took.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, time as clock_time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from persona import LoraSettings, Store
+from persona.errors import DamagedAdapter, InvalidConfig, InvalidReference, LockTimeout
+from persona.http.autoupdate import AutoUpdater, AutoUpdateSettings, read_outcome
+from persona.http.update_policy import QuietHours, UpdatePolicy, parse_policy
+from persona.interactions import Interaction
+from persona.refs import AdapterRef
+from persona.store import NewVersion
+from persona.store.tokens import TokenStore
+
+ROOT = Path(__file__).resolve().parents[1]
+WAIT = 180  # seconds a wait may take before the test fails (never reached when things work)
+CHAT = {"model": "user:alice", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 6,
+        "temperature": 0}
+# Tiny training: identical chats, so the held-out row (one of 4) is what the others teach, and the gate promotes.
+TRAIN = "--epochs 20 --lr 0.003 --holdout 0.25"
+
+
+# ----------------------------------------------------------------------------- the policy
+@pytest.mark.parametrize("text, expected", [
+    ("pending>=2", UpdatePolicy(min_pending=2)),
+    ("pending >= 32", UpdatePolicy(min_pending=32)),
+    ("every=30m", UpdatePolicy(every_s=1800)),
+    ("every=90s", UpdatePolicy(every_s=90)),
+    ("every=1d", UpdatePolicy(every_s=86400)),
+    ("pending>=32,every=1h", UpdatePolicy(min_pending=32, every_s=3600)),
+    (" every=2h , pending>=8 ", UpdatePolicy(min_pending=8, every_s=7200)),
+    ("pending>=4,quiet=22:00-06:00", UpdatePolicy(min_pending=4, quiet=QuietHours(clock_time(22), clock_time(6)))),
+    ("every=1h,quiet=01:30-02:45", UpdatePolicy(every_s=3600, quiet=QuietHours(clock_time(1, 30), clock_time(2, 45)))),
+])
+def test_policy_grammar_accepts(text, expected):
+    policy = parse_policy(text)
+    assert policy == expected
+    assert parse_policy(str(policy)) == policy  # str() is the canonical policy, read back the same
+
+
+@pytest.mark.parametrize("text, says", [
+    ("", "empty clause"),
+    ("pending>=2,", "empty clause"),
+    ("pending>=0", "from 1"),
+    ("pending>=x", "whole number"),
+    ("pending>2", "cannot read"),
+    ("every=1w", "duration"),
+    ("every=0m", "duration"),
+    ("every=1.5h", "duration"),
+    ("every=367d", "366d"),
+    ("quiet=22:00-06:00", "give a trigger"),
+    ("pending>=2,quiet=22-06", "HH:MM"),
+    ("pending>=2,quiet=24:00-06:00", "HH:MM"),
+    ("pending>=2,quiet=22:00", "HH:MM-HH:MM"),
+    ("pending>=2,quiet=06:00-06:00", "empty"),
+    ("pending>=2,pending>=3", "given twice"),
+    ("often=1h", "unknown clause 'often'"),
+])
+def test_policy_grammar_refuses_naming_the_fault(text, says):
+    with pytest.raises(InvalidConfig, match=re.escape(says)) as caught:
+        parse_policy(text)
+    assert "pending>=N" in str(caught.value)  # and shows the grammar
+
+
+def test_quiet_hours_wrap_midnight_start_inclusive_end_exclusive():
+    night = parse_policy("pending>=1,quiet=22:00-06:00").quiet
+    assert [clock_time(h, m) in night for h, m in ((21, 59), (22, 0), (23, 30), (0, 0), (5, 59), (6, 0), (12, 0))] == [
+        False, True, True, True, True, False, False]
+    lunch = parse_policy("pending>=1,quiet=12:00-13:00").quiet
+    assert [clock_time(h, m) in lunch for h, m in ((11, 59), (12, 0), (12, 59), (13, 0), (0, 0))] == [
+        False, True, True, False, False]
+
+
+def test_policy_due_per_adapter_rows_or_time_since_last_run():
+    policy = parse_policy("pending>=3,every=1h")
+    assert policy.due({}, 10**6) is None  # nothing pending: no run, whatever the time
+    assert policy.due({"user:a": 2, "user:b": 2}, 60) is None  # 4 rows, but no adapter has 3
+    assert "user:b has 3" in policy.due({"user:a": 2, "user:b": 3}, 60)
+    assert "since the last run" in policy.due({"user:a": 1}, 3600)
+    assert parse_policy("pending>=3").due({"user:a": 1}, 10**6) is None
+
+
+# ----------------------------------------------------------------------------- the scheduler, in-process
+class FakeStore:
+    def __init__(self, pending):
+        self.pending = pending
+
+    def pending_counts(self):
+        return dict(self.pending)
+
+
+@dataclass(frozen=True)
+class ScriptedWorker(AutoUpdateSettings):
+    """The loop with a stand-in worker: a Python one-liner instead of `persona update --all`."""
+
+    script: str = "print('[]')"
+
+    def command(self):
+        return [sys.executable, "-c", self.script]
+
+
+def scripted(policy: str, script: str) -> ScriptedWorker:
+    return ScriptedWorker(parse_policy(policy), "unused", backoff_s=60, script=script)
+
+
+def test_scheduler_runs_when_due_never_in_quiet_hours_and_backs_off_after_a_failure():
+    now = [1000.0]
+    local = [datetime(2026, 1, 1, 23, 0)]
+    fail = "import sys; sys.stderr.write('{\"error\": {\"type\": \"InvalidInteractions\", \"message\": \"bad line\"}}\\n'); sys.exit(1)"
+    updater = AutoUpdater(FakeStore({"user:a": 5}), scripted("pending>=2,quiet=22:00-06:00", fail),
+                          clock=lambda: now[0], local_now=lambda: local[0])
+    assert updater.check() is None  # 23:00 is quiet
+    assert updater.stats().pending_rows == 5 and updater.stats().adapters_pending == 1
+    local[0] = datetime(2026, 1, 1, 6, 0)
+    outcome = updater.check()
+    assert outcome is not None and not outcome.ok and outcome.error == "InvalidInteractions: bad line"
+    assert updater.stats().runs == {"ok": 0, "failed": 1} and updater.stats().failures_in_a_row == 1
+    now[0] += 59
+    assert updater.check() is None  # backing off: 60 s after the first failure
+    now[0] += 2
+    assert updater.check() is not None  # then tried again, and failed again: the back-off doubles
+    now[0] += 100
+    assert updater.check() is None
+    now[0] += 21
+    assert updater.check() is not None and updater.stats().runs["failed"] == 3
+
+
+def test_scheduler_counts_promoted_rejected_and_failed_updates_from_the_json():
+    out = ('[{"adapter": "user:a", "label": "v0002", "promoted": true}, '
+           '{"adapter": "user:b", "label": "v0003", "promoted": false}, {"adapter": "user:c", "error": "bad"}]')
+    updater = AutoUpdater(FakeStore({"user:a": 2}), scripted("pending>=2", f"print({out!r})"))
+    outcome = updater.check()
+    assert outcome.ok and outcome.promoted == ("user:a@v0002",) and outcome.rejected == ("user:b@v0003",)
+    assert updater.stats().updates == {"promoted": 1, "rejected": 1, "failed": 1}
+    assert updater.stats().runs == {"ok": 1, "failed": 0} and not updater.stats().running
+    assert updater.stats().last_run_seconds is not None
+
+
+def test_every_counts_from_the_start_then_from_the_last_run():
+    now = [0.0]
+    updater = AutoUpdater(FakeStore({"user:a": 1}), scripted("every=1h", "print('[]')"), clock=lambda: now[0])
+    now[0] = 3599
+    assert updater.check() is None
+    now[0] = 3600
+    assert updater.check() is not None
+    now[0] = 3600 + 3599
+    assert updater.check() is None
+
+
+@pytest.mark.parametrize("code, stdout, stderr, error", [
+    (-9, "", "", "exit status -9"),  # killed (out of memory): no output at all
+    (1, "", "Traceback ...\nRuntimeError: boom\n", "Traceback ...\nRuntimeError: boom"),
+    (0, "not json", "", "output is not a JSON list"),
+    (0, "[]", "", None),
+])
+def test_a_crashed_worker_is_a_failed_run_with_its_reason(code, stdout, stderr, error):
+    outcome = read_outcome(code, 1.0, stdout, stderr)
+    assert outcome.error == error and outcome.ok == (error is None)
+
+
+def test_worker_stderr_in_the_log_is_cut_to_its_end():
+    outcome = read_outcome(1, 1.0, "", "x" * 10_000 + "THE END", log_chars=100)
+    assert outcome.error.endswith("THE END") and len(outcome.error) == 103
+
+
+# ----------------------------------------------------------------------------- store: pending counts and origin
+@pytest.fixture
+def store(tiny_base, isolated_store):
+    store = Store.init(isolated_store, base=tiny_base)
+    for ref, seed in (("user:alice", 1), ("user:bob", 2)):
+        store.create(ref, LoraSettings(init="random", seed=seed, rank=4))
+    return store
+
+
+def cli(*args: str) -> str:
+    """The persona CLI in-process over the test's store (``$PERSONA_HOME``); its output."""
+    from click.testing import CliRunner
+
+    from persona.cli import main
+
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def chat(text: str) -> Interaction:
+    return Interaction.from_json({"messages": [{"role": "user", "content": text},
+                                               {"role": "assistant", "content": "ok"}]})
+
+
+def test_pending_counts_are_rows_per_adapter_with_rows(store):
+    assert store.pending_counts() == {}
+    store.log("user:alice", [chat("a"), chat("b")])
+    store.log("user:bob", [chat("c")])
+    assert store.pending_counts() == {"user:alice": 2, "user:bob": 1}
+    batch = store.take_pending("user:alice")
+    store.consume_pending("user:alice", batch, 1)
+    assert store.pending_counts() == {"user:bob": 1}
+
+
+def test_origin_is_recorded_shown_and_absent_on_old_versions(store):
+    loaded = store.load("user:alice")
+    info = store.publish_version("user:alice", NewVersion(loaded.tensors, loaded.config, parent=1, origin="auto-update"))
+    assert info.origin == "auto-update" and store.version_info("user:alice@v1").origin is None
+    meta = (store.version_folder("user:alice@v1") / "meta.json").read_text()
+    assert '"origin"' not in meta  # only where set: a person's versions are written as before
+    shown = cli("show", "user:alice")
+    assert re.search(r"v0002 \[current\] parent=v1 .*from auto-update", shown)
+    assert "from" not in shown.split("v0001")[1].split("\n")[0]
+    import json
+
+    versions = json.loads(cli("show", "user:alice", "--json"))["versions"]
+    assert [v["origin"] for v in versions] == [None, "auto-update"]
+    with pytest.raises(InvalidReference, match="origin"):  # a tag, checked by the one meta.json parser
+        store.publish_version("user:alice", NewVersion(loaded.tensors, loaded.config, parent=1, origin="Not A Tag!"))
+
+
+def test_a_meta_json_with_a_malformed_origin_is_damaged(store):
+    from persona.store.records import parse_meta
+
+    raw = (store.version_folder("user:alice@v1") / "meta.json").read_bytes()
+    with pytest.raises(DamagedAdapter, match="origin"):
+        parse_meta(raw.replace(b'"format"', b'"origin": 7, "format"', 1), adapter="user:alice", version=1)
+
+
+# ----------------------------------------------------------------------------- the CLI's refusals
+@pytest.mark.parametrize("args, says", [
+    (["--auto-update", "pending>=0", "--log-interactions"], "from 1"),
+    (["--auto-update", "pending>=2"], "add --log-interactions"),
+    (["--auto-update", "pending>=2", "--log-interactions", "--upstream", "http://127.0.0.1:9"], "gateway"),
+    (["--auto-update-args", "--epochs 1"], "needs --auto-update"),
+    (["--auto-update", "pending>=2", "--log-interactions", "--auto-update-args", "--epochz 1"], "No such option"),
+    (["--auto-update", "pending>=2", "--log-interactions", "--auto-update-args", "--epochs 0"], "--epochs"),
+    (["--auto-update", "pending>=2", "--log-interactions", "--auto-update-args", "--store /tmp"], "set by the server"),
+    (["--auto-update", "pending>=2", "--log-interactions", "--auto-update-args", "user:bob"], "unexpected argument"),
+    (["--auto-update", "pending>=2", "--log-interactions", "--auto-update-args", "'--epochs"], "quotation"),
+])
+def test_serve_refuses_a_bad_auto_update_before_loading_anything(run_cli, args, says):
+    result = run_cli("serve", *args, ok=False)
+    assert result.exit_code == 2 and says in result.output, result.output
+
+
+def test_auto_update_options_stay_out_of_update_help(run_cli):
+    assert "--origin" not in run_cli("update", "--help").output
+
+
+# ----------------------------------------------------------------------------- end to end, a real server
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``persona serve`` in a subprocess, its stderr in a file."""
+
+    def __init__(self, root: Path, log: Path, *args: str):
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.log = log
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+        with log.open("wb") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "persona", "serve", "--store", str(root),
+                                          "--port", self.url.rsplit(":", 1)[1], "--log-interactions", *args],
+                                         env=env, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.time() + WAIT
+        while True:
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            try:
+                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "persona serve did not start"
+            time.sleep(0.2)
+
+    def chat(self, token: str) -> httpx.Response:
+        answer = httpx.post(self.url + "/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {token}"},
+                            timeout=WAIT)
+        assert answer.status_code == 200, answer.text
+        return answer
+
+    def metric(self, token: str, name: str) -> float | None:
+        text = httpx.get(self.url + "/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=WAIT).text
+        match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+        return float(match.group(1)) if match else None
+
+    def wait_metric(self, token: str, name: str, value: float) -> None:
+        deadline = time.time() + WAIT
+        while self.metric(token, name) != value:
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            assert time.time() < deadline, f"{name} never reached {value}:\n{self.log.read_text()[-3000:]}"
+            time.sleep(0.25)
+
+    def stop(self) -> bool:
+        """SIGTERM; whether the server shut down gracefully (uvicorn re-raises the signal once it has)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=WAIT)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+        return code in (0, -signal.SIGTERM) and "Application shutdown complete" in self.log.read_text()
+
+
+@pytest.fixture
+def served(store, tmp_path):
+    """``served(*args)``: a server over ``store`` with alice's token; stopped at the end."""
+    token = TokenStore(store).create("user:alice")[0]
+    servers = []
+
+    def start(*args: str) -> tuple[Server, str]:
+        servers.append(Server(store.root, tmp_path / f"serve-{len(servers)}.log", *args))
+        return servers[-1], token
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def test_chats_are_learned_while_serving_and_the_next_answer_comes_from_the_new_version(store, served):
+    server, token = served("--auto-update", "pending>=4", "--auto-update-interval", "0.2", "--auto-update-args", TRAIN)
+    assert server.metric(token, "persona_pending_rows") == 0
+    for _ in range(4):
+        assert server.chat(token).headers["x-persona-model"] == "user:alice@v1"
+    server.wait_metric(token, 'persona_auto_update_runs_total{result="ok"}', 1)
+    assert server.metric(token, 'persona_auto_updates_total{result="promoted"}') == 1
+    assert server.metric(token, 'persona_auto_updates_total{result="rejected"}') == 0
+    assert server.metric(token, 'persona_auto_update_runs_total{result="failed"}') == 0
+    assert server.metric(token, "persona_auto_update_last_run_duration_seconds") > 0
+    # Served without a restart: the engine pins `current` from refs.json at each request.
+    assert server.chat(token).headers["x-persona-model"] == "user:alice@v2"
+    info = store.show("user:alice")
+    assert info.current == 2 and info.versions[-1].origin == "auto-update" and info.versions[0].origin is None
+    assert info.versions[-1].pending["rows"] == 4  # trained on the 4 logged chats, which left the queue
+    assert info.pending == 1  # the chat just answered by v2, logged for the next run
+    assert re.search(r"v0002 \[current\] parent=v1 .*from auto-update", cli("show", "user:alice"))
+    assert "auto-update: worker pid" in server.log.read_text()
+
+
+def test_a_failing_worker_leaves_serving_answering_and_is_counted(store, served):
+    # Bob's queue is damaged (not an interaction), so `persona update --all` fails on it.
+    store.log("user:bob", [chat("fine")])
+    pending = store.root / "user" / "bob" / "pending.jsonl"
+    pending.write_bytes(pending.read_bytes() + b'{"not": "an interaction"}\n')
+    server, token = served("--auto-update", "pending>=2", "--auto-update-interval", "0.2", "--auto-update-args", TRAIN)
+    # `update --all` fails as a whole on bad data, or (a bulk update that goes on past one adapter's
+    # failure) reports bob failed: either way the failure is counted.
+    failed = ('persona_auto_update_runs_total{result="failed"}', 'persona_auto_updates_total{result="failed"}')
+    deadline = time.time() + WAIT
+    while not any(server.metric(token, name) for name in failed):
+        assert time.time() < deadline and server.proc.poll() is None, server.log.read_text()[-3000:]
+        time.sleep(0.25)
+    assert server.chat(token).headers["x-persona-model"] == "user:alice@v1"  # serving goes on
+    assert server.metric(token, "persona_auto_update_running") == 0
+    assert server.metric(token, "persona_pending_rows") >= 2
+    log = server.log.read_text()
+    assert "auto-update: run" in log and "user/bob/pending.jsonl" in log  # the reason, naming the file
+    assert store.version_numbers("user:bob") == [1] and store.verify().ok  # nothing published, nothing damaged
+    assert server.stop()
+
+
+def test_shutdown_stops_a_training_worker_and_leaves_the_adapter_untouched(store, served):
+    server, token = served("--auto-update", "pending>=1", "--auto-update-interval", "0.2",
+                           "--auto-update-args", "--epochs 1000 --batch-size 1")  # long enough to be caught training
+    server.chat(token)
+    server.wait_metric(token, "persona_auto_update_running", 1)
+    probe = Store(store.root, lock_timeout=0.2)
+    deadline = time.time() + WAIT
+    while True:  # the worker is inside the update once it holds alice's update lock
+        try:
+            with probe.lock(AdapterRef("user", "alice"), purpose="update"):
+                pass
+        except LockTimeout:
+            break
+        assert time.time() < deadline and server.metric(token, "persona_auto_update_running") == 1, server.log.read_text()
+        time.sleep(0.1)
+    assert server.stop()
+    log = server.log.read_text()
+    pid = int(re.search(r"worker pid (\d+) started", log).group(1))
+    assert "stopping the worker" in log and "stopped with the server" in log
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # gone, not orphaned
+    info = store.show("user:alice")
+    assert store.version_numbers("user:alice") == [1] and info.current == 1  # untouched: nothing published
+    assert info.pending == 1 and store.verify().ok  # and its chat still waits for the next run
