@@ -16,7 +16,8 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, time as clock_time
+from datetime import datetime
+from datetime import time as clock_time
 from pathlib import Path
 
 import httpx
@@ -125,7 +126,8 @@ def scripted(policy: str, script: str) -> ScriptedWorker:
 def test_scheduler_runs_when_due_never_in_quiet_hours_and_backs_off_after_a_failure():
     now = [1000.0]
     local = [datetime(2026, 1, 1, 23, 0)]
-    fail = "import sys; sys.stderr.write('{\"error\": {\"type\": \"InvalidInteractions\", \"message\": \"bad line\"}}\\n'); sys.exit(1)"
+    error = '{"error": {"type": "InvalidInteractions", "message": "bad line"}}'
+    fail = f"import sys; print({error!r}, file=sys.stderr); sys.exit(1)"
     updater = AutoUpdater(FakeStore({"user:a": 5}), scripted("pending>=2,quiet=22:00-06:00", fail),
                           clock=lambda: now[0], local_now=lambda: local[0])
     assert updater.check() is None  # 23:00 is quiet
@@ -219,7 +221,8 @@ def test_pending_counts_are_rows_per_adapter_with_rows(store):
 
 def test_origin_is_recorded_shown_and_absent_on_old_versions(store):
     loaded = store.load("user:alice")
-    info = store.publish_version("user:alice", NewVersion(loaded.tensors, loaded.config, parent=1, origin="auto-update"))
+    new = NewVersion(loaded.tensors, loaded.config, parent=1, origin="auto-update")
+    info = store.publish_version("user:alice", new)
     assert info.origin == "auto-update" and store.version_info("user:alice@v1").origin is None
     meta = (store.version_folder("user:alice@v1") / "meta.json").read_text()
     assert '"origin"' not in meta  # only where set: a person's versions are written as before
@@ -302,7 +305,7 @@ class Server:
 
     def metric(self, token: str, name: str) -> float | None:
         text = httpx.get(self.url + "/metrics", headers={"Authorization": f"Bearer {token}"}, timeout=WAIT).text
-        match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+        match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
         return float(match.group(1)) if match else None
 
     def wait_metric(self, token: str, name: str, value: float) -> None:
@@ -394,7 +397,8 @@ def test_shutdown_stops_a_training_worker_and_leaves_the_adapter_untouched(store
                 pass
         except LockTimeout:
             break
-        assert time.time() < deadline and server.metric(token, "persona_auto_update_running") == 1, server.log.read_text()
+        running = server.metric(token, "persona_auto_update_running")
+        assert time.time() < deadline and running == 1, server.log.read_text()[-3000:]
         time.sleep(0.1)
     assert server.stop()
     log = server.log.read_text()

@@ -68,7 +68,8 @@ def check_update_args(text: str, dtype: str) -> tuple[str, ...]:
     own_dtype = any(arg.split("=", 1)[0] == "--dtype" for arg in args)  # given last, it wins over the server's
     if (parsed.get("dtype") if own_dtype else dtype) == "float16":
         raise click.BadParameter("the server runs in float16, which training refuses; give the worker "
-                                 "--auto-update-args '--dtype bfloat16' (or float32)", param_hint="'--auto-update-args'")
+                                 "--auto-update-args '--dtype bfloat16' (or float32)",
+                                 param_hint="'--auto-update-args'")
     return args
 
 

@@ -125,7 +125,8 @@ def read_outcome(exit_code: int, seconds: float, stdout: str, stderr: str, log_c
                 failed.append(f"{name} ({str(why)[:log_chars]})" if why else name)
     error = None
     if exit_code != 0 or not isinstance(results, list):
-        error = _error_line(stderr, log_chars) or (f"exit status {exit_code}" if exit_code else "output is not a JSON list")
+        error = (_error_line(stderr, log_chars)
+                 or (f"exit status {exit_code}" if exit_code else "output is not a JSON list"))
     return RunOutcome(exit_code, seconds, tuple(promoted), tuple(rejected), tuple(failed), error)
 
 
@@ -181,7 +182,8 @@ class AutoUpdater:
             try:
                 worker.wait(self.settings.stop_grace_s)
             except subprocess.TimeoutExpired:
-                log.warning("the worker (pid %d) did not stop in %gs; killing it", worker.pid, self.settings.stop_grace_s)
+                log.warning("the worker (pid %d) did not stop in %gs; killing it", worker.pid,
+                            self.settings.stop_grace_s)
                 worker.kill()
                 worker.wait()
         if self._thread is not None:
@@ -197,7 +199,7 @@ class AutoUpdater:
         while not self._stopping.wait(self.settings.check_interval_s):
             try:
                 self.check()
-            except Exception:  # noqa: BLE001 - the loop must outlive any one check; serving is untouched
+            except Exception:
                 log.exception("check failed; trying again in %gs", self.settings.check_interval_s)
 
     def check(self) -> RunOutcome | None:
@@ -295,7 +297,8 @@ class AutoUpdateCollector:
         s = self.updater.stats()
         yield GaugeMetricFamily("persona_pending_rows", "Interactions waiting in pending queues, all adapters "
                                 "(at the auto-update loop's last check)", value=s.pending_rows)
-        yield GaugeMetricFamily("persona_adapters_pending", "Adapters with at least one pending row", value=s.adapters_pending)
+        yield GaugeMetricFamily("persona_adapters_pending", "Adapters with at least one pending row",
+                                value=s.adapters_pending)
         updates = CounterMetricFamily("persona_auto_updates", "Adapter updates by the auto-update loop, by result",
                                       labels=["result"])
         for result, count in s.updates.items():
@@ -306,9 +309,10 @@ class AutoUpdateCollector:
         for result, count in s.runs.items():
             runs.add_metric([result], count)
         yield runs
-        yield GaugeMetricFamily("persona_auto_update_running", "1 while an auto-update worker runs", value=int(s.running))
+        yield GaugeMetricFamily("persona_auto_update_running", "1 while an auto-update worker runs",
+                                value=int(s.running))
         if s.last_run_end is not None:
-            yield GaugeMetricFamily("persona_auto_update_last_run_timestamp_seconds", "When the last run ended (unix time)",
-                                    value=s.last_run_end)
+            yield GaugeMetricFamily("persona_auto_update_last_run_timestamp_seconds",
+                                    "When the last run ended (unix time)", value=s.last_run_end)
             yield GaugeMetricFamily("persona_auto_update_last_run_duration_seconds", "How long the last run took",
                                     value=s.last_run_seconds)
