@@ -157,6 +157,21 @@ def test_scheduler_counts_promoted_rejected_and_failed_updates_from_the_json():
     assert updater.stats().last_run_seconds is not None
 
 
+@dataclass(frozen=True)
+class MissingWorker(AutoUpdateSettings):
+    def command(self):
+        return [str(ROOT / "no-such-python")]
+
+
+def test_a_worker_that_cannot_start_is_a_failed_run_backed_off():
+    now = [0.0]
+    updater = AutoUpdater(FakeStore({"user:a": 3}), MissingWorker(parse_policy("pending>=1"), "unused"),
+                          clock=lambda: now[0])
+    outcome = updater.check()
+    assert outcome.error.startswith("cannot start the worker") and updater.stats().runs["failed"] == 1
+    assert not updater.stats().running and updater.check() is None  # backing off
+
+
 def test_every_counts_from_the_start_then_from_the_last_run():
     now = [0.0]
     updater = AutoUpdater(FakeStore({"user:a": 1}), scripted("every=1h", "print('[]')"), clock=lambda: now[0])
@@ -232,7 +247,7 @@ def test_origin_is_recorded_shown_and_absent_on_old_versions(store):
     import json
 
     versions = json.loads(cli("show", "user:alice", "--json"))["versions"]
-    assert [v["origin"] for v in versions] == [None, "auto-update"]
+    assert [v.get("origin") for v in versions] == [None, "auto-update"] and "origin" not in versions[0]
     with pytest.raises(InvalidReference, match="origin"):  # a tag, checked by the one meta.json parser
         store.publish_version("user:alice", NewVersion(loaded.tensors, loaded.config, parent=1, origin="Not A Tag!"))
 

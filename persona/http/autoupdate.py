@@ -177,7 +177,7 @@ class AutoUpdater:
         with self._lock:
             worker = self._worker
         if worker is not None and worker.poll() is None:
-            log.warning("stopping the worker (pid %d): the update it runs publishes nothing", worker.pid)
+            log.warning("stopping the worker (pid %d): adapters it has not published yet stay as they were", worker.pid)
             worker.send_signal(signal.SIGTERM)
             try:
                 worker.wait(self.settings.stop_grace_s)
@@ -220,10 +220,18 @@ class AutoUpdater:
         with self._lock:  # stop() sees the worker from the moment it exists
             if self._stopping.is_set():
                 return None
-            worker = subprocess.Popen(self.settings.command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True)
-            self._worker = worker
-            self._stats = replace(self._stats, running=True)
+            try:
+                worker = subprocess.Popen(self.settings.command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True)
+            except OSError as exc:  # no memory or processes left to fork: a failed run, backed off like any
+                worker, cannot = None, exc
+            else:
+                self._worker = worker
+                self._stats = replace(self._stats, running=True)
+        if worker is None:
+            failed = RunOutcome(-1, 0.0, error=f"cannot start the worker: {cannot}")
+            self._record(failed)
+            return failed
         _lower_priority(worker.pid)
         log.info("worker pid %d started: %s", worker.pid, reason)
         stdout, stderr = worker.communicate()
@@ -279,10 +287,17 @@ def _log_to_stderr() -> None:
     """The loop's lines on the server's stderr beside uvicorn's (``INFO:     auto-update: ...``)."""
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s:     auto-update: %(message)s"))
+        handler.setFormatter(_UvicornStyle())
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
+
+
+class _UvicornStyle(logging.Formatter):
+    """``INFO:     auto-update: ...``, ``WARNING:  auto-update: ...``: aligned as uvicorn aligns its own lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname + ':':<9} auto-update: {super().format(record)}"
 
 
 class AutoUpdateCollector:

@@ -129,7 +129,8 @@ class VersionInfo:
         }
         if self.imported:  # as in meta.json: only an imported version has the key
             out["imported"] = dict(self.imported)
-        out["origin"] = self.origin
+        if self.origin:  # the same: only a version the loop published has the key
+            out["origin"] = self.origin
         return out
 
 
