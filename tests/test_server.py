@@ -91,6 +91,17 @@ def test_weighted_stack_is_served_as_the_engine_computes_it_and_echoed(server):
     assert {c.model for c in chunks} == {model}
 
 
+def test_answers_name_the_pinned_version_that_ran_in_x_persona_model(server):
+    model = "user:alice+domain:finance*0.5"
+    assert post(server, "/v1/chat/completions", {**CHAT, "model": model}).headers["x-persona-model"] == \
+        "user:alice@v1+domain:finance@v1*0.5"
+    with httpx.stream("POST", server["url"] + "/v1/completions", timeout=60,
+                      json={"model": "user:alice", "prompt": "The sky is", "max_tokens": 2, "stream": True},
+                      headers={"Authorization": f"Bearer {server['tokens']['alice']}"}) as streamed:
+        assert streamed.headers["x-persona-model"] == "user:alice@v1"
+        streamed.read()
+
+
 def test_scope_checks_every_part_whatever_its_weight():
     from persona.store.tokens import Scope
     from persona.refs import parse_stack
