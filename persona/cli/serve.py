@@ -12,7 +12,8 @@ from ._common import open_engine, placement_options, route_top_k_option, store_o
 from .gateway import run_gateway, upstream_options
 
 MAX_BODY_BYTES = 4 << 20  # persona.http.app.MAX_BODY_BYTES, without importing FastAPI for every command
-# persona.http.autoupdate.RESERVED_UPDATE_ARGS, without importing the server for every command
+# Options of `persona update` the auto-update worker is given by the server (AutoUpdateSettings.command);
+# --auto-update-args may not give them.
 RESERVED_UPDATE_ARGS = ("--all", "--json", "--data", "--store", "--origin")
 
 

@@ -45,9 +45,6 @@ from .update_policy import UpdatePolicy
 
 log = logging.getLogger("persona.autoupdate")
 
-# Options of `persona update` the loop sets itself; --auto-update-args may not give them.
-RESERVED_UPDATE_ARGS = ("--all", "--json", "--data", "--store", "--origin")
-
 
 @dataclass(frozen=True)
 class AutoUpdateSettings:
