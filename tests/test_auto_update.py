@@ -399,14 +399,12 @@ def test_a_failing_worker_leaves_serving_answering_and_is_counted(store, served)
     assert server.stop()
 
 
-def test_shutdown_stops_a_training_worker_and_leaves_the_adapter_untouched(store, served):
-    server, token = served("--auto-update", "pending>=1", "--auto-update-interval", "0.2",
-                           "--auto-update-args", "--epochs 1000 --batch-size 1")  # long enough to be caught training
-    server.chat(token)
+def training_worker(store: Store, server: Server, token: str) -> int:
+    """Wait until the worker is inside alice's update (it holds her update lock); its pid."""
     server.wait_metric(token, "persona_auto_update_running", 1)
     probe = Store(store.root, lock_timeout=0.2)
     deadline = time.time() + WAIT
-    while True:  # the worker is inside the update once it holds alice's update lock
+    while True:
         try:
             with probe.lock(AdapterRef("user", "alice"), purpose="update"):
                 pass
@@ -415,9 +413,33 @@ def test_shutdown_stops_a_training_worker_and_leaves_the_adapter_untouched(store
         running = server.metric(token, "persona_auto_update_running")
         assert time.time() < deadline and running == 1, server.log.read_text()[-3000:]
         time.sleep(0.1)
+    return int(re.search(r"worker pid (\d+) started", server.log.read_text()).group(1))
+
+
+LONG_TRAINING = "--epochs 1000 --batch-size 1"  # 1000 steps: long enough to be caught training
+
+
+def test_a_killed_worker_leaves_serving_answering_and_each_adapter_untouched(store, served):
+    server, token = served("--auto-update", "pending>=1", "--auto-update-interval", "0.2",
+                           "--auto-update-args", LONG_TRAINING)
+    server.chat(token)
+    os.kill(training_worker(store, server, token), signal.SIGKILL)  # as the out-of-memory killer would
+    server.wait_metric(token, 'persona_auto_update_runs_total{result="failed"}', 1)
+    assert server.chat(token).headers["x-persona-model"] == "user:alice@v1"
+    info = store.show("user:alice")
+    assert store.version_numbers("user:alice") == [1] and info.current == 1 and store.verify().ok
+    assert info.pending == 2  # the chat it was training on is still queued, and the one after it
+    assert "run failed (exit -9)" in server.log.read_text()
+    assert server.stop()
+
+
+def test_shutdown_stops_a_training_worker_and_leaves_the_adapter_untouched(store, served):
+    server, token = served("--auto-update", "pending>=1", "--auto-update-interval", "0.2",
+                           "--auto-update-args", LONG_TRAINING)
+    server.chat(token)
+    pid = training_worker(store, server, token)
     assert server.stop()
     log = server.log.read_text()
-    pid = int(re.search(r"worker pid (\d+) started", log).group(1))
     assert "stopping the worker" in log and "stopped with the server" in log
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # gone, not orphaned
