@@ -194,6 +194,14 @@ def test_a_crashed_worker_is_a_failed_run_with_its_reason(code, stdout, stderr, 
     assert outcome.error == error and outcome.ok == (error is None)
 
 
+def test_a_bulk_run_that_went_on_past_a_failed_adapter_counts_both_and_says_why():
+    out = ('[{"adapter": "user:a", "label": "v0002", "promoted": true}, '
+           '{"adapter": "user:b", "error": {"type": "InvalidInteractions", "message": "pending.jsonl:2: bad"}}]')
+    outcome = read_outcome(1, 1.0, out, "")
+    assert outcome.promoted == ("user:a@v0002",) and outcome.failed == ("user:b (pending.jsonl:2: bad)",)
+    assert not outcome.ok and outcome.error == "user:b (pending.jsonl:2: bad)"
+
+
 def test_worker_stderr_in_the_log_is_cut_to_its_end():
     outcome = read_outcome(1, 1.0, "", "x" * 10_000 + "THE END", log_chars=100)
     assert outcome.error.endswith("THE END") and len(outcome.error) == 103

@@ -122,7 +122,7 @@ def read_outcome(exit_code: int, seconds: float, stdout: str, stderr: str, log_c
                 failed.append(f"{name} ({str(why)[:log_chars]})" if why else name)
     error = None
     if exit_code != 0 or not isinstance(results, list):
-        error = (_error_line(stderr, log_chars)
+        error = (_error_line(stderr, log_chars) or "; ".join(failed)[:log_chars]  # a bulk run's failed adapters
                  or (f"exit status {exit_code}" if exit_code else "output is not a JSON list"))
     return RunOutcome(exit_code, seconds, tuple(promoted), tuple(rejected), tuple(failed), error)
 
