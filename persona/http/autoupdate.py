@@ -135,8 +135,12 @@ def _error_line(stderr: str, log_chars: int) -> str:
             return f"{err['type']}: {err['message']}"[:log_chars]
         except (ValueError, KeyError, TypeError):
             continue
-    tail = stderr.strip()
-    return ("..." + tail[-log_chars:]) if len(tail) > log_chars else tail
+    return _tail(stderr, log_chars)
+
+
+def _tail(text: str, chars: int) -> str:
+    text = text.strip()
+    return ("..." + text[-chars:]) if len(text) > chars else text
 
 
 class AutoUpdater:
@@ -241,6 +245,8 @@ class AutoUpdater:
         if stopped:
             log.info("worker pid %d stopped with the server (exit %s)", worker.pid, worker.returncode)
             return outcome
+        if outcome.ok and stderr.strip():  # warnings of a run that worked: the log keeps them too
+            log.info("worker pid %d wrote to stderr: %s", worker.pid, _tail(stderr, self.settings.log_chars))
         self._record(outcome)
         return outcome
 
