@@ -13,7 +13,7 @@ import sys
 import click
 
 from .. import __version__
-from . import adapters, compose, export, generate, importing, report, serve, tokens, training
+from . import adapters, compose, export, generate, importing, memory, report, serve, tokens, training
 from ._common import PersonaGroup
 
 
@@ -49,6 +49,6 @@ def _quiet_progress_bars() -> None:
     disable_progress_bars()
 
 
-for _group in (adapters, training, report, generate, serve, tokens, compose, importing, export):
+for _group in (adapters, training, report, generate, serve, tokens, compose, importing, export, memory):
     for _command in _group.COMMANDS:
         main.add_command(_command)

@@ -10,6 +10,7 @@ from ..errors import InvalidConfig
 from ..http.update_policy import GRAMMAR, UpdatePolicy, parse_policy
 from ._common import open_engine, placement_options, route_top_k_option, store_option
 from .gateway import run_gateway, upstream_options
+from .generate import memory_options, memory_setting
 
 MAX_BODY_BYTES = 4 << 20  # persona.http.app.MAX_BODY_BYTES, without importing FastAPI for every command
 # Options of `persona update` the auto-update worker is given by the server (AutoUpdateSettings.command);
@@ -97,12 +98,13 @@ def check_update_args(text: str, dtype: str) -> tuple[str, ...]:
               help="On SIGTERM or Ctrl-C: seconds in-flight requests may finish before they are cancelled.")
 @auto_update_options
 @route_top_k_option
+@memory_options
 @placement_options
 @upstream_options
 @store_option
 def serve(host, port, max_resident, max_batch, max_batch_tokens, scheduler, no_auth, log_interactions, max_body_bytes,
           max_queue, max_per_token, drain_timeout, auto_update, auto_update_args, auto_update_interval, route_top_k,
-          device, dtype, upstream, upstream_key, store_root) -> None:
+          use_memory, k, max_tokens, device, dtype, upstream, upstream_key, store_root) -> None:
     """Serve adapters over an OpenAI-compatible HTTP API.
 
     \b
@@ -118,6 +120,11 @@ def serve(host, port, max_resident, max_batch, max_batch_tokens, scheduler, no_a
     requests in flight, or --max-per-token for one token, 429 with Retry-After; a client
     that disconnects stops its generation at the next token; SIGTERM drains for
     --drain-timeout seconds, then cancels what is left and exits.
+
+    \b
+    Memory (docs/MEMORY.md): with --memory, chat requests get the best entries of
+    their user adapter's memory in a system message unless the body says
+    "memory": false; without it, a body opts in with "memory": true.
 
     \b
     Gateway mode (--upstream URL, repeatable): the same front door (tokens,
@@ -141,6 +148,7 @@ def serve(host, port, max_resident, max_batch, max_batch_tokens, scheduler, no_a
       persona serve --port 8000
       persona serve --port 8000 --route-top-k 2 --log-interactions
       persona serve --log-interactions --auto-update 'pending>=32,every=1h,quiet=22:00-06:00'
+      persona serve --port 8000 --log-interactions --memory --memory-k 4
       persona serve --device cuda --dtype bfloat16      (auto picks this where torch sees a GPU)
       PERSONA_UPSTREAM_API_KEY=... persona serve --port 8080 \\
           --upstream http://10.0.0.5:8000 --upstream http://10.0.0.6:8000
@@ -160,10 +168,13 @@ def serve(host, port, max_resident, max_batch, max_batch_tokens, scheduler, no_a
                     f"{host}:{port} can use every adapter, including every user's.", fg="red", bold=True, err=True)
     config = ServerConfig(auth=not no_auth, log_interactions=log_interactions, max_body_bytes=max_body_bytes,
                           max_queue=max_queue, max_per_token=max_per_token, drain_timeout_s=drain_timeout)
+    if upstream and use_memory:
+        raise click.UsageError("--memory applies where prompts are built: pass it to the upstream persona servers")
     if upstream:  # --device/--dtype place the base the router loads for domain:auto, if it is used
         return run_gateway(store_root, host, port, config, upstream, upstream_key, route_top_k, device=device, dtype=dtype)
     engine = open_engine(store_root, max_resident=max_resident, max_batch=max_batch, route_top_k=route_top_k,
-                         device=device, dtype=dtype, scheduler=scheduler, max_batch_tokens=max_batch_tokens)
+                         device=device, dtype=dtype, scheduler=scheduler, max_batch_tokens=max_batch_tokens,
+                         memory=memory_setting(use_memory, k, max_tokens))
     if auto_update is not None:
         from ..http.autoupdate import AutoUpdateSettings
 

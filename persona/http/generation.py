@@ -126,7 +126,18 @@ def generation_request(state: ServerState, body: CompletionCommon, chat: bool):
     params = sampling(state, body)
     check_prompt_size(state, body, chat)
     messages = tuple(m.for_engine() for m in body.messages) if chat else None
-    return GenerationRequest(model=body.model, prompt=None if chat else body.prompt, messages=messages, params=params)
+    return GenerationRequest(model=body.model, prompt=None if chat else body.prompt, messages=messages, params=params,
+                             memory=getattr(body, "memory", None))
+
+
+def resolved_body(state: ServerState, gen, handles) -> dict | None:
+    """``resolved`` of a chat answer when memory was in play for it: the pinned stack and the memory ids
+    put in the prompt (docs/MEMORY.md); None otherwise, so answers without memory keep OpenAI's shape."""
+    config = getattr(state.engine, "memory", None)  # the gateway has none: its upstream decides
+    wanted = gen.memory if gen.memory is not None else bool(config is not None and config.default)
+    if gen.messages is None or not wanted or not handles:
+        return None
+    return {"adapters": list(handles[0].resolved), "memories": list(handles[0].memories)}
 
 
 # -------------------------------------------------------------------------- the model and the engine

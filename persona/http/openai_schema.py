@@ -66,6 +66,9 @@ REQUEST_FIELDS: tuple[RequestField, ...] = (
                  "(llguidance); `strict` is accepted, output always follows the schema", {"type": "json_object"}),
     RequestField("logit_bias", BOTH, "supported", "token id -> bias in [-100, 100], added to the logits before "
                  "choosing (up to 300 tokens)", {"0": -100}),
+    RequestField("memory", CHAT, "supported", "persona's extension, not OpenAI's: true puts the best entries of "
+                 "the user adapter's memory in a system message, false keeps them out, absent follows `serve "
+                 "--memory`; the answer's `resolved.memories` names them (docs/MEMORY.md)", True),
     # --- ignored by design
     RequestField("user", BOTH, "ignored", "an end-user id for OpenAI's abuse monitoring; persona knows the caller "
                  "from its token", "end-user-1"),

@@ -97,6 +97,8 @@ class ChatRequest(CompletionCommon):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1)
+    # persona's extension (docs/MEMORY.md): the user adapter's memories in a system message; null: the server's default
+    memory: bool | None = Field(default=None, strict=True)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20, strict=True)
     response_format: ResponseFormatBody | None = None

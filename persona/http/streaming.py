@@ -145,9 +145,10 @@ def _merged(handles) -> Iterator[tuple[int, Any]]:
 
 def sse_chunks(state: ServerState, handles, rid: str, created: int, model: str, *, chat: bool, route: str,
                started: float, include_usage: bool = False,
-               on_text: Callable[[str], None] | None = None) -> Iterator[str]:
+               on_text: Callable[[str], None] | None = None, resolved: dict | None = None) -> Iterator[str]:
     """The OpenAI chunks of a streamed answer, ``data: [DONE]`` last; ``on_text`` gets choice 0's
-    whole text once it ends well. A library error mid-stream becomes an error event from the table."""
+    whole text once it ends well; ``resolved`` (memory in play) rides on each choice's first chunk.
+    A library error mid-stream becomes an error event from the table."""
     kind = "chat.completion.chunk" if chat else "text_completion"
     offsets = [0] * len(handles)  # legacy logprobs: text_offset runs on across a choice's chunks
 
@@ -166,6 +167,8 @@ def sse_chunks(state: ServerState, handles, rid: str, created: int, model: str, 
         body = {"id": rid, "object": kind, "created": created, "model": model, "choices": [choice]}
         if include_usage:
             body["usage"] = None  # as OpenAI: null on every chunk but the last
+        if first and resolved is not None:
+            body["resolved"] = resolved
         return "data: " + json.dumps(body) + "\n\n"
 
     pieces: list[str] = []

@@ -61,6 +61,7 @@ from ..refs import MAX_STACK, StackPart
 from .constrain import Vocabulary
 from .decode import Row, advance, new_kv_cache, next_tokens, positions
 from .model_facts import check_base_dtype, context_length, eos_ids, vocab_size
+from .memory import MemoryConfig, PromptMemory
 from .requests import EngineStats, GenerationRequest, GenerationResult, Handle, Job, cancelled_error
 from .resolve import ModelResolver
 from .running import RunningBatch, TurnLock, check_cache_layers
@@ -88,6 +89,7 @@ class Engine:
     ``"auto"`` (the default) is a GPU in bfloat16 where torch sees one, else the CPU in float32
     (:func:`persona.base.resolve_device`). With a given ``base``, ``device`` moves it and ``dtype``
     must be the one it was loaded in. Slot tensors follow the model's device and dtype.
+    ``memory``: :meth:`serving.memory.MemoryConfig.of` (None: requests opt in; docs/MEMORY.md).
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class Engine:
         route_top_k: int = 1,
         scheduler: str = "continuous",
         max_batch_tokens: int = 2048,
+        memory: MemoryConfig | bool | None = None,
     ):
         limits = (
             ("max_resident", max_resident, 1, 4096),
@@ -162,6 +165,8 @@ class Engine:
         self._resolver = ModelResolver(
             store, base_name=self.base_name, max_resident=max_resident, route_top_k=route_top_k, route=self._route_prompt
         )
+        self.memory = MemoryConfig.of(memory)
+        self._memory = PromptMemory(store, self.memory, self.tokenizer, self._tokenizer_lock)
         self.scheduler = scheduler
         self._worker: BatchWorker | ContinuousWorker
         if scheduler == "static":
@@ -285,11 +290,12 @@ class Engine:
             raise InvalidConfig(f"expected a GenerationRequest, got {type(request).__name__}")
         prompt = request.messages if request.messages is not None else request.prompt
         parts = self._resolver.for_prompt(request.model, prompt)
+        recalled = self._memory.recall(request, parts)  # the user parts' memories, in a system message
         with self._tokenizer_lock:
             if request.messages is not None:
                 try:
                     text = self.tokenizer.apply_chat_template(
-                        list(request.messages), add_generation_prompt=True, tokenize=False
+                        list(recalled.messages), add_generation_prompt=True, tokenize=False
                     )
                 except Exception as exc:  # jinja errors: a template may demand alternating roles, no system role, ...
                     raise InvalidConfig(f"the base's chat template refused these messages: {exc}") from None
@@ -306,7 +312,7 @@ class Engine:
             raise InvalidConfig(f"logit_bias names token {params.logit_bias[-1][0]}; this base's vocabulary has "
                                 f"{self.vocabulary.vocab_size} tokens")
         grammar = self.vocabulary.matcher(params.response_format) if params.response_format is not None else None
-        handle = Handle(request, tuple(str(p) for p in parts), streaming=streaming)
+        handle = Handle(request, tuple(str(p) for p in parts), streaming=streaming, memories=recalled.ids)
         return Job(request, parts, list(ids), min(request.params.max_new_tokens, room), handle, grammar)
 
     # ------------------------------------------------------------------ generation

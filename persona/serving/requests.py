@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Mapping, Sequence
 
 from ..errors import InvalidConfig, InvalidReference
@@ -48,12 +48,15 @@ class GenerationRequest:
     tokenized as is) and ``messages`` (OpenAI-style ``{"role", "content"}`` dicts, rendered with the
     base tokenizer's chat template and a generation prompt) is given. A message may carry a ``name``
     (passed to the template, which may ignore it); the ``developer`` role is rendered as ``system``.
+    ``memory``: put the user adapters' best memories in a system message (True), not (False), or as
+    the engine's :class:`~persona.serving.memory.MemoryConfig` says (None; see docs/MEMORY.md).
     """
 
     model: str
     prompt: str | None = None
     messages: tuple[Mapping[str, str], ...] | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
+    memory: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -78,6 +81,8 @@ class GenerationRequest:
                     message["name"] = m["name"]
                 checked.append(message)
             object.__setattr__(self, "messages", tuple(checked))
+        if self.memory is not None and not isinstance(self.memory, bool):
+            raise InvalidConfig(f"memory must be True, False or None, got {self.memory!r}")
         if not isinstance(self.params, SamplingParams):
             raise InvalidConfig(f"params must be SamplingParams, got {type(self.params).__name__}")
 
@@ -93,7 +98,8 @@ class GenerationResult:
     the domains the router chose, a layered adapter as itself followed by its pinned layer. Joined
     with ``+`` it is a model that computes the same row.
     ``logprobs`` (when the request's ``params.logprobs`` is set) has one entry per generated token,
-    the end-of-sequence token excepted.
+    the end-of-sequence token excepted. ``memories`` are the ids of the memory entries put in the
+    prompt (``persona memory show``), best first; empty when memory was off or found nothing.
     """
 
     text: str
@@ -103,6 +109,7 @@ class GenerationResult:
     model: str
     resolved: tuple[str, ...]
     logprobs: tuple[TokenLogprob, ...] | None = None
+    memories: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -156,9 +163,11 @@ class Handle:
     ``stream()`` loop early cancels the request (its row stops at the next token).
     """
 
-    def __init__(self, request: GenerationRequest, resolved: tuple[str, ...], *, streaming: bool = True):
+    def __init__(self, request: GenerationRequest, resolved: tuple[str, ...], *, streaming: bool = True,
+                 memories: tuple[str, ...] = ()):
         self.request = request
         self.resolved = resolved
+        self.memories = memories  # the memory ids in the prompt: known at admission, before any token
         self._streaming = streaming  # False: only the result is wanted, deltas are dropped
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._done = threading.Event()
@@ -245,6 +254,8 @@ class Handle:
     def finish(self, result: GenerationResult) -> None:
         if self._done.is_set():
             return
+        if self.memories and not result.memories:
+            result = replace(result, memories=self.memories)
         self._result = result
         self._done.set()
         self._events.put(_END)

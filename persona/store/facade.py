@@ -8,6 +8,7 @@
 - :mod:`~persona.store.integrity`: hashing, ``verify``, checked loading;
 - :mod:`~persona.store.lineage`: dependents, the no-user-data-in-shared-adapters rule, cascade delete;
 - :mod:`~persona.store.queues`: the replay buffer and the pending queue;
+- :mod:`~persona.store.memory`: a user adapter's retrieval memory of logged interactions;
 - :mod:`~persona.store.tokens`: the API tokens.
 
 Writers to one adapter are serialized by a file lock; readers take no lock and, since nothing a
@@ -41,11 +42,13 @@ from ..peft_format import (ADAPTER_WEIGHTS, LoraSettings, check_lora_fits, init_
                            peft_adapter_config, resolve_targets)
 from ..refs import CURRENT, KINDS, RESERVED_NAMES, AdapterRef, StackPart, format_version, parse_ref, validate_alias
 from . import integrity, materialized, publish, queues
+from . import memory as memory_store
 from . import lineage as lineage_rules
 from .integrity import VerifyReport
 from .layout import META, REFS, STORE_FILE, STORE_FORMAT, Layout, now
 from .lineage import Dependent
 from .materialized import Build, MaterializedFolder
+from .memory import AdapterMemory
 from .publish import NewVersion
 from .queues import PENDING, REPLAY, PendingBatch, ReplayBuffer
 from .records import AdapterInfo, LoadedAdapter, Problem, VersionInfo, parse_meta
@@ -405,15 +408,29 @@ class Store(Layout):
             buffer.write(self._adapter_dir(ref))
 
     def log(self, ref: str | AdapterRef, interactions: Sequence[Interaction]) -> int:
-        """Append validated interactions to an adapter's pending queue; returns how many.
+        """Append validated interactions to an adapter's pending queue and, for a user adapter, to its
+        memory (searchable at once, :meth:`memory`); returns how many.
 
         >>> store.log("user:alice", [Interaction(text="hi")])   # doctest: +SKIP
         1
         """
         ref = parse_ref(ref).unpinned()
         self.show(ref)  # AdapterNotFound when missing
+        rows = list(interactions)
         with self.lock(ref):
-            return queues.append(self._adapter_dir(ref), list(interactions))
+            count = queues.append(self._adapter_dir(ref), rows)
+            if ref.kind == "user":  # only a user's own memory (see persona.store.memory)
+                memory_store.append(self._adapter_dir(ref), rows)
+            return count
+
+    def memory(self, ref: str | AdapterRef) -> AdapterMemory:
+        """An adapter's retrieval memory: entries, search, snapshot, forget (see :mod:`persona.store.memory`).
+
+        >>> store.memory("user:alice").search("cat's name", k=2)   # doctest: +SKIP
+        """
+        ref = parse_ref(ref).unpinned()
+        self._require(ref)
+        return AdapterMemory(self, ref)
 
     def take_pending(self, ref: str | AdapterRef) -> PendingBatch:
         """The pending queue to train on, after dropping rows a published version already consumed."""

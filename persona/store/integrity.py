@@ -21,6 +21,7 @@ from ..peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ..refs import KINDS, AdapterRef, format_version, parse_ref
 from .layout import META, REFS
 from .lineage import user_ancestry
+from .memory import MEMORY, problems as memory_problems
 from .records import HELDOUT_FILE, HELDOUT_NAME, SIDE_SUFFIX, LoadedAdapter, Problem, side_file_names
 
 if TYPE_CHECKING:
@@ -81,7 +82,8 @@ def _version_problems(store: Store, ref: AdapterRef, version: int) -> tuple[list
 
 def verify(store: Store, ref: str | AdapterRef | None = None) -> VerifyReport:
     """Re-hash every file of every version (of one adapter, or all) and report each mismatch,
-    damaged metadata, version in the wrong folder, symlink, and domain adapter descending from a user."""
+    damaged metadata, version in the wrong folder, symlink, domain adapter descending from a user,
+    and damaged memory file (:mod:`persona.store.memory`)."""
     problems: list[Problem] = []
     if ref is None:
         # a symlinked adapter folder is reported by the symlink scan below, its target never read
@@ -106,6 +108,7 @@ def verify(store: Store, ref: str | AdapterRef | None = None) -> VerifyReport:
             problems += found
             n_versions += 1
             n_files += files
+        problems += _memory_problems(store, adapter)
         try:
             aliases = store._read_refs(store._adapter_dir(adapter))
         except DamagedAdapter as exc:
@@ -116,6 +119,15 @@ def verify(store: Store, ref: str | AdapterRef | None = None) -> VerifyReport:
                 problems.append(Problem(adapter.id, None, REFS,
                                         f"alias {alias!r} points at missing version {format_version(version)}"))
     return VerifyReport(len(adapters), n_versions, n_files, tuple(problems))
+
+
+def _memory_problems(store: Store, adapter: AdapterRef) -> list[Problem]:
+    """What is wrong with an adapter's memory file (unreadable lines, a torn tail, wider than 0600)."""
+    try:
+        found = memory_problems(store._adapter_dir(adapter))
+    except IntegrityError as exc:  # a symlink is also in the store-wide scan; a FIFO or device only here
+        found = [str(exc).replace(str(store._adapter_dir(adapter) / MEMORY), "it")]
+    return [Problem(adapter.id, None, MEMORY, reason) for reason in found]
 
 
 def load(store: Store, ref: str | AdapterRef, *, base_fingerprint: str | None = None) -> LoadedAdapter:

@@ -48,7 +48,8 @@ class NewVersion:
     (None: a layered adapter's next version stays on its parent's layer). ``heldout`` is the slice of
     the update's data its gate evaluated on, kept as ``heldout.train`` (JSON Lines, mode 0600, hashed
     like every file; read back with ``Store.heldout(ref)``) for ``persona eval --matrix``; None or empty
-    keeps nothing.
+    keeps nothing. ``memory`` records the adapter's memory snapshot the update saw
+    (:class:`~persona.store.memory.MemorySnapshot`).
 
     >>> store.publish_version("user:alice", NewVersion(tensors, config, parent=1))   # doctest: +SKIP
     """
@@ -67,6 +68,7 @@ class NewVersion:
     imported: Mapping[str, Any] | None = None  # where an imported adapter came from (``persona import``)
     heldout: Sequence[Interaction] | None = None
     origin: str | None = None  # what published it, when not a person: "auto-update" (``serve --auto-update``)
+    memory: Mapping[str, Any] | None = None  # the memory snapshot an update saw ({"entries", "digest"})
 
 
 def publish_version(store: Store, ref: AdapterRef, new: NewVersion, set_alias: str | None) -> VersionInfo:
@@ -185,6 +187,8 @@ def _write_version(store: Store, folder: Path, ref: AdapterRef, version: int, ne
         meta["imported"] = dict(new.imported)
     if new.origin:  # only where set, like "imported"; records.py checks the tag
         meta["origin"] = new.origin
+    if new.memory:  # only on updates (issue 16); an older persona ignores the key
+        meta["memory"] = dict(new.memory)
     raw = dumps_json(meta)
     # What is published must read back: the same strict parser every reader uses checks it now.
     try:

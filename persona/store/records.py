@@ -5,7 +5,7 @@ Every reader of a version goes through :func:`parse_meta`. A ``meta.json`` that 
 required key, holds a value of the wrong type, names a file that is not a plain file name of the
 version folder, or claims another adapter or version than the folder it sits in raises
 :class:`~persona.errors.DamagedAdapter` (issue 10, items 5-7): that adapter is damaged, never the
-store. Keys added after format 1 was first written (``over``, ``pending``, ``imported``, ``origin``) are optional, so
+store. Keys added after format 1 was first written (``over``, ``pending``, ``imported``, ``origin``, ``memory``) are optional, so
 older stores keep loading; unknown keys are ignored, so a newer persona's additions do not damage a version.
 """
 
@@ -83,6 +83,9 @@ class VersionInfo:
     # What published the version when it was not a person at a command: "auto-update" for the
     # server's learning loop (``persona serve --auto-update``); None (no key in meta.json) otherwise.
     origin: str | None = None
+    # The memory snapshot the update saw, {"entries": N, "digest": sha256 of memory.jsonl} (issue 16);
+    # None for versions not trained by an update, or written before memories existed.
+    memory: Mapping[str, Any] | None = None
 
     @property
     def heldout_kept(self) -> bool:
@@ -131,6 +134,8 @@ class VersionInfo:
             out["imported"] = dict(self.imported)
         if self.origin:  # the same: only a version the loop published has the key
             out["origin"] = self.origin
+        if self.memory:
+            out["memory"] = dict(self.memory)
         return out
 
 
@@ -231,6 +236,11 @@ def _parse(meta: Any, adapter: str, version: int) -> dict[str, Any]:
         rows, digest = _get(pending, "rows", int, required=True), _get(pending, "digest", str, required=True)
         if rows < 1 or not _SHA256.fullmatch(digest):
             raise _Bad("'pending' should hold a positive row count and a sha256")
+    memory = _get(meta, "memory", dict, nullable=True)
+    if memory is not None:
+        entries, digest = _get(memory, "entries", int, required=True), _get(memory, "digest", str, required=True)
+        if entries < 0 or not _SHA256.fullmatch(digest):
+            raise _Bad("'memory' should hold an entry count and a sha256")
     return {
         "adapter": claimed,
         "version": number,
@@ -247,6 +257,7 @@ def _parse(meta: Any, adapter: str, version: int) -> dict[str, Any]:
         "pending": pending,
         "imported": _get(meta, "imported", dict, nullable=True),
         "origin": _origin(meta),
+        "memory": memory,
     }
 
 

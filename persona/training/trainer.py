@@ -298,6 +298,8 @@ class Trainer:
     def _begin(self, ref: AdapterRef, interactions: list[Interaction], config: UpdateConfig) -> _Job:
         """Steps 1-3: the parent, the data (split, replay, supersession) and the gate's baseline."""
         started = time.perf_counter()
+        # The memory as this update starts (issue 16): which logged facts the new weights may know.
+        memory = self.store.memory(ref).snapshot().record() if ref.kind == "user" else None
         parent = self._load_parent(ref)
         data = self._prepare(ref, interactions, config)
         before = self._measure(parent.weights, data, parent.below)
@@ -327,6 +329,7 @@ class Trainer:
             pending=pending,
             heldout=data.held_items,
             origin=self.origin,
+            memory=memory,
         ), set_alias=CURRENT if decision.promoted else CANDIDATE)
         self._renew_replay(ref, data, job.interactions, config, decision.promoted)
         return UpdateResult(ref.id, version, parent.info.version, decision.promoted, decision.reason, metrics.to_dict())

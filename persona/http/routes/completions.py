@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..auth import Caller
 from ..body import json_body
-from ..generation import admit, generation_request
+from ..generation import admit, generation_request, resolved_body
 from ..openai_schema import chat_logprobs, completion_logprobs
 from ..schemas import ChatRequest, CompletionCommon, CompletionRequest
 from ..state import ServerState, server_state
@@ -49,6 +49,7 @@ async def complete(state: ServerState, request: Request, scope, body: Completion
     started = time.perf_counter()
     gen = generation_request(state, body, chat)
     handles = await admit(state, scope, gen, body.n)
+    resolved = resolved_body(state, gen, handles)  # memory in play: which memories the prompt holds
     messages = logged_messages(gen.messages) if chat else None
     pinned = {PINNED_HEADER: "+".join(handles[0].resolved)}  # every choice runs the same pinned stack
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -57,7 +58,7 @@ async def complete(state: ServerState, request: Request, scope, body: Completion
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         on_text = (lambda text: log_chat(state, body.model, messages, text)) if chat else None
         chunks = sse_chunks(state, handles, rid, created, body.model, chat=chat, route=route, started=started,
-                            include_usage=include_usage, on_text=on_text)
+                            include_usage=include_usage, on_text=on_text, resolved=resolved)
         return StreamingResponse(stream_unless_gone(state, request, handles, chunks, route, started),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache", **pinned})
     try:
@@ -75,7 +76,10 @@ async def complete(state: ServerState, request: Request, scope, body: Completion
     state.metrics.record(route, "200", started, result)
     if chat:
         log_chat(state, body.model, messages, results[0].text)  # one interaction per request, whatever n
-    return JSONResponse(answer(results, rid, created, body.model, chat=chat, result=result), headers=pinned)
+    body_out = answer(results, rid, created, body.model, chat=chat, result=result)
+    if resolved is not None:
+        body_out["resolved"] = resolved
+    return JSONResponse(body_out, headers=pinned)
 
 
 def answer(results, rid: str, created: int, model: str, *, chat: bool, result) -> dict:
