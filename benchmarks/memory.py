@@ -1,0 +1,235 @@
+"""Memory benchmark (issue 16): does a fact a user stated in a logged chat reach the answer before any
+update trains it, without leaking across users, and at what cost?
+
+Synthetic users (the revision benchmark's eight facts each: city, cat, dog, sister, brother, job,
+food, sport; values distinct across users, imported from ``benchmarks/revision.py``) state every
+fact in a logged chat ("My cat is called Tom." / "Noted."), through ``Store.log``. Questions use
+phrasings the statements never use and the update never trains on (phrasings 3-7 of each fact).
+
+Measured in one run, on the same base, engine and questions (greedy, 24 new tokens; a fact is
+recalled when the answer contains its value):
+
+- **logged, not trained**: a fresh adapter (LoRA B = 0: the base's answers), memory off vs on;
+- **retrieval**: the fact's entry among the memories put in the prompt (lexical BM25, k=4);
+- **trained**: one small update on the facts (training phrasings 0-2, as the revision benchmark's
+  updates 1 and 2), then adapter alone vs adapter + memory;
+- **another user's facts** in an answer with memory on (values are distinct across users, so a
+  leak would show its value); and whether any memory id put in a prompt is not the asker's;
+- **overhead** on a 32-token request (32 prompt tokens, 32 new tokens): end-to-end latency memory
+  on vs off, and the retrieval + prompt-building share alone;
+- **index update** per logged interaction: ``Store.log`` (pending + memory, fsynced) and the next
+  search's incremental index refresh, at several memory sizes.
+
+    python benchmarks/memory.py                 # embedded base, 2 users (a few minutes on a shared CPU)
+    python benchmarks/memory.py --quick         # tiny random model: checks the script runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_placement_options, header, placement, table, workspace  # noqa: E402
+from revision import SLOTS, USERS, update_data, values  # noqa: E402  (the same facts and training rows)
+
+from persona import Interaction, LoraSettings, Store, load_base  # noqa: E402
+from persona.serving.engine import Engine  # noqa: E402
+from persona.serving.memory import MemoryConfig  # noqa: E402
+from persona.serving.requests import GenerationRequest  # noqa: E402
+from persona.serving.sampling import SamplingParams  # noqa: E402
+from persona.training.trainer import Trainer, UpdateConfig  # noqa: E402
+
+QUESTIONS = (3, 4, 5, 6, 7)  # phrasings neither the statements nor the update use
+
+
+def statement(slot: str, value: str) -> str:
+    """The fact in the user's words: the answer template turned to the first person."""
+    text = SLOTS[slot][1].format(v=value)
+    return re.sub(r"^You ", "I ", re.sub(r"^Your ", "My ", text))
+
+
+def logged_chats(facts, user: str) -> list[Interaction]:
+    return [Interaction(messages=(("user", statement(s, facts[user][s][0])), ("assistant", "Noted.")))
+            for s in SLOTS]
+
+
+def questions(slots) -> list[tuple[str, str]]:
+    return [(s, SLOTS[s][0][p]) for s in slots for p in QUESTIONS]
+
+
+def ask(engine, model: str, qs, memory: bool, tokens: int):
+    params = SamplingParams(max_new_tokens=tokens, temperature=0)
+    reqs = [GenerationRequest(model, messages=({"role": "user", "content": q},), params=params, memory=memory)
+            for _, q in qs]
+    return engine.generate(reqs)
+
+
+def score(results, qs, facts, users, user, store) -> dict[str, int]:
+    """Recalled (own value in the answer), leaked (another user's value), retrieved (fact's entry used)."""
+    entry_of = {}
+    for e in store.memory(f"user:{user}").entries():
+        for s in SLOTS:
+            if statement(s, facts[user][s][0]) in e.text:
+                entry_of[s] = e.id
+    own_ids = set(entry_of.values()) | {e.id for e in store.memory(f"user:{user}").entries()}
+    out = dict(n=len(qs), recalled=0, leaked=0, retrieved=0, foreign_ids=0, per={})
+    for r, (slot, _) in zip(results, qs):
+        text = r.text.casefold()
+        hit, found = facts[user][slot][0].casefold() in text, entry_of.get(slot) in r.memories
+        out["recalled"] += hit
+        out["leaked"] += any(facts[u][slot][0].casefold() in text for u in users if u != user)
+        out["retrieved"] += found
+        out["foreign_ids"] += len(set(r.memories) - own_ids)
+        counts = out["per"].setdefault(slot, [0, 0, 0])
+        counts[0], counts[1], counts[2] = counts[0] + hit, counts[1] + found, counts[2] + 1
+    return out
+
+
+def share(rows, key) -> str:
+    n, k = sum(r["n"] for r in rows), sum(r[key] for r in rows)
+    return f"{k}/{n} = {k / n:.0%}"
+
+
+def overhead(engine, store, user: str, repeats: int) -> tuple[float, float, float, float]:
+    """(median s memory off, median s memory on, median s of retrieval + prompt building, prompt tokens on)."""
+    prompt = "Please tell me, in one short sentence, what my cat is called and where I live these days; be brief."
+    tok = engine.tokenizer
+    words = prompt.split()
+    while len(tok(" ".join(words), add_special_tokens=False)["input_ids"]) < 32:
+        words.append("thanks")
+    prompt = " ".join(words)
+    params = SamplingParams(max_new_tokens=32, temperature=0, stop=())
+    off, on, recall, tokens = [], [], [], 0
+    for i in range(repeats + 1):
+        for memory, into in ((False, off), (True, on)):
+            req = GenerationRequest(f"user:{user}", messages=({"role": "user", "content": prompt},), params=params,
+                                    memory=memory)
+            start = time.perf_counter()
+            result = engine.generate([req])[0]
+            if i:  # the first round warms caches
+                into.append(time.perf_counter() - start)
+            if memory:
+                tokens = result.prompt_tokens
+        parts = engine.resolve(f"user:{user}")
+        req = GenerationRequest(f"user:{user}", messages=({"role": "user", "content": prompt},), memory=True)
+        start = time.perf_counter()
+        engine._memory.recall(req, parts)
+        if i:
+            recall.append(time.perf_counter() - start)
+    return statistics.median(off), statistics.median(on), statistics.median(recall), tokens
+
+
+def index_updates(work: Path, base_id: str, sizes) -> list[list[object]]:
+    """Per logged interaction: Store.log (pending + memory, fsynced) and the next search's index refresh."""
+    store = Store.init(work / "index-store", base=base_id)
+    store.create("user:load", LoraSettings(rank=4))
+    rows, have = [], 0
+    for size in sizes:
+        filler = [Interaction(messages=(("user", f"Note {i}: my favourite number is {i} and my colour is c{i % 97}."),
+                                        ("assistant", "Noted."))) for i in range(have, size)]
+        for start in range(0, len(filler), 500):
+            store.log("user:load", filler[start:start + 500])
+        have = size
+        store.memory("user:load").search("favourite colour")  # index current
+        logs, refresh = [], []
+        for i in range(20):
+            t0 = time.perf_counter()
+            store.log("user:load", [Interaction(messages=(("user", f"My locker code is {i}."), ("assistant", "Ok.")))])
+            t1 = time.perf_counter()
+            store.memory("user:load").search("locker code")
+            refresh.append(time.perf_counter() - t1)
+            logs.append(t1 - t0)
+            have += 1
+        from persona.store import memory as memory_store
+
+        memory_store._indexes.clear()
+        t0 = time.perf_counter()
+        store.memory("user:load").search("locker code")
+        full = time.perf_counter() - t0
+        rows.append([size, f"{statistics.median(logs) * 1e3:.2f}", f"{statistics.median(refresh) * 1e3:.2f}",
+                     f"{full * 1e3:.1f}"])
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny random model: checks the script runs")
+    parser.add_argument("--users", type=int, default=2, choices=range(1, len(USERS) + 1))
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--tokens", type=int, default=24, help="new tokens per answer")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds of the overhead measure")
+    add_placement_options(parser)
+    args = parser.parse_args(argv)
+    device, dtype = placement(args, training=True)
+    header("persona memory benchmark" + (" (QUICK: tiny random model, numbers meaningless)" if args.quick else ""))
+    with workspace("memory", args.quick) as (work, base_id):
+        run(work, base_id, args, device, dtype)
+
+
+def run(work: Path, base_id: str, args, device, dtype) -> None:
+    users = USERS[: args.users]
+    facts = values(users)
+    base = load_base(base_id, device=device, dtype=dtype)
+    store = Store.init(work / "store", base=base_id)
+    for user in users:
+        store.create(f"user:{user}", LoraSettings(rank=8, alpha=16))
+        store.log(f"user:{user}", logged_chats(facts, user))
+    qs = questions(list(SLOTS)[:2] if args.quick else list(SLOTS))
+    rows: dict[str, list[dict]] = {}
+    engine = Engine(store, base=base, max_resident=8, max_batch=8, memory=MemoryConfig(default=False, k=4))
+    try:
+        for user in users:
+            for label, memory in (("fresh adapter, memory off", False), ("fresh adapter, memory on", True)):
+                results = ask(engine, f"user:{user}", qs, memory, args.tokens)
+                rows.setdefault(label, []).append(score(results, qs, facts, users, user, store))
+        trainer = Trainer(store, base)
+        config = UpdateConfig(epochs=1 if args.quick else args.epochs, learning_rate=args.lr, holdout_fraction=0.15,
+                              seed=0, force=True)
+        seconds = []
+        for user in users:
+            data = update_data(facts, user, 0) + update_data(facts, user, 1)
+            seconds.append(trainer.update(f"user:{user}", data, config).metrics["seconds"])
+        for user in users:
+            for label, memory in (("trained adapter, memory off", False), ("trained adapter + memory", True)):
+                results = ask(engine, f"user:{user}", qs, memory, args.tokens)
+                rows.setdefault(label, []).append(score(results, qs, facts, users, user, store))
+        off, on, recall, prompt_tokens = overhead(engine, store, users[0], 1 if args.quick else args.repeats)
+    finally:
+        engine.close()
+    index_rows = index_updates(work, base_id, (100, 1000) if args.quick else (100, 1000, 5000))
+
+    print(f"{len(users)} users x {len(qs)} held-out questions each; "
+          f"update: {sum(seconds) / len(seconds):.1f} s per user (forced promotion, {config.epochs} epochs)\n")
+    out = [[label, share(r, "recalled"), share(r, "retrieved") if "on" in label or "+" in label else "-",
+            share(r, "leaked"), sum(x["foreign_ids"] for x in r)] for label, r in rows.items()]
+    print("## Recall of stated facts on held-out phrasings (answer contains the value; greedy)\n")
+    print(table(["condition", "fact recalled", "fact's entry retrieved (k=4)", "another user's value in the answer",
+                 "memory ids not the asker's"], out))
+    print("\n## Per fact (memory on, fresh adapter): recalled / retrieved\n")
+    per = []
+    for slot in dict.fromkeys(s for s, _ in qs):
+        cells = [slot]
+        for label in ("fresh adapter, memory on", "trained adapter, memory off", "trained adapter + memory"):
+            c = [sum(r["per"][slot][i] for r in rows[label]) for i in range(3)]
+            cells.append(f"{c[0]}/{c[2]}" + (f" (retrieved {c[1]}/{c[2]})" if "memory on" in label else ""))
+        per.append(cells)
+    print(table(["fact", "fresh + memory: recalled", "trained alone: recalled", "trained + memory: recalled"], per))
+    print("\nQuestions per fact: " + " | ".join(f"{s}: " + "; ".join(SLOTS[s][0][p] for p in QUESTIONS)
+                                              for s in list(dict.fromkeys(s for s, _ in qs))[:2]) + " ...")
+    print(f"\n## Overhead on a 32-token request ({prompt_tokens} prompt tokens with memory, 32 new tokens; "
+          f"median of {max(1, args.repeats)})\n")
+    print(table(["memory off (s)", "memory on (s)", "on / off", "retrieval + prompt building (ms)", "its share of off"],
+                [[f"{off:.3f}", f"{on:.3f}", f"{on / off:.3f}x", f"{recall * 1e3:.2f}", f"{recall / off:.1%}"]]))
+    print("\n## Index update per logged interaction (median of 20 logs at each size)\n")
+    print(table(["entries in memory", "Store.log of one chat (ms, pending + memory, fsynced)",
+                 "next search's incremental index refresh (ms)", "full rebuild (ms)"], index_rows))
+
+
+if __name__ == "__main__":
+    main()
