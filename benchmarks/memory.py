@@ -3,8 +3,10 @@ update trains it, without leaking across users, and at what cost?
 
 Synthetic users (the revision benchmark's eight facts each: city, cat, dog, sister, brother, job,
 food, sport; values distinct across users, imported from ``benchmarks/revision.py``) state every
-fact in a logged chat ("My cat is called Tom." / "Noted."), through ``Store.log``. Questions use
-phrasings the statements never use and the update never trains on (phrasings 3-7 of each fact).
+fact in a logged chat ("My cat is called Tom." / "Noted."), through ``Store.log``; a second adapter
+per user logs the same facts as persona's own training rows instead (the revision benchmark's
+question/answer pairs, phrasings 0-2). Questions use phrasings neither the logs nor the update use
+(phrasings 3-7 of each fact).
 
 Measured in one run, on the same base, engine and questions (greedy, 24 new tokens; a fact is
 recalled when the answer contains its value):
@@ -69,18 +71,16 @@ def ask(engine, model: str, qs, memory: bool, tokens: int):
     return engine.generate(reqs)
 
 
-def score(results, qs, facts, users, user, store) -> dict[str, int]:
-    """Recalled (own value in the answer), leaked (another user's value), retrieved (fact's entry used)."""
-    entry_of = {}
-    for e in store.memory(f"user:{user}").entries():
-        for s in SLOTS:
-            if statement(s, facts[user][s][0]) in e.text:
-                entry_of[s] = e.id
-    own_ids = set(entry_of.values()) | {e.id for e in store.memory(f"user:{user}").entries()}
+def score(results, qs, facts, users, user, store, ref) -> dict:
+    """Recalled (own value in the answer), leaked (another user's value), retrieved (an entry holding the
+    fact among the memories used), memory ids not from ``ref``'s memory; overall and per fact."""
+    entries = store.memory(ref).entries()
+    holding = {s: {e.id for e in entries if facts[user][s][0] in e.text} for s in SLOTS}
+    own_ids = {e.id for e in entries}
     out = dict(n=len(qs), recalled=0, leaked=0, retrieved=0, foreign_ids=0, per={})
     for r, (slot, _) in zip(results, qs):
         text = r.text.casefold()
-        hit, found = facts[user][slot][0].casefold() in text, entry_of.get(slot) in r.memories
+        hit, found = facts[user][slot][0].casefold() in text, bool(holding[slot] & set(r.memories))
         out["recalled"] += hit
         out["leaked"] += any(facts[u][slot][0].casefold() in text for u in users if u != user)
         out["retrieved"] += found
@@ -180,14 +180,19 @@ def run(work: Path, base_id: str, args, device, dtype) -> None:
     for user in users:
         store.create(f"user:{user}", LoraSettings(rank=8, alpha=16))
         store.log(f"user:{user}", logged_chats(facts, user))
+        # the same facts logged as persona's own training rows (question, answer; phrasings 0-2)
+        store.create(f"user:{user}-qa", LoraSettings(rank=8, alpha=16))
+        store.log(f"user:{user}-qa", update_data(facts, user, 0) + update_data(facts, user, 1))
     qs = questions(list(SLOTS)[:2] if args.quick else list(SLOTS))
     rows: dict[str, list[dict]] = {}
     engine = Engine(store, base=base, max_resident=8, max_batch=8, memory=MemoryConfig(default=False, k=4))
     try:
         for user in users:
-            for label, memory in (("fresh adapter, memory off", False), ("fresh adapter, memory on", True)):
-                results = ask(engine, f"user:{user}", qs, memory, args.tokens)
-                rows.setdefault(label, []).append(score(results, qs, facts, users, user, store))
+            for label, ref, memory in (("fresh adapter, memory off", f"user:{user}", False),
+                                       ("fresh adapter, memory on", f"user:{user}", True),
+                                       ("fresh adapter, memory on, logged as Q/A rows", f"user:{user}-qa", True)):
+                results = ask(engine, ref, qs, memory, args.tokens)
+                rows.setdefault(label, []).append(score(results, qs, facts, users, user, store, ref))
         trainer = Trainer(store, base)
         config = UpdateConfig(epochs=1 if args.quick else args.epochs, learning_rate=args.lr, holdout_fraction=0.15,
                               seed=0, force=True)
@@ -198,28 +203,30 @@ def run(work: Path, base_id: str, args, device, dtype) -> None:
         for user in users:
             for label, memory in (("trained adapter, memory off", False), ("trained adapter + memory", True)):
                 results = ask(engine, f"user:{user}", qs, memory, args.tokens)
-                rows.setdefault(label, []).append(score(results, qs, facts, users, user, store))
+                rows.setdefault(label, []).append(score(results, qs, facts, users, user, store, f"user:{user}"))
         off, on, recall, prompt_tokens = overhead(engine, store, users[0], 1 if args.quick else args.repeats)
     finally:
         engine.close()
-    index_rows = index_updates(work, base_id, (100, 1000) if args.quick else (100, 1000, 5000))
+    index_rows = index_updates(work, base_id, (50, 200) if args.quick else (100, 1000, 5000))
 
     print(f"{len(users)} users x {len(qs)} held-out questions each; "
           f"update: {sum(seconds) / len(seconds):.1f} s per user (forced promotion, {config.epochs} epochs)\n")
-    out = [[label, share(r, "recalled"), share(r, "retrieved") if "on" in label or "+" in label else "-",
+    out = [[label, share(r, "recalled"), share(r, "retrieved") if "memory on" in label or "+" in label else "-",
             share(r, "leaked"), sum(x["foreign_ids"] for x in r)] for label, r in rows.items()]
     print("## Recall of stated facts on held-out phrasings (answer contains the value; greedy)\n")
     print(table(["condition", "fact recalled", "fact's entry retrieved (k=4)", "another user's value in the answer",
                  "memory ids not the asker's"], out))
-    print("\n## Per fact (memory on, fresh adapter): recalled / retrieved\n")
+    print("\n## Per fact: recalled (and, with memory, retrieved)\n")
     per = []
     for slot in dict.fromkeys(s for s, _ in qs):
         cells = [slot]
-        for label in ("fresh adapter, memory on", "trained adapter, memory off", "trained adapter + memory"):
+        for label in ("fresh adapter, memory on", "fresh adapter, memory on, logged as Q/A rows",
+                      "trained adapter, memory off", "trained adapter + memory"):
             c = [sum(r["per"][slot][i] for r in rows[label]) for i in range(3)]
             cells.append(f"{c[0]}/{c[2]}" + (f" (retrieved {c[1]}/{c[2]})" if "memory on" in label else ""))
         per.append(cells)
-    print(table(["fact", "fresh + memory: recalled", "trained alone: recalled", "trained + memory: recalled"], per))
+    print(table(["fact", "fresh + memory: recalled", "fresh + memory, Q/A rows: recalled", "trained alone: recalled",
+                 "trained + memory: recalled"], per))
     print("\nQuestions per fact: " + " | ".join(f"{s}: " + "; ".join(SLOTS[s][0][p] for p in QUESTIONS)
                                               for s in list(dict.fromkeys(s for s, _ in qs))[:2]) + " ...")
     print(f"\n## Overhead on a 32-token request ({prompt_tokens} prompt tokens with memory, 32 new tokens; "

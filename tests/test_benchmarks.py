@@ -95,3 +95,14 @@ def test_serve_load_quick_path_runs_both_schedulers_on_one_schedule(capsys):
     out = capsys.readouterr().out
     assert "| static |" in out and "| continuous |" in out and "arrival rate:" in out
     assert "greedy outputs identical across engines: True" in out  # the same requests, greedy: the same text
+
+
+def test_memory_benchmark_quick_path_reports_every_measure(capsys):
+    module = _load("memory")
+    module.main(["--quick", "--users", "1", "--repeats", "1", "--tokens", "4", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "QUICK: tiny random model" in out
+    for label in ("fresh adapter, memory off", "fresh adapter, memory on", "trained adapter, memory off",
+                  "trained adapter + memory"):
+        assert f"| {label} |" in out
+    assert "## Overhead on a 32-token request" in out and "| 200 |" in out

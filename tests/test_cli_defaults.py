@@ -16,6 +16,7 @@ from persona.base import Placement
 from persona.cli import main
 from persona.cli._common import FieldOption
 from persona.peft_format import LoraSettings
+from persona.serving.memory import MemoryConfig
 from persona.serving.sampling import SamplingParams
 from persona.training.config import BulkConfig, UpdateConfig
 
@@ -41,6 +42,9 @@ EXPECTED = {
     **{(cmd, opt): (SamplingParams, name) for cmd in ("generate", "chat") for opt, name in {
         "--max-new-tokens": "max_new_tokens", "--temperature": "temperature", "--top-p": "top_p",
         "--seed": "seed", "--stop": "stop"}.items()},
+    # the retrieval memory's settings (issue 16): every command that builds prompts
+    **{(cmd, opt): (MemoryConfig, name) for cmd in ("serve", "generate", "chat")
+       for opt, name in {"--memory-k": "k", "--memory-tokens": "max_tokens"}.items()},
     # where the base runs (issue 13): every command that loads it, from one dataclass
     **{(cmd, opt): (Placement, name) for cmd in ("serve", "generate", "chat", "update", "eval", "report", "route")
        for opt, name in {"--device": "device", "--dtype": "dtype"}.items()},

@@ -333,3 +333,21 @@ def test_cli_memory_json_shapes(run_cli):
     usage = run_cli("memory", "forget", "user:alice", ok=False)
     assert usage.exit_code == 2
     os.unlink(tmp_data)
+
+
+def test_cli_generate_memory_json_and_refusals(run_cli):
+    run_cli("create", "user:alice")
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
+        f.write(json.dumps(CAT.to_json()) + "\n")
+    run_cli("log", "user:alice", "--data", f.name)
+    os.unlink(f.name)
+    cat_id = json.loads(run_cli("memory", "show", "user:alice", "--json").output)["items"][0]["id"]
+    out = json.loads(run_cli("generate", "user:alice", CAT_QUESTION, "--memory", "--max-new-tokens", "2",
+                             "--json").output)
+    assert out["memories"] == [cat_id]
+    plain = json.loads(run_cli("generate", "user:alice", CAT_QUESTION, "--max-new-tokens", "2", "--json").output)
+    assert plain["memories"] == []
+    assert run_cli("generate", "user:alice", "x", "--memory", "--raw", ok=False).exit_code == 2
+    assert run_cli("serve", "--memory", "--upstream", "http://127.0.0.1:9", ok=False).exit_code == 2

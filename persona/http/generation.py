@@ -127,7 +127,7 @@ def generation_request(state: ServerState, body: CompletionCommon, chat: bool):
     check_prompt_size(state, body, chat)
     messages = tuple(m.for_engine() for m in body.messages) if chat else None
     return GenerationRequest(model=body.model, prompt=None if chat else body.prompt, messages=messages, params=params,
-                             memory=getattr(body, "memory", None))
+                             memory=body.memory if isinstance(body, ChatRequest) else None)
 
 
 def resolved_body(state: ServerState, gen, handles) -> dict | None:
