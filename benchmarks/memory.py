@@ -36,15 +36,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import add_placement_options, header, placement, table, workspace  # noqa: E402
-from revision import SLOTS, USERS, update_data, values  # noqa: E402  (the same facts and training rows)
+from _common import add_placement_options, header, placement, table, workspace
+from revision import SLOTS, USERS, update_data, values
 
-from persona import Interaction, LoraSettings, Store, load_base  # noqa: E402
-from persona.serving.engine import Engine  # noqa: E402
-from persona.serving.memory import MemoryConfig  # noqa: E402
-from persona.serving.requests import GenerationRequest  # noqa: E402
-from persona.serving.sampling import SamplingParams  # noqa: E402
-from persona.training.trainer import Trainer, UpdateConfig  # noqa: E402
+from persona import Interaction, LoraSettings, Store, load_base
+from persona.serving.engine import Engine
+from persona.serving.memory import MemoryConfig
+from persona.serving.requests import GenerationRequest
+from persona.serving.sampling import SamplingParams
+from persona.training.trainer import Trainer, UpdateConfig
 
 QUESTIONS = (3, 4, 5, 6, 7)  # phrasings neither the statements nor the update use
 

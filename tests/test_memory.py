@@ -257,10 +257,10 @@ def test_stack_uses_only_its_user_parts_memory(store, engine):
 # ------------------------------------------------------------------------------------------ HTTP
 @pytest.fixture
 def server(store, engine):
+    from conftest import loopback_server
+
     from persona.http.app import ServerConfig, create_app
     from persona.store.tokens import TokenStore
-
-    from conftest import loopback_server
 
     tokens = TokenStore(store)
     secrets = {n: tokens.create(f"user:{n}")[0] for n in ("alice", "bob")}

@@ -21,8 +21,9 @@ not applied to them, and a request that asks for it explicitly is refused.
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from ..errors import InvalidConfig
 from ..refs import StackPart
@@ -30,6 +31,7 @@ from ..store.memory import MAX_K
 
 __all__ = ["MEMORY_HEADER", "MemoryConfig", "PromptMemory", "Recalled"]
 
+MAX_CHARS_PER_TOKEN = 32  # a line longer than this per token of budget left is skipped untokenized (no real text averages more)
 MEMORY_HEADER = "Notes from earlier conversations with this user, most relevant first. Use them if they help:"
 
 
@@ -57,7 +59,7 @@ class MemoryConfig:
                 raise InvalidConfig(f"memory {name} must be an integer in {low}..{high}, got {value!r}")
 
     @classmethod
-    def of(cls, value: "MemoryConfig | bool | None") -> "MemoryConfig":
+    def of(cls, value: MemoryConfig | bool | None) -> MemoryConfig:
         """``Engine(memory=...)``: None or False: requests opt in; True: on by default; a config as it is."""
         if isinstance(value, MemoryConfig):
             return value
@@ -98,6 +100,8 @@ class PromptMemory:
         lines, ids, used = [], [], 0
         for hit in hits[: self.config.k]:
             line = "- " + " ".join(hit.entry.text.split())
+            if len(line) > MAX_CHARS_PER_TOKEN * (self.config.max_tokens - used):
+                continue  # cannot fit: not worth tokenizing (a logged line may hold up to 1 MB)
             cost = self._count(line + "\n")
             if used + cost > self.config.max_tokens:
                 continue  # a shorter one further down may still fit

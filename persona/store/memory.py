@@ -33,17 +33,18 @@ import re
 import secrets
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .._fs import PRIVATE_MODE, atomic_write_bytes, open_private_append, read_regular_file
 from ..errors import InvalidConfig, InvalidReference
 from ..interactions import Interaction
 from ..refs import AdapterRef
+from . import queues
 from .layout import now
 from .queues import PENDING, ReplayBuffer, jsonl_bytes
-from . import queues
 
 if TYPE_CHECKING:
     from .facade import Store
@@ -312,11 +313,11 @@ def forget(store: Store, ref: AdapterRef, *, match: str | None = None, entry_id:
         if entry_id is not None:
             doomed = [e for e in entries if e.id == entry_id]
             sources = {e.source for e in doomed}
-            hits_row = lambda i: row_source(i) in sources  # noqa: E731
+            hits_row = lambda i: row_source(i) in sources
         else:
             needle = match.casefold()
             doomed = [e for e in entries if needle in e.text.casefold()]
-            hits_row = lambda i: needle in _contents(i).casefold()  # noqa: E731
+            hits_row = lambda i: needle in _contents(i).casefold()
         if doomed:
             gone = {e.id for e in doomed}
             atomic_write_bytes(folder / MEMORY, b"".join(_line(e) for e in entries if e.id not in gone), PRIVATE_MODE)
