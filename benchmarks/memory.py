@@ -60,8 +60,8 @@ def logged_chats(facts, user: str) -> list[Interaction]:
             for s in SLOTS]
 
 
-def questions(slots) -> list[tuple[str, str]]:
-    return [(s, SLOTS[s][0][p]) for s in slots for p in QUESTIONS]
+def questions(slots, phrasings=QUESTIONS) -> list[tuple[str, str]]:
+    return [(s, SLOTS[s][0][p]) for s in slots for p in phrasings]
 
 
 def ask(engine, model: str, qs, memory: bool, tokens: int):
@@ -164,6 +164,8 @@ def main(argv=None) -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--tokens", type=int, default=24, help="new tokens per answer")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds of the overhead measure")
+    parser.add_argument("--phrasings", type=int, nargs="+", default=list(QUESTIONS), choices=QUESTIONS,
+                        help="which held-out phrasings of each fact to ask (3-7; fewer: a faster run)")
     add_placement_options(parser)
     args = parser.parse_args(argv)
     device, dtype = placement(args, training=True)
@@ -173,8 +175,14 @@ def main(argv=None) -> None:
 
 
 def run(work: Path, base_id: str, args, device, dtype) -> None:
+    """Cheap measures first, each table printed as soon as it is measured (a shared machine may stop a long run)."""
     users = USERS[: args.users]
     facts = values(users)
+    phrasings = tuple(args.phrasings)
+    index_rows = index_updates(work, base_id, (50, 200) if args.quick else (100, 1000, 5000))
+    print("## Index update per logged interaction (median of 20 logs at each size)\n")
+    print(table(["entries in memory", "Store.log of one chat (ms, pending + memory, fsynced)",
+                 "next search's incremental index refresh (ms)", "full rebuild (ms)"], index_rows), flush=True)
     base = load_base(base_id, device=device, dtype=dtype)
     store = Store.init(work / "store", base=base_id)
     for user in users:
@@ -183,16 +191,26 @@ def run(work: Path, base_id: str, args, device, dtype) -> None:
         # the same facts logged as persona's own training rows (question, answer; phrasings 0-2)
         store.create(f"user:{user}-qa", LoraSettings(rank=8, alpha=16))
         store.log(f"user:{user}-qa", update_data(facts, user, 0) + update_data(facts, user, 1))
-    qs = questions(list(SLOTS)[:2] if args.quick else list(SLOTS))
+    qs = questions(list(SLOTS)[:2] if args.quick else list(SLOTS), phrasings)
     rows: dict[str, list[dict]] = {}
     engine = Engine(store, base=base, max_resident=8, max_batch=8, memory=MemoryConfig(default=False, k=4))
     try:
+        off, on, recall, prompt_tokens = overhead(engine, store, users[0], 1 if args.quick else args.repeats)
+        print(f"\n## Overhead on a 32-token request ({prompt_tokens} prompt tokens with memory, 32 new tokens; "
+              f"median of {max(1, args.repeats)})\n")
+        print(table(["memory off (s)", "memory on (s)", "on / off", "retrieval + prompt building (ms)",
+                     "its share of off"],
+                    [[f"{off:.3f}", f"{on:.3f}", f"{on / off:.3f}x", f"{recall * 1e3:.2f}", f"{recall / off:.1%}"]]),
+              flush=True)
+        print(f"\n{len(users)} users x {len(qs)} held-out questions each (phrasings {', '.join(map(str, phrasings))} "
+              "of each fact)", flush=True)
         for user in users:
             for label, ref, memory in (("fresh adapter, memory off", f"user:{user}", False),
                                        ("fresh adapter, memory on", f"user:{user}", True),
                                        ("fresh adapter, memory on, logged as Q/A rows", f"user:{user}-qa", True)):
                 results = ask(engine, ref, qs, memory, args.tokens)
                 rows.setdefault(label, []).append(score(results, qs, facts, users, user, store, ref))
+        recall_tables(rows, qs, "before any update")
         trainer = Trainer(store, base)
         config = UpdateConfig(epochs=1 if args.quick else args.epochs, learning_rate=args.lr, holdout_fraction=0.15,
                               seed=0, force=True)
@@ -200,42 +218,31 @@ def run(work: Path, base_id: str, args, device, dtype) -> None:
         for user in users:
             data = update_data(facts, user, 0) + update_data(facts, user, 1)
             seconds.append(trainer.update(f"user:{user}", data, config).metrics["seconds"])
+        print(f"\nupdate: {sum(seconds) / len(seconds):.1f} s per user (forced promotion, {config.epochs} epochs)")
         for user in users:
             for label, memory in (("trained adapter, memory off", False), ("trained adapter + memory", True)):
                 results = ask(engine, f"user:{user}", qs, memory, args.tokens)
                 rows.setdefault(label, []).append(score(results, qs, facts, users, user, store, f"user:{user}"))
-        off, on, recall, prompt_tokens = overhead(engine, store, users[0], 1 if args.quick else args.repeats)
+        recall_tables(rows, qs, "after one update on the facts")
     finally:
         engine.close()
-    index_rows = index_updates(work, base_id, (50, 200) if args.quick else (100, 1000, 5000))
 
-    print(f"{len(users)} users x {len(qs)} held-out questions each; "
-          f"update: {sum(seconds) / len(seconds):.1f} s per user (forced promotion, {config.epochs} epochs)\n")
+
+def recall_tables(rows, qs, when: str) -> None:
     out = [[label, share(r, "recalled"), share(r, "retrieved") if "memory on" in label or "+" in label else "-",
             share(r, "leaked"), sum(x["foreign_ids"] for x in r)] for label, r in rows.items()]
-    print("## Recall of stated facts on held-out phrasings (answer contains the value; greedy)\n")
+    print(f"\n## Recall of stated facts on held-out phrasings, {when} (answer contains the value; greedy)\n")
     print(table(["condition", "fact recalled", "fact's entry retrieved (k=4)", "another user's value in the answer",
                  "memory ids not the asker's"], out))
-    print("\n## Per fact: recalled (and, with memory, retrieved)\n")
+    print("\n### Per fact: recalled (with memory: and retrieved)\n")
     per = []
     for slot in dict.fromkeys(s for s, _ in qs):
         cells = [slot]
-        for label in ("fresh adapter, memory on", "fresh adapter, memory on, logged as Q/A rows",
-                      "trained adapter, memory off", "trained adapter + memory"):
+        for label in rows:
             c = [sum(r["per"][slot][i] for r in rows[label]) for i in range(3)]
-            cells.append(f"{c[0]}/{c[2]}" + (f" (retrieved {c[1]}/{c[2]})" if "memory on" in label else ""))
+            cells.append(f"{c[0]}/{c[2]}" + (f" ({c[1]}/{c[2]})" if "memory on" in label or "+" in label else ""))
         per.append(cells)
-    print(table(["fact", "fresh + memory: recalled", "fresh + memory, Q/A rows: recalled", "trained alone: recalled",
-                 "trained + memory: recalled"], per))
-    print("\nQuestions per fact: " + " | ".join(f"{s}: " + "; ".join(SLOTS[s][0][p] for p in QUESTIONS)
-                                              for s in list(dict.fromkeys(s for s, _ in qs))[:2]) + " ...")
-    print(f"\n## Overhead on a 32-token request ({prompt_tokens} prompt tokens with memory, 32 new tokens; "
-          f"median of {max(1, args.repeats)})\n")
-    print(table(["memory off (s)", "memory on (s)", "on / off", "retrieval + prompt building (ms)", "its share of off"],
-                [[f"{off:.3f}", f"{on:.3f}", f"{on / off:.3f}x", f"{recall * 1e3:.2f}", f"{recall / off:.1%}"]]))
-    print("\n## Index update per logged interaction (median of 20 logs at each size)\n")
-    print(table(["entries in memory", "Store.log of one chat (ms, pending + memory, fsynced)",
-                 "next search's incremental index refresh (ms)", "full rebuild (ms)"], index_rows))
+    print(table(["fact", *rows], per), flush=True)
 
 
 if __name__ == "__main__":
