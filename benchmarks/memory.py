@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_placement_options, header, placement, table, workspace
-from revision import SLOTS, USERS, update_data, values
+from revision import SLOTS, TRAIN_PHRASINGS, USERS, values  # the same facts and phrasings
 
 from persona import Interaction, LoraSettings, Store, load_base
 from persona.serving.engine import Engine
@@ -58,6 +58,13 @@ def statement(slot: str, value: str) -> str:
 def logged_chats(facts, user: str) -> list[Interaction]:
     return [Interaction(messages=(("user", statement(s, facts[user][s][0])), ("assistant", "Noted.")))
             for s in SLOTS]
+
+
+def qa_rows(facts, user: str) -> list[Interaction]:
+    """Every fact as persona's training rows (the revision benchmark's phrasings 0-2 and answers), at its
+    current value (revision.update_data gives a revised fact's old value before update 3)."""
+    return [Interaction(prompt=SLOTS[s][0][p], completion=SLOTS[s][1].format(v=facts[user][s][0]))
+            for s in SLOTS for p in TRAIN_PHRASINGS]
 
 
 def questions(slots, phrasings=QUESTIONS) -> list[tuple[str, str]]:
@@ -156,6 +163,31 @@ def index_updates(work: Path, base_id: str, sizes) -> list[list[object]]:
     return rows
 
 
+def retrieval_only(users, phrasings) -> None:
+    """Top-4 retrieval of each question's fact, both ways of logging, straight from the store's index."""
+    import tempfile
+
+    from persona.store import memory as memory_store
+
+    facts = values(users)
+    out = []
+    for label, rows_of in (("statements logged", lambda u: logged_chats(facts, u)),
+                           ("question/answer rows logged", lambda u: qa_rows(facts, u))):
+        found, per = 0, {}
+        for user in users:
+            folder = Path(tempfile.mkdtemp(prefix="persona-bench-memory-index-"))
+            memory_store.append(folder, rows_of(user))
+            for slot, question in questions(list(SLOTS), phrasings):
+                hit = any(facts[user][slot][0] in h.entry.text for h in memory_store.search(folder, question, 4))
+                found += hit
+                per[slot] = per.get(slot, 0) + hit
+        n = len(users) * len(SLOTS) * len(phrasings)
+        out.append([label, f"{found}/{n} = {found / n:.0%}", ", ".join(f"{s} {c}" for s, c in per.items())])
+    print(f"## Retrieval: the fact's entry among the top 4 (BM25), {len(users)} users, phrasings "
+          f"{', '.join(map(str, phrasings))}\n")
+    print(table(["memory holds", "retrieved", f"per fact (of {len(users) * len(phrasings)})"], out))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny random model: checks the script runs")
@@ -167,7 +199,11 @@ def main(argv=None) -> None:
     parser.add_argument("--phrasings", type=int, nargs="+", default=list(QUESTIONS), choices=QUESTIONS,
                         help="which held-out phrasings of each fact to ask (3-7; fewer: a faster run)")
     add_placement_options(parser)
+    parser.add_argument("--retrieval-only", action="store_true",
+                        help="only whether each question's fact is among the top 4 entries (no model; seconds)")
     args = parser.parse_args(argv)
+    if args.retrieval_only:
+        return retrieval_only(USERS[: args.users], tuple(args.phrasings))
     device, dtype = placement(args, training=True)
     header("persona memory benchmark" + (" (QUICK: tiny random model, numbers meaningless)" if args.quick else ""))
     with workspace("memory", args.quick) as (work, base_id):
@@ -190,7 +226,7 @@ def run(work: Path, base_id: str, args, device, dtype) -> None:
         store.log(f"user:{user}", logged_chats(facts, user))
         # the same facts logged as persona's own training rows (question, answer; phrasings 0-2)
         store.create(f"user:{user}-qa", LoraSettings(rank=8, alpha=16))
-        store.log(f"user:{user}-qa", update_data(facts, user, 0) + update_data(facts, user, 1))
+        store.log(f"user:{user}-qa", qa_rows(facts, user))
     qs = questions(list(SLOTS)[:2] if args.quick else list(SLOTS), phrasings)
     rows: dict[str, list[dict]] = {}
     engine = Engine(store, base=base, max_resident=8, max_batch=8, memory=MemoryConfig(default=False, k=4))
@@ -216,7 +252,7 @@ def run(work: Path, base_id: str, args, device, dtype) -> None:
                               seed=0, force=True)
         seconds = []
         for user in users:
-            data = update_data(facts, user, 0) + update_data(facts, user, 1)
+            data = qa_rows(facts, user)
             seconds.append(trainer.update(f"user:{user}", data, config).metrics["seconds"])
         print(f"\nupdate: {sum(seconds) / len(seconds):.1f} s per user (forced promotion, {config.epochs} epochs)")
         for user in users:
