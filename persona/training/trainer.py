@@ -178,6 +178,7 @@ class _Job:
     data: _UpdateData
     before: _Losses
     started: float  # perf_counter at the start: metrics.seconds
+    memory: Mapping[str, Any] | None  # the adapter's memory snapshot as the update started (issue 16)
 
 
 class Trainer:
@@ -303,7 +304,7 @@ class Trainer:
         parent = self._load_parent(ref)
         data = self._prepare(ref, interactions, config)
         before = self._measure(parent.weights, data, parent.below)
-        return _Job(ref, interactions, config, parent, data, before, started)
+        return _Job(ref, interactions, config, parent, data, before, started, memory)
 
     def _finish(self, job: _Job, trained: _Trained, pending: Mapping[str, Any] | None = None) -> UpdateResult:
         """Steps 5-6: measure the trained weights, gate, publish, renew the replay buffer."""
@@ -329,7 +330,7 @@ class Trainer:
             pending=pending,
             heldout=data.held_items,
             origin=self.origin,
-            memory=memory,
+            memory=job.memory,
         ), set_alias=CURRENT if decision.promoted else CANDIDATE)
         self._renew_replay(ref, data, job.interactions, config, decision.promoted)
         return UpdateResult(ref.id, version, parent.info.version, decision.promoted, decision.reason, metrics.to_dict())
