@@ -77,6 +77,35 @@ def test_forget_match_removes_from_memory_pending_and_replay(store):
         assert stat.S_IMODE(os.stat(folder(store) / name).st_mode) == 0o600
 
 
+def test_forget_match_on_entry_labels_or_system_turn_removes_the_row_everywhere(store):
+    # the entry reads "User: ...\nAssistant: ..." and leaves system turns out, the rows do the
+    # opposite: a match on either text used to forget from one place and leave the other to be trained
+    from persona.store.queues import ReplayBuffer
+
+    SYS = Interaction(messages=(("system", "Codeword zebra."), ("user", "Hi."), ("assistant", "Hello.")))
+    store.log("user:alice", [CAT, SYS])
+    store.write_replay("user:alice", ReplayBuffer((CAT,), 1))
+    report = store.memory("user:alice").forget(match="tom.\nassistant:")
+    assert report.to_dict() == {"memory": 1, "pending": 1, "replay": 1}
+    report = store.memory("user:alice").forget(match="zebra")
+    assert report.to_dict() == {"memory": 1, "pending": 1, "replay": 0}
+    assert store.memory("user:alice").entries() == []
+    assert store.take_pending("user:alice").interactions == ()
+    assert store.replay("user:alice").items == ()
+
+
+def test_forget_emptying_the_replay_buffer_leaves_it_readable(store):
+    # forget used to write an empty replay.jsonl, which then failed to read ("the file is empty"),
+    # so the adapter's next update and `persona show` broke
+    from persona.store.queues import ReplayBuffer
+
+    store.write_replay("user:alice", ReplayBuffer((CITY,), 3))
+    assert store.memory("user:alice").forget(match="lisbon").replay == 1
+    emptied = store.replay("user:alice")
+    assert emptied.items == () and emptied.seen == 3
+    assert store.show("user:alice").replay == 0 and store.verify("user:alice").ok
+
+
 def test_forget_id_removes_that_interaction_everywhere(store):
     from persona.store.queues import ReplayBuffer
 

@@ -310,22 +310,26 @@ def forget(store: Store, ref: AdapterRef, *, match: str | None = None, entry_id:
     folder = store._adapter_dir(ref)
     with store.lock(ref):
         entries = read(folder)
+        pending = queues.read(folder).interactions
+        buffer = ReplayBuffer.read(folder)
         if entry_id is not None:
             doomed = [e for e in entries if e.id == entry_id]
             sources = {e.source for e in doomed}
             hits_row = lambda i: row_source(i) in sources
         else:
+            # a row and its entry are matched on the same texts, so neither outlives the other: the
+            # entry's "User: ..." lines (a match on "User:" or across turns) and the row's raw contents
+            # (a system turn, which the entry leaves out)
             needle = match.casefold()
-            doomed = [e for e in entries if needle in e.text.casefold()]
-            hits_row = lambda i: needle in _contents(i).casefold()
+            hits_row = lambda i: needle in _contents(i).casefold() or needle in entry_text(i).casefold()
+            sources = {row_source(i) for i in (*pending, *buffer.items) if hits_row(i)}
+            doomed = [e for e in entries if needle in e.text.casefold() or e.source in sources]
         if doomed:
             gone = {e.id for e in doomed}
             atomic_write_bytes(folder / MEMORY, b"".join(_line(e) for e in entries if e.id not in gone), PRIVATE_MODE)
-        pending = queues.read(folder).interactions
         keep = [i for i in pending if not hits_row(i)]
         if len(keep) < len(pending):
             atomic_write_bytes(folder / PENDING, jsonl_bytes(keep), PRIVATE_MODE)
-        buffer = ReplayBuffer.read(folder)
         kept = tuple(i for i in buffer.items if not hits_row(i))
         if len(kept) < len(buffer.items):
             ReplayBuffer(kept, buffer.seen).write(folder)

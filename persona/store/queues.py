@@ -72,7 +72,8 @@ class ReplayBuffer:
             return cls((), 0)
         # Split on "\n" only: lines are JSON written with ensure_ascii=False, whose strings may hold
         # U+2028 and other characters that str.splitlines would split a row on.
-        items = tuple(parse_interactions(raw.split("\n"), source=str(path)))
+        # an empty file is an emptied buffer (forget may remove every row), not a bad one
+        items = tuple(parse_interactions(raw.split("\n"), source=str(path))) if raw.strip() else ()
         try:
             seen = int(json.loads(read_regular_file(folder / REPLAY_STATE))["seen"])
         except (OSError, ValueError, KeyError, TypeError):
