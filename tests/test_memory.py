@@ -106,6 +106,33 @@ def test_forget_emptying_the_replay_buffer_leaves_it_readable(store):
     assert store.show("user:alice").replay == 0 and store.verify("user:alice").ok
 
 
+def test_forget_during_an_update_is_not_undone_by_its_replay_write(store):
+    # an update holds the update lock from reading the replay buffer to writing it back with its batch
+    # offered in; a forget in between used to be overwritten, so the forgotten rows were replayed again
+    import threading
+    import time
+
+    from persona.store.queues import ReplayBuffer
+
+    store.write_replay("user:alice", ReplayBuffer((CAT,), 1))
+    started = threading.Event()
+
+    def update():
+        with store.lock("user:alice", purpose="update"):
+            read_at_start = store.replay("user:alice")
+            started.set()
+            time.sleep(0.5)
+            store.write_replay("user:alice", read_at_start.offer([CITY], 10, 0))
+
+    worker = threading.Thread(target=update)
+    worker.start()
+    started.wait(5)
+    report = store.memory("user:alice").forget(match="Tom")
+    worker.join()
+    assert report.replay == 1
+    assert store.replay("user:alice").items == (CITY,)
+
+
 def test_forget_id_removes_that_interaction_everywhere(store):
     from persona.store.queues import ReplayBuffer
 

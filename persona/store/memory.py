@@ -306,6 +306,15 @@ def forget(store: Store, ref: AdapterRef, *, match: str | None = None, entry_id:
     if entry_id is not None and not _ID.fullmatch(entry_id):
         raise InvalidReference(f"{entry_id!r} is not a memory id (m- and 12 hex digits; see `persona memory show`)")
     ref = ref.unpinned()
+    # An update in progress read the replay buffer and took the pending batch when it began, and at
+    # its end writes that buffer back with the batch offered into it and removes the batch by its
+    # digest: a forget in between would be undone (the rows replayed again) and the batch's other rows
+    # trained twice. So forget waits for it, as a second update would.
+    with store.lock(ref, purpose="update"):
+        return _forget_now(store, ref, match, entry_id)
+
+
+def _forget_now(store: Store, ref: AdapterRef, match: str | None, entry_id: str | None) -> ForgetReport:
     queues.drop_consumed(store, ref)  # rows a published version consumed leave first, so digests stay true
     folder = store._adapter_dir(ref)
     with store.lock(ref):
