@@ -19,6 +19,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "interactions"
 FP32 = dict(epochs=1, batch_size=3, max_length=64, precision="fp32", holdout_fraction=0.25)
 PENDING = 8  # per adapter: 6 train rows (2 steps of 3), 2 held out
 FILES = ["alice.jsonl", "bob.jsonl", "carol.jsonl"]
+SHARED = BulkConfig(rows_per_step=64)  # the shared steps (the default, 0, is one adapter after another)
 
 
 @pytest.fixture
@@ -159,7 +160,7 @@ def test_one_adapters_bad_pending_data_fails_with_its_reason_while_others_publis
     refs = _setup_adapters(store, trainer, "bad")
     queue = store._adapter_dir(refs[1]) / "pending.jsonl"
     queue.write_bytes(queue.read_bytes() + b'{"messages": "not a list"}\n')
-    results = trainer.update_many(refs, UpdateConfig(**FP32))
+    results = trainer.update_many(refs, UpdateConfig(**FP32), SHARED)
     failure = results[1]
     assert isinstance(failure, UpdateFailure) and failure.error == "InvalidInteractions"
     assert f"pending.jsonl:{PENDING + 1}" in failure.reason
@@ -182,7 +183,7 @@ def test_a_nan_loss_fails_that_adapter_only(store, trainer, monkeypatch):
         return sums
 
     monkeypatch.setattr(optimize_module, "loss_sums", poisoned)
-    results = trainer.update_many(refs, UpdateConfig(**FP32))
+    results = trainer.update_many(refs, UpdateConfig(**FP32), SHARED)
     assert isinstance(results[1], UpdateFailure) and results[1].error == "NonFiniteWeights"
     assert "training loss became nan" in results[1].reason
     assert store.version_numbers(refs[1]) == [1] and store.show(refs[1]).pending == PENDING
@@ -204,7 +205,7 @@ def test_crash_after_one_adapter_published_leaves_the_next_untouched(store, trai
 
     monkeypatch.setattr(store, "publish_version", publish_then_die)
     with pytest.raises(KeyboardInterrupt):
-        trainer.update_many(refs, UpdateConfig(**FP32))
+        trainer.update_many(refs, UpdateConfig(**FP32), SHARED)
     assert store.version_numbers(refs[0]) == [1, 2] and store.show(refs[0]).pending == 0
     assert store.version_numbers(refs[1]) == [1] and store.show(refs[1]).pending == PENDING
     quick = Store(store.root, lock_timeout=0.5)
@@ -212,7 +213,7 @@ def test_crash_after_one_adapter_published_leaves_the_next_untouched(store, trai
         with quick.lock(ref, purpose="update"), quick.lock(ref):
             pass
     monkeypatch.undo()
-    (result,) = trainer.update_many([refs[1]], UpdateConfig(**FP32))  # the next run picks it up
+    (result,) = trainer.update_many([refs[1]], UpdateConfig(**FP32), SHARED)  # the next run picks it up
     assert result.version.version == 2 and store.show(refs[1]).pending == 0
 
 

@@ -58,10 +58,11 @@ def update(ctx, ref, data_file, all_, origin, device, dtype, store_root, as_json
     and the reason is recorded (see `persona show REF`). Ctrl-C or SIGTERM publishes nothing.
 
     \b
-    --all packs several adapters' training steps into shared batches (--rows-per-step,
-    --max-adapters-per-step; each adapter still trains as it would alone); --rows-per-step 0
-    updates one adapter after another. An adapter that fails is reported with its reason and
-    the others publish; the exit status is then 1.
+    --all updates every adapter with pending rows, one after another by default;
+    --rows-per-step N (e.g. 64, for GPUs) packs several adapters' training steps into shared
+    batches (--max-adapters-per-step; each adapter still trains as it would alone). On a CPU
+    that measured slower and larger (docs/BENCHMARKS.md). An adapter that fails is reported
+    with its reason and the others publish; the exit status is then 1.
 
     \b
     Examples:
