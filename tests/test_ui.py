@@ -16,18 +16,9 @@ import pytest
 from persona import LoraSettings, Store
 from persona.store.tokens import TokenStore
 
+from test_hostile_http import one_thread  # noqa: F401 - one torch thread for the module (tiny matmuls)
+
 BROWSER = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from more threads, and on a busy machine OpenMP spinning makes them slower."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
