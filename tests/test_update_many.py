@@ -1,5 +1,6 @@
 """Multi-adapter training (issue 15): several adapters' steps in one batch, each training as it would alone."""
 
+import errno
 import json
 from pathlib import Path
 
@@ -215,6 +216,29 @@ def test_crash_after_one_adapter_published_leaves_the_next_untouched(store, trai
     monkeypatch.undo()
     (result,) = trainer.update_many([refs[1]], UpdateConfig(**FP32), SHARED)  # the next run picks it up
     assert result.version.version == 2 and store.show(refs[1]).pending == 0
+
+
+@pytest.mark.parametrize("bulk", [SHARED, BulkConfig(rows_per_step=0)], ids=["packed", "one-after-another"])
+def test_a_full_disk_stops_the_whole_run_with_that_error(store, trainer, monkeypatch, bulk):
+    """ENOSPC at a publish fails every adapter alike: the run raises it at once (the CLI's one
+    'Error:' line) instead of training the others to fail the same way; nothing published, locks free."""
+    refs = _setup_adapters(store, trainer, "full" + str(bulk.rows_per_step))[:2]
+    calls = []
+
+    def full_disk(ref, *a, **k):
+        calls.append(ref)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store, "publish_version", full_disk)
+    with pytest.raises(OSError) as raised:
+        trainer.update_many(refs, UpdateConfig(**FP32), bulk)
+    assert raised.value.errno == errno.ENOSPC and len(calls) == 1  # the second adapter never reached its publish
+    for ref in refs:
+        assert store.version_numbers(ref) == [1] and store.show(ref).pending == PENDING
+    quick = Store(store.root, lock_timeout=0.5)
+    for ref in refs:
+        with quick.lock(ref, purpose="update"), quick.lock(ref):
+            pass
 
 
 def test_cli_update_all_json_reports_each_adapter_and_fails_with_status_1(run_cli, tmp_path):

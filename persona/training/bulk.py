@@ -21,6 +21,7 @@ pending rows consumed) by the same crash-safe steps as a single update.
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -90,9 +91,18 @@ def update_many(trainer: Trainer, refs: Sequence[str | AdapterRef], config: Upda
     return [outcome[ref] for ref in order]
 
 
+# The store refusing writes (a full disk, a read-only mount, a quota) fails every adapter alike: the run
+# stops with that one error instead of training the rest only to fail at their publish.
+STORE_WIDE_ERRNOS = frozenset({errno.ENOSPC, errno.EROFS, errno.EDQUOT})
+
+
 def _attempt(ref: AdapterRef, action):
     try:
         return action()
+    except OSError as exc:
+        if exc.errno in STORE_WIDE_ERRNOS:
+            raise
+        return UpdateFailure.of(ref, exc)
     except Exception as exc:  # noqa: BLE001 - one adapter's failure is its result; the others go on
         return UpdateFailure.of(ref, exc)
 
