@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from persona.http.openai_schema import REQUEST_FIELDS
-from test_server import CHAT, client, post, server  # noqa: F401 - the module's server fixture
+from test_server import CHAT, client, post
 
 SCHEMA = {
     "type": "object",

@@ -1,51 +1,11 @@
 """The HTTP server end to end on loopback: the official openai client, streaming, auth, bad requests."""
 
 import json
-import socket
 import threading
-import time
 
 import httpx
 import pytest
 
-from persona import LoraSettings, Store
-from persona.store.tokens import TokenStore
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tiny_base, tmp_path_factory):
-    import uvicorn
-
-    from persona.serving.engine import Engine
-    from persona.http.app import ServerConfig, create_app
-
-    root = tmp_path_factory.mktemp("server-store")
-    store = Store.init(root, base=tiny_base)
-    for ref, seed in (("user:alice", 1), ("user:bob", 2), ("domain:finance", 3)):
-        store.create(ref, LoraSettings(init="random", seed=seed, rank=4))
-    tokens = TokenStore(store)
-    secrets = {name: tokens.create(subject)[0] for name, subject in
-               (("alice", "user:alice"), ("bob", "user:bob"), ("admin", "admin"))}
-    engine = Engine(store, max_resident=4, max_batch=8)
-    app = create_app(engine, ServerConfig(auth=True, log_interactions=True))
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{port}", "tokens": secrets, "store": store, "engine": engine}
-    srv.should_exit = True
-    thread.join(timeout=10)
-    engine.close()
 
 
 def client(server, who="alice"):
