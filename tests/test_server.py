@@ -7,7 +7,6 @@ import httpx
 import pytest
 
 
-
 def client(server, who="alice"):
     from openai import OpenAI
 
