@@ -229,6 +229,8 @@ class Scripted:
         self.status, self.error_body = 200, None
         self.hold: threading.Event | None = None  # a stream waits here after its first event
         self.stopped = threading.Event()  # set when a stream is cut off before its end
+        self.unloads: list[dict] = []  # each POST /v1/unload_lora_adapter: its headers and body
+        self.unload_status: list[int] = []  # statuses to answer unloads with, in order (then vLLM's: 200 if held)
 
     def app(self):
         from starlette.applications import Starlette
@@ -272,7 +274,15 @@ class Scripted:
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
-        return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+        async def unload(request):  # vLLM's: 200 if it holds the name, 404 if not
+            body = await request.json()
+            self.unloads.append({"headers": dict(request.headers), "body": body})
+            held = any(seen["body"]["model"] == body["lora_name"] for seen in self.seen)
+            status = self.unload_status.pop(0) if self.unload_status else 200 if held else 404
+            return JSONResponse({}, status_code=status)
+
+        return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]),
+                                 Route("/v1/unload_lora_adapter", unload, methods=["POST"])])
 
 
 @pytest.fixture
@@ -284,11 +294,11 @@ def scripted_world(tiny_base, isolated_store):
 
 
 @contextmanager
-def gateway_over(store, *urls: str, key: str | None = "up-key", **config):
+def gateway_over(store, *urls: str, key: str | None = "up-key", unload_interval_s: float = 10.0, **config):
     from persona.http.gateway import Gateway, create_gateway_app
     from persona.http.state import ServerConfig
 
-    gateway = Gateway(store, UpstreamSettings(urls, api_key=key, cooldown_s=0))
+    gateway = Gateway(store, UpstreamSettings(urls, api_key=key, cooldown_s=0, unload_interval_s=unload_interval_s))
     app = create_gateway_app(gateway, ServerConfig(**config))
     with loopback_server(app) as url:
         yield url, gateway
@@ -417,6 +427,65 @@ def test_a_layered_adapter_goes_upstream_as_its_pinned_stack(scripted_world):
         answer = post(gw, token, {**CHAT, "model": "user:carol*0.5"})
     assert answer.status_code == 200 and answer.json()["model"] == "user:carol*0.5"
     assert upstream.seen[-1]["body"]["model"] == "user:carol@v1*0.5+domain:finance@v1*0.5"
+
+
+def unloaded_names(upstream: Scripted) -> list[str]:
+    return [u["body"]["lora_name"] for u in upstream.unloads]
+
+
+def test_deleting_an_adapter_unloads_the_names_the_gateway_sent_and_nothing_else(scripted_world):
+    store, alice = scripted_world
+    store.create("user:bob", LoraSettings(init="random", seed=2, rank=4))
+    bob = TokenStore(store).create("user:bob")[0]
+    upstream = Scripted()
+    with loopback_server(upstream.app()) as up, gateway_over(store, up, unload_interval_s=0.05) as (gw, _):
+        for token, model in ((alice, "user:alice"), (bob, "user:bob"), (bob, "user:bob*0.5"), (alice, "base")):
+            assert post(gw, token, {**CHAT, "model": model if model != "base" else store.config.base_id}).status_code == 200
+        time.sleep(0.3)  # several sweeps with nothing deleted: nothing is unloaded
+        assert upstream.unloads == []
+        store.delete("user:bob")
+        wait_until(lambda: len(upstream.unloads) >= 2, "the deleted adapter's names to be unloaded")
+        store.create("user:bob", LoraSettings(init="random", seed=5, rank=4))  # a namesake: v2, never v1 again
+        time.sleep(0.3)
+        metrics = httpx.get(gw + "/metrics", headers={"Authorization": "Bearer " + TokenStore(store).create("admin")[0]},
+                            timeout=WAIT).text
+    assert sorted(unloaded_names(upstream)) == ["user:bob@v1", "user:bob@v1*0.5"]  # once each, alice untouched
+    assert all(u["headers"]["authorization"] == "Bearer up-key" for u in upstream.unloads)  # the gateway's key
+    assert alice not in json.dumps(upstream.unloads) and bob not in json.dumps(upstream.unloads)
+    assert 'persona_upstream_unloads_total{outcome="unloaded",upstream="' + up + '"} 2.0' in metrics
+
+
+def test_an_unload_the_upstream_refused_is_tried_again_and_one_it_does_not_hold_is_dropped(scripted_world):
+    store, alice = scripted_world
+    upstream = Scripted()
+    upstream.unload_status = [503, 503]
+    with loopback_server(upstream.app()) as up, gateway_over(store, up, unload_interval_s=0.05) as (gw, gateway):
+        assert post(gw, alice, {**CHAT, "model": "user:alice"}).status_code == 200
+        gateway.sent.record(up, "user:alice@v1*0.25", store.pin_stack("user:alice*0.25"))  # never sent: 404
+        store.delete("user:alice")
+        wait_until(lambda: len(gateway.sent) == 0, "every deleted name to be dealt with")
+    names = unloaded_names(upstream)
+    assert names.count("user:alice@v1") + names.count("user:alice@v1*0.25") == len(names) >= 3  # 2 refused, retried
+    assert len(gateway.sent) == 0
+
+
+def test_a_stack_is_unloaded_when_any_of_its_parts_is_deleted(scripted_world):
+    from persona.http.unload import SentNames
+    from persona.refs import format_stack
+
+    store, _ = scripted_world
+    store.create("domain:finance", LoraSettings(init="random", seed=3, rank=4))
+    store.create("user:carol", LoraSettings(init="random", seed=4, rank=4), over="domain:finance")
+    sent = SentNames(store)
+    names = {}
+    for model in ("user:carol", "user:alice+domain:finance*0.3", "user:alice"):
+        pinned = store.pin_stack(model)
+        names[model] = format_stack(pinned)
+        sent.record("http://up:1", names[model], pinned)
+    assert sent.gone() == []
+    store.delete("domain:finance", cascade=True)  # carol is layered on it: deleted too
+    assert sorted(name for _, name in sent.gone()) == sorted([names["user:carol"],
+                                                              names["user:alice+domain:finance*0.3"]])
 
 
 def test_gateway_mode_imports_no_torch(tiny_base, isolated_store):

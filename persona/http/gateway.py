@@ -18,6 +18,7 @@ frozen) the first time ``domain:auto`` asks the router, whose centroids are the 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 from typing import Any
@@ -28,6 +29,7 @@ from ..refs import MAX_STACK, StackPart, format_stack
 from ..serving.resolve import ModelResolver
 from .errors import ErrorGuard, install_error_handlers
 from .state import ServerConfig, ServerState
+from .unload import SentNames, Unloaded, unload_headers
 from .upstream import UpstreamPool, UpstreamSettings
 
 
@@ -53,6 +55,9 @@ class Gateway:
         self._resolver = ModelResolver(store, base_name=self.base_name, max_resident=MAX_STACK,
                                        route_top_k=route_top_k, route=self._route_prompt)
         self.attempts = None  # a prometheus Counter, set by the app (upstream, outcome)
+        self.unloads = None  # a prometheus Counter, set by the app (upstream, outcome)
+        # the pinned names sent upstream, unloaded there once their adapter is deleted
+        self.sent = SentNames(store, interval_s=settings.unload_interval_s, on_unload=self._count_unload)
 
     @property
     def router_loaded(self) -> bool:
@@ -89,11 +94,25 @@ class Gateway:
         if self.attempts is not None:
             self.attempts.labels(upstream, outcome).inc()
 
+    def _count_unload(self, result: Unloaded) -> None:
+        if self.unloads is not None:
+            self.unloads.labels(result.upstream, result.outcome).inc()
+
 
 @contextlib.asynccontextmanager
 async def _lifespan(app: FastAPI):
-    yield
-    await app.state.persona.engine.pool.aclose()
+    gateway: Gateway = app.state.persona.engine
+    sweeper = None
+    if gateway.sent.interval_s > 0:
+        sweeper = asyncio.create_task(gateway.sent.run(gateway.pool.client,
+                                                       unload_headers(gateway.pool.settings.api_key)))
+    try:
+        yield
+    finally:
+        if sweeper is not None:
+            sweeper.cancel()
+            await asyncio.gather(sweeper, return_exceptions=True)
+        await gateway.pool.aclose()
 
 
 def create_gateway_app(gateway: Gateway, config: ServerConfig | None = None) -> FastAPI:
@@ -106,6 +125,9 @@ def create_gateway_app(gateway: Gateway, config: ServerConfig | None = None) -> 
     gateway.attempts = Counter("persona_upstream_attempts", "Requests sent to each upstream, by outcome "
                                "(ok: it answered; connect_error: it did not, the next was tried)",
                                ["upstream", "outcome"], registry=state.metrics.registry)
+    gateway.unloads = Counter("persona_upstream_unloads", "Deleted adapters' names unloaded from an upstream, by "
+                              "outcome (unloaded; not_held: the upstream did not hold it; failed: tried again later)",
+                              ["upstream", "outcome"], registry=state.metrics.registry)
     app = FastAPI(title="persona gateway", version="1", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=_lifespan)
     app.state.persona = state

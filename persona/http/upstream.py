@@ -85,6 +85,7 @@ class UpstreamSettings:
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 600.0  # between two bytes of an answer (a long generation is one slow first byte)
     cooldown_s: float = 5.0  # how long an upstream that failed is tried last
+    unload_interval_s: float = 10.0  # how often deleted adapters' names are unloaded upstream (0: never)
 
     def __post_init__(self) -> None:
         if not self.urls:
@@ -93,7 +94,7 @@ class UpstreamSettings:
         if len(set(urls)) != len(urls):
             raise InvalidConfig(f"an upstream is named twice: {', '.join(self.urls)}")
         object.__setattr__(self, "urls", urls)
-        for name in ("connect_timeout_s", "read_timeout_s", "cooldown_s"):
+        for name in ("connect_timeout_s", "read_timeout_s", "cooldown_s", "unload_interval_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise InvalidConfig(f"{name} must be a number >= 0, got {value!r}")

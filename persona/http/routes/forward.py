@@ -112,6 +112,7 @@ async def forward(state: ServerState, request: Request, scope, sent: SentBody, *
         # A whole answer's status line comes when the upstream has finished: a client that leaves meanwhile
         # must stop the upstream's generation (the cancelled send closes its connection).
         forwarded = await unless_gone(request, gateway.pool.send(gateway.affinity_key(pinned), route, payload))
+        gateway.sent.record(forwarded.upstream, upstream_model, pinned)  # unloaded there if deleted later
     except ClientGone:
         ticket.release()
         state.metrics.record(route, "499", started)  # nginx's "client closed request": nobody reads this answer
