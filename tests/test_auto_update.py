@@ -1,7 +1,8 @@
 """The server's learning loop (``persona serve --log-interactions --auto-update POLICY``, issue 15).
 
 The policy grammar and the scheduler's decisions are tested in-process (a fake clock, a stand-in
-worker); the loop itself for real: a server subprocess over a tiny store, chats logged, a worker
+worker), and so is the quarantine of an adapter whose update fails, with a real worker over the tiny
+model; the loop itself for real: a server subprocess over a tiny store, chats logged, a worker
 process running ``persona update --all``, the next answer from the new version, the failure of a
 worker and the shutdown of a server whose worker is training. Every wait is bounded; nothing
 asserts how long anything took.
@@ -9,6 +10,7 @@ asserts how long anything took.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -24,12 +26,12 @@ import httpx
 import pytest
 
 from persona import LoraSettings, Store
-from persona.errors import DamagedAdapter, InvalidConfig, InvalidReference, LockTimeout
-from persona.http.autoupdate import AutoUpdater, AutoUpdateSettings, read_outcome
+from persona.errors import AdapterNotFound, DamagedAdapter, InvalidConfig, InvalidReference, LockTimeout
+from persona.http.autoupdate import AutoUpdateCollector, AutoUpdater, AutoUpdateSettings, FailedUpdate, read_outcome
 from persona.http.update_policy import QuietHours, UpdatePolicy, parse_policy
 from persona.interactions import Interaction
 from persona.refs import AdapterRef
-from persona.store import NewVersion
+from persona.store import NewVersion, PendingFingerprint
 from persona.store.tokens import TokenStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,11 +104,20 @@ def test_policy_due_per_adapter_rows_or_time_since_last_run():
 
 # ----------------------------------------------------------------------------- the scheduler, in-process
 class FakeStore:
-    def __init__(self, pending):
+    """Pending rows per adapter (``pending``) and version numbers (``versions``, [1] unless set)."""
+
+    def __init__(self, pending, versions=None):
         self.pending = pending
+        self.versions = versions or {}
 
     def pending_counts(self):
-        return dict(self.pending)
+        return {adapter: rows for adapter, rows in self.pending.items() if rows}
+
+    def pending_fingerprint(self, adapter):
+        return PendingFingerprint(self.pending.get(adapter, 0), f"digest of {self.pending.get(adapter, 0)} rows")
+
+    def version_numbers(self, adapter):
+        return self.versions.get(adapter, [1])
 
 
 @dataclass(frozen=True)
@@ -115,8 +126,8 @@ class ScriptedWorker(AutoUpdateSettings):
 
     script: str = "print('[]')"
 
-    def command(self):
-        return [sys.executable, "-c", self.script]
+    def command(self, exclude=()):
+        return [sys.executable, "-c", self.script, *exclude]  # the script sees the excluded adapters in sys.argv
 
 
 def scripted(policy: str, script: str) -> ScriptedWorker:
@@ -159,7 +170,7 @@ def test_scheduler_counts_promoted_rejected_and_failed_updates_from_the_json():
 
 @dataclass(frozen=True)
 class MissingWorker(AutoUpdateSettings):
-    def command(self):
+    def command(self, exclude=()):
         return [str(ROOT / "no-such-python")]
 
 
@@ -183,28 +194,132 @@ def test_every_counts_from_the_start_then_from_the_last_run():
     assert updater.check() is None
 
 
+ENOSPC = '{"error": {"type": "OSError", "message": "No space left on device: /store/user/a/v0002"}}'
+
+
 @pytest.mark.parametrize("code, stdout, stderr, error", [
     (-9, "", "", "exit status -9"),  # killed (out of memory): no output at all
     (1, "", "Traceback ...\nRuntimeError: boom\n", "Traceback ...\nRuntimeError: boom"),
+    (1, "", ENOSPC, "OSError: No space left on device: /store/user/a/v0002"),  # store-wide: the run stops
     (0, "not json", "", "output is not a JSON list"),
+    (1, '[{"adapter": "user:a", "label": "v0002", "promoted": true}]', "", "exit status 1"),  # 1, yet none failed
+    (-9, '[{"adapter": "user:a", "error": "bad"}]', "", "exit status -9"),  # killed after its report
     (0, "[]", "", None),
+    (0, "", "", None),
 ])
 def test_a_crashed_worker_is_a_failed_run_with_its_reason(code, stdout, stderr, error):
     outcome = read_outcome(code, 1.0, stdout, stderr)
     assert outcome.error == error and outcome.ok == (error is None)
 
 
-def test_a_bulk_run_that_went_on_past_a_failed_adapter_counts_both_and_says_why():
+def test_a_bulk_run_that_went_on_past_a_failed_adapter_worked_as_a_run_and_says_why_the_adapter_failed():
     out = ('[{"adapter": "user:a", "label": "v0002", "promoted": true}, '
            '{"adapter": "user:b", "error": {"type": "InvalidInteractions", "message": "pending.jsonl:2: bad"}}]')
-    outcome = read_outcome(1, 1.0, out, "")
-    assert outcome.promoted == ("user:a@v0002",) and outcome.failed == ("user:b (pending.jsonl:2: bad)",)
-    assert not outcome.ok and outcome.error == "user:b (pending.jsonl:2: bad)"
+    outcome = read_outcome(1, 1.0, out, "")  # `update --all` exits 1 when an adapter failed
+    assert outcome.promoted == ("user:a@v0002",)
+    assert outcome.failed == (FailedUpdate("user:b", "InvalidInteractions: pending.jsonl:2: bad"),)
+    assert outcome.ok and outcome.error is None  # one adapter's failure is not the run's
 
 
 def test_worker_stderr_in_the_log_is_cut_to_its_end():
     outcome = read_outcome(1, 1.0, "", "x" * 10_000 + "THE END", log_chars=100)
     assert outcome.error.endswith("THE END") and len(outcome.error) == 103
+
+
+# ----------------------------------------------------------------------------- quarantine of a failing adapter
+# `persona update --all` as it reports a broken user:b beside a healthy user:a: b fails unless excluded.
+BROKEN_B = (
+    "import json, sys\n"
+    "out = [{'adapter': 'user:a', 'label': 'v0002', 'promoted': True}]\n"
+    "if 'user:b' not in sys.argv[1:]:\n"
+    "    out.append({'adapter': 'user:b', 'error': {'type': 'InvalidInteractions', 'message': 'pending.jsonl:2: bad'}})\n"
+    "print(json.dumps(out))\n"
+    "sys.exit(1 if len(out) > 1 else 0)\n"
+)
+
+
+@pytest.fixture
+def loop_log(caplog, monkeypatch):
+    """The loop's log messages (its logger stops propagating once a server in this process started it)."""
+    monkeypatch.setattr(logging.getLogger("persona.autoupdate"), "propagate", True)
+    caplog.set_level(logging.INFO, logger="persona.autoupdate")
+    return lambda: [r.getMessage() for r in caplog.records if r.name == "persona.autoupdate"]
+
+
+def test_a_failed_adapter_is_quarantined_without_back_off_and_left_out_until_its_queue_changes(loop_log):
+    store = FakeStore({"user:a": 2, "user:b": 5})
+    updater = AutoUpdater(store, scripted("pending>=2", BROKEN_B), clock=lambda: 1000.0)  # time stands still
+    first = updater.check()
+    assert first.ok and first.promoted == ("user:a@v0002",) and [f.adapter for f in first.failed] == ["user:b"]
+    stats = updater.stats()
+    assert stats.runs == {"ok": 1, "failed": 0} and stats.failures_in_a_row == 0 and stats.quarantined == 1
+    assert stats.updates == {"promoted": 1, "rejected": 0, "failed": 1}
+    second = updater.check()  # at once (a back-off would wait 60 s) and without b (the script reports it otherwise)
+    assert second is not None and second.ok and not second.failed and second.promoted == ("user:a@v0002",)
+    store.pending = {"user:b": 5}
+    assert updater.check() is None and updater.check() is None  # rows that cannot train trigger nothing
+    assert updater.stats().pending_rows == 5 and updater.stats().quarantined == 1  # but are still shown
+    said = [line for line in loop_log() if line.startswith("quarantined user:b")]
+    assert len(said) == 1 and "InvalidInteractions: pending.jsonl:2: bad" in said[0]  # once, not every check
+    store.pending = {"user:b": 6}  # a chat logged to b
+    third = updater.check()
+    assert third is not None and [f.adapter for f in third.failed] == ["user:b"]  # tried again, failed again
+    assert "user:b is tried again at the next run: its pending queue changed" in loop_log()
+    assert len([line for line in loop_log() if line.startswith("quarantined user:b")]) == 2
+    assert updater.stats().runs == {"ok": 3, "failed": 0} and updater.stats().updates["failed"] == 2
+
+
+def test_a_new_version_or_an_emptied_queue_lifts_the_quarantine(loop_log):
+    store = FakeStore({"user:a": 2, "user:b": 5})
+    updater = AutoUpdater(store, scripted("pending>=2", BROKEN_B), clock=lambda: 0.0)
+    updater.check()
+    store.pending = {"user:b": 5}
+    assert updater.check() is None and updater.stats().quarantined == 1
+    store.versions["user:b"] = [1, 2]  # a person's `persona update user:b --data fixed.jsonl` published v2
+    assert updater.check() is not None  # so b is tried again (and fails again: its queue is still bad)
+    assert "user:b is tried again at the next run: a new version (v0002) was published" in loop_log()
+    store.pending = {}  # `persona update user:b` trained on its queue (or `persona forget` emptied it)
+    assert updater.check() is None and updater.stats().quarantined == 0
+    assert "user:b is tried again at the next run: its pending queue is empty" in loop_log()
+
+
+def test_a_run_that_fails_as_a_whole_still_backs_off_and_quarantines_nobody():
+    now = [0.0]
+    full_disk = f"import sys; print({ENOSPC!r}, file=sys.stderr); sys.exit(1)"
+    updater = AutoUpdater(FakeStore({"user:a": 2, "user:b": 3}), scripted("pending>=2", full_disk),
+                          clock=lambda: now[0])
+    outcome = updater.check()
+    assert not outcome.ok and outcome.error.startswith("OSError: No space left on device")
+    assert updater.stats().runs == {"ok": 0, "failed": 1} and updater.stats().quarantined == 0
+    now[0] += 59
+    assert updater.check() is None  # backing off
+    now[0] += 1
+    assert updater.check() is not None and updater.stats().failures_in_a_row == 2
+
+
+def test_metrics_show_the_quarantined_adapters_and_the_per_result_counts():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    updater = AutoUpdater(FakeStore({"user:a": 2, "user:b": 5}), scripted("pending>=2", BROKEN_B))
+    registry = CollectorRegistry()
+    registry.register(AutoUpdateCollector(updater))
+    assert "persona_auto_update_quarantined_adapters 0.0" in generate_latest(registry).decode()
+    updater.check()
+    text = generate_latest(registry).decode()
+    assert "persona_auto_update_quarantined_adapters 1.0" in text
+    assert 'persona_auto_updates_total{result="failed"} 1.0' in text
+    assert 'persona_auto_updates_total{result="promoted"} 1.0' in text
+    assert 'persona_auto_update_runs_total{result="ok"} 1.0' in text
+    assert 'persona_auto_update_runs_total{result="failed"} 0.0' in text
+
+
+def test_the_worker_command_excludes_the_quarantined_adapters():
+    settings = AutoUpdateSettings(parse_policy("pending>=1"), "/store", update_args=("--epochs", "1"))
+    command = settings.command(exclude=("user:b", "user:c"))
+    assert command[command.index("update"):] == [
+        "update", "--all", "--json", "--origin", "auto-update", "--store", "/store", "--device", "auto", "--dtype",
+        "auto", "--exclude", "user:b", "--exclude", "user:c", "--epochs", "1"]
+    assert "--exclude" not in settings.command()
 
 
 # ----------------------------------------------------------------------------- store: pending counts and origin
@@ -240,6 +355,58 @@ def test_pending_counts_are_rows_per_adapter_with_rows(store):
     batch = store.take_pending("user:alice")
     store.consume_pending("user:alice", batch, 1)
     assert store.pending_counts() == {"user:bob": 1}
+
+
+def test_pending_fingerprint_changes_with_every_change_to_the_queue_and_only_then(store):
+    empty = store.pending_fingerprint("user:alice")
+    assert empty.rows == 0
+    store.log("user:alice", [chat("a"), chat("b")])
+    two = store.pending_fingerprint("user:alice")
+    assert two.rows == 2 and two != empty and store.pending_fingerprint("user:alice") == two
+    assert two.digest == store.take_pending("user:alice").digest  # the store's own digest of the whole queue
+    pending = store.root / "user" / "alice" / "pending.jsonl"
+    pending.write_bytes(pending.read_bytes().replace(b'"a"', b'"c"'))  # the same rows, one of them changed
+    assert store.pending_fingerprint("user:alice").rows == 2 and store.pending_fingerprint("user:alice") != two
+    with pytest.raises(AdapterNotFound):
+        store.pending_fingerprint("user:nobody")
+
+
+def damage_queue(store: Store, ref: str) -> None:
+    """One good row, then a line that is not an interaction: the adapter's update fails at every try."""
+    store.log(ref, [chat("fine")])
+    pending = store.root / ref.replace(":", "/") / "pending.jsonl"
+    pending.write_bytes(pending.read_bytes() + b'{"not": "an interaction"}\n')
+
+
+def test_a_broken_adapter_does_not_hold_back_a_healthy_one_and_is_retried_after_a_new_log(store, monkeypatch,
+                                                                                        loop_log):
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the worker is `python -m persona update --all` of this tree
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    damage_queue(store, "user:bob")
+    bobs_queue = store.pending_fingerprint("user:bob")
+    store.log("user:alice", [chat("hi")] * 4)
+    settings = AutoUpdateSettings(parse_policy("pending>=1"), str(store.root), update_args=tuple(TRAIN.split()))
+    updater = AutoUpdater(store, settings, clock=lambda: 1000.0)  # time stands still: a back-off would stop runs
+    first = updater.check()
+    assert first.ok and [f.adapter for f in first.failed] == ["user:bob"], first
+    assert "InvalidInteractions" in first.failed[0].reason and "user/bob/pending.jsonl" in first.failed[0].reason
+    assert store.version_numbers("user:alice") == [1, 2] and updater.stats().quarantined == 1
+    store.log("user:alice", [chat("hello")] * 4)
+    second = updater.check()  # no back-off; bob is left out (`--exclude user:bob`), so nothing failed
+    assert second is not None and second.ok and not second.failed, second
+    assert store.version_numbers("user:alice") == [1, 2, 3] and store.pending_counts() == {"user:bob": 2}
+    assert store.pending_fingerprint("user:bob") == bobs_queue and store.version_numbers("user:bob") == [1]
+    assert updater.check() is None  # bob's rows alone do not trigger pending>=1: they cannot train
+    store.log("user:bob", [chat("one more")])
+    third = updater.check()  # a new log to bob: tried again (and, its bad line still queued, failed again)
+    assert third is not None and [f.adapter for f in third.failed] == ["user:bob"] and not third.promoted
+    assert updater.stats().runs == {"ok": 3, "failed": 0} and updater.stats().updates["failed"] == 2
+    assert len([line for line in loop_log() if line.startswith("quarantined user:bob")]) == 2
+
+
+def test_update_all_exclude_is_refused_without_all_and_checked_before_loading(run_cli):
+    assert "--exclude leaves adapters out of --all" in run_cli("update", "user:a", "--exclude", "user:b", ok=False).output
+    assert "invalid reference" in run_cli("update", "--all", "--exclude", "bob", ok=False).output
 
 
 def test_origin_is_recorded_shown_and_absent_on_old_versions(store):
@@ -385,26 +552,21 @@ def test_chats_are_learned_while_serving_and_the_next_answer_comes_from_the_new_
     assert "auto-update: worker pid" in server.log.read_text()
 
 
-def test_a_failing_worker_leaves_serving_answering_and_is_counted(store, served):
-    # Bob's queue is damaged (not an interaction), so `persona update --all` fails on it.
-    store.log("user:bob", [chat("fine")])
-    pending = store.root / "user" / "bob" / "pending.jsonl"
-    pending.write_bytes(pending.read_bytes() + b'{"not": "an interaction"}\n')
+def test_a_failing_adapter_leaves_serving_answering_and_is_counted_and_quarantined(store, served):
+    damage_queue(store, "user:bob")  # so `persona update --all` fails on bob, every time
     server, token = served("--auto-update", "pending>=2", "--auto-update-interval", "0.2", "--auto-update-args", TRAIN)
-    # `update --all` fails as a whole on bad data, or (a bulk update that goes on past one adapter's
-    # failure) reports bob failed: either way the failure is counted.
-    failed = ('persona_auto_update_runs_total{result="failed"}', 'persona_auto_updates_total{result="failed"}')
-    deadline = time.time() + WAIT
-    while not any(server.metric(token, name) for name in failed):
-        assert time.time() < deadline and server.proc.poll() is None, server.log.read_text()[-3000:]
-        time.sleep(0.25)
+    server.wait_metric(token, "persona_auto_update_quarantined_adapters", 1)
+    assert server.metric(token, 'persona_auto_updates_total{result="failed"}') == 1
+    assert server.metric(token, 'persona_auto_update_runs_total{result="ok"}') == 1  # one adapter's failure only
+    assert server.metric(token, 'persona_auto_update_runs_total{result="failed"}') == 0
     assert server.chat(token).headers["x-persona-model"] == "user:alice@v1"  # serving goes on
     assert server.metric(token, "persona_auto_update_running") == 0
     assert server.metric(token, "persona_pending_rows") >= 2
     log = server.log.read_text()
-    assert "auto-update: run" in log and "user/bob/pending.jsonl" in log  # the reason, naming the file
+    assert "auto-update: quarantined user:bob" in log and "user/bob/pending.jsonl" in log  # the reason, naming the file
     assert store.version_numbers("user:bob") == [1] and store.verify().ok  # nothing published, nothing damaged
     assert server.stop()
+    assert server.log.read_text().count("quarantined user:bob") == 1  # bob's 2 rows did not start more runs
 
 
 def training_worker(store: Store, server: Server, token: str) -> int:

@@ -42,14 +42,16 @@ def _install_sigterm() -> None:
     "replay_recency": "--replay-recency",
 })
 @options_from(BulkConfig, {"rows_per_step": "--rows-per-step", "max_adapters_per_step": "--max-adapters-per-step"})
+@click.option("--exclude", "exclude", multiple=True, metavar="REF",
+              help="With --all: leave adapter REF out of this run, its pending queue untouched (repeatable).")
 @click.option("--origin", type=click.Choice([AUTO_UPDATE_ORIGIN]), hidden=True,
               help="Tag the published versions' meta.json with where they came from (set by `serve --auto-update`).")
 @placement_options
 @store_option
 @json_option
 @click.pass_context
-def update(ctx, ref, data_file, all_, origin, device, dtype, store_root, as_json, rows_per_step, max_adapters_per_step,
-           **settings) -> None:
+def update(ctx, ref, data_file, all_, exclude, origin, device, dtype, store_root, as_json, rows_per_step,
+           max_adapters_per_step, **settings) -> None:
     """Train REF's current version on new interactions and publish the next version.
 
     \b
@@ -63,12 +65,15 @@ def update(ctx, ref, data_file, all_, origin, device, dtype, store_root, as_json
     batches (--max-adapters-per-step; each adapter still trains as it would alone). On a CPU
     that measured slower and larger (docs/BENCHMARKS.md). An adapter that fails is reported
     with its reason and the others publish; the exit status is then 1.
+    --exclude REF leaves an adapter out (`serve --auto-update` passes the ones
+    whose last update failed, until their pending data changes).
 
     \b
     Examples:
       persona update user:alice --data examples/interactions/alice.jsonl
       persona update user:alice                 (train on the pending queue of `persona log`)
       persona update --all --max-steps 50
+      persona update --all --exclude user:bob   (everyone with pending rows but bob)
       persona update --all --device cuda        (the base in bfloat16; the LoRA factors train in float32)
     """
     from ..interactions import read_interactions
@@ -80,6 +85,9 @@ def update(ctx, ref, data_file, all_, origin, device, dtype, store_root, as_json
         raise click.UsageError("--all trains each adapter on its own pending queue; --data does not apply")
     if not all_ and ctx.get_parameter_source("rows_per_step") != click.core.ParameterSource.DEFAULT:
         raise click.UsageError("--rows-per-step packs the adapters of --all; one REF trains alone")
+    if exclude and not all_:
+        raise click.UsageError("--exclude leaves adapters out of --all; with one REF, just run the one you mean")
+    excluded = [parse_ref(r).unpinned() for r in exclude]  # a bad reference stops here, before the base loads
     bulk = BulkConfig(rows_per_step=rows_per_step, max_adapters_per_step=max_adapters_per_step)
     config = UpdateConfig(**field_values(UpdateConfig, settings))
     check_placement(device, dtype, training=True)
@@ -90,7 +98,7 @@ def update(ctx, ref, data_file, all_, origin, device, dtype, store_root, as_json
     interactions = read_interactions(data_file) if data_file else None  # validated before any training
     _install_sigterm()
     trainer = Trainer(store, device=device, dtype=dtype, origin=origin)
-    results = trainer.update_all(config, bulk, progress=_progress(as_json)) if all_ else [
+    results = trainer.update_all(config, bulk, progress=_progress(as_json), exclude=excluded) if all_ else [
         trainer.update(parsed, interactions, config, progress=_progress(as_json))
     ]
     failed = [r for r in results if isinstance(r, UpdateFailure)]

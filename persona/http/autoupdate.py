@@ -16,9 +16,16 @@ many adapters included), so there is one update path to test, and its ``--json``
 code are the whole interface. ``multiprocessing`` 'spawn' would give the isolation too, but would
 tie the worker to the server's Python objects and pickling for no gain.
 
-Safety: at most one worker at a time (the scheduler waits for it); after a failed run the next waits
-a back-off (60 s, doubling to an hour); the worker runs in its own session (a Ctrl-C at the terminal
-reaches only the server, which then stops it) at a lower CPU priority (nice 10). Its stderr goes to the
+One adapter's failure is not the run's: ``persona update --all`` reports each adapter, and exits 1
+when any failed while the others published. Such a run worked; the failed adapter is quarantined
+(:mod:`persona.http.quarantine`): later runs ``--exclude`` it and its rows do not count toward the
+policy, until its pending queue changes or a new version of it is published. A run fails as a whole
+only when it gives no per-adapter report: it crashed, was killed, hit a store-wide error (a full
+disk) or wrote output that is not the JSON list.
+
+Safety: at most one worker at a time (the scheduler waits for it); after a run that failed as a
+whole the next waits a back-off (60 s, doubling to an hour); the worker runs in its own session (a
+Ctrl-C at the terminal reaches only the server, which then stops it) at a lower CPU priority (nice 10). Its stderr goes to the
 server's log, cut to its last ``log_chars`` characters. On shutdown the worker gets SIGTERM
 (``persona update`` stops training and publishes nothing), then SIGKILL after ``stop_grace_s``. Either
 way each adapter is left published or untouched: a version is published by one rename, and the pending
@@ -36,12 +43,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
+from ..errors import PersonaError
 from ..store.records import AUTO_UPDATE_ORIGIN
+from .quarantine import Quarantine, Quarantined
 from .update_policy import UpdatePolicy
+
+if TYPE_CHECKING:
+    from ..store.queues import PendingFingerprint
 
 log = logging.getLogger("persona.autoupdate")
 
@@ -56,15 +69,18 @@ class AutoUpdateSettings:
     dtype: str = "auto"
     update_args: tuple[str, ...] = ()  # more `persona update` options (--epochs 1, --max-steps 50, ...)
     check_interval_s: float = 10.0  # how often the policy is checked
-    backoff_s: float = 60.0  # wait after a failed run before the next; doubles per failure in a row
+    backoff_s: float = 60.0  # wait after a run failed as a whole before the next; doubles per failure in a row
     max_backoff_s: float = 3600.0
     stop_grace_s: float = 10.0  # on shutdown: SIGTERM, this long, then SIGKILL
     log_chars: int = 4000  # the worker's stderr in the server's log, cut to its end
 
-    def command(self) -> list[str]:
-        """The worker's argv: ``persona update --all`` over the server's store, device and dtype."""
+    def command(self, exclude: Sequence[str] = ()) -> list[str]:
+        """The worker's argv: ``persona update --all`` over the server's store, device and dtype, leaving
+        out the ``exclude``d (quarantined) adapters."""
+        left_out = [arg for adapter in exclude for arg in ("--exclude", adapter)]
         return [sys.executable, "-m", "persona", "update", "--all", "--json", "--origin", AUTO_UPDATE_ORIGIN,
-                "--store", self.store_root, "--device", self.device, "--dtype", self.dtype, *self.update_args]
+                "--store", self.store_root, "--device", self.device, "--dtype", self.dtype, *left_out,
+                *self.update_args]
 
 
 @dataclass(frozen=True)
@@ -78,7 +94,19 @@ class AutoUpdateStats:
     running: bool = False
     last_run_end: float | None = None  # unix time
     last_run_seconds: float | None = None
-    failures_in_a_row: int = 0
+    failures_in_a_row: int = 0  # runs failed as a whole
+    quarantined: int = 0  # adapters left out of runs since their update failed
+
+
+@dataclass(frozen=True)
+class FailedUpdate:
+    """One adapter's failed update in a run, and why (``Type: message``, one line)."""
+
+    adapter: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.adapter} ({self.reason})" if self.reason else self.adapter
 
 
 @dataclass(frozen=True)
@@ -89,24 +117,28 @@ class RunOutcome:
     seconds: float
     promoted: tuple[str, ...] = ()
     rejected: tuple[str, ...] = ()
-    failed: tuple[str, ...] = ()
-    error: str | None = None  # why the run failed, one line
+    failed: tuple[FailedUpdate, ...] = ()
+    error: str | None = None  # why the run failed as a whole, one line
 
     @property
     def ok(self) -> bool:
-        return self.exit_code == 0 and self.error is None
+        """Whether the run worked as a whole (some of its adapters may still have failed: ``failed``)."""
+        return self.error is None
 
 
 def read_outcome(exit_code: int, seconds: float, stdout: str, stderr: str, log_chars: int = 4000) -> RunOutcome:
     """The outcome of ``persona update --all --json``: each entry with ``promoted`` true or false is an
-    update promoted or kept as candidate; an entry without it (one adapter's failure, as a bulk update
-    may report it) is a failed update; a non-zero exit, or output that is not that list, fails the run."""
+    update promoted or kept as candidate; an entry without it is that adapter's failed update. The run
+    fails as a whole when its output is not that list, or its exit code is neither 0 nor the 1 that
+    ``update --all`` gives when some adapters failed (and the list names them)."""
     results: Any = None
     try:
-        results = json.loads(stdout) if stdout.strip() else []
+        results = json.loads(stdout) if stdout.strip() else ([] if exit_code == 0 else None)
     except ValueError:
         pass
-    promoted, rejected, failed = [], [], []
+    promoted: list[str] = []
+    rejected: list[str] = []
+    failed: list[FailedUpdate] = []
     if isinstance(results, list):
         for entry in results:
             if not isinstance(entry, dict):
@@ -117,14 +149,22 @@ def read_outcome(exit_code: int, seconds: float, stdout: str, stderr: str, log_c
             elif entry.get("promoted") is False:
                 rejected.append(f"{name}@{entry.get('label', entry.get('version'))}")
             else:  # one adapter's failure in a bulk run that went on: its name and, when given, why
-                why = entry.get("error") or entry.get("reason")
-                why = why.get("message", why) if isinstance(why, dict) else why
-                failed.append(f"{name} ({str(why)[:log_chars]})" if why else name)
+                failed.append(FailedUpdate(name, _why(entry.get("error") or entry.get("reason"))[:log_chars]))
     error = None
-    if exit_code != 0 or not isinstance(results, list):
-        error = (_error_line(stderr, log_chars) or "; ".join(failed)[:log_chars]  # a bulk run's failed adapters
-                 or (f"exit status {exit_code}" if exit_code else "output is not a JSON list"))
+    if not isinstance(results, list):
+        error = _error_line(stderr, log_chars) or (f"exit status {exit_code}" if exit_code else
+                                                   "output is not a JSON list")
+    elif exit_code != 0 and not (exit_code == 1 and failed):
+        error = _error_line(stderr, log_chars) or f"exit status {exit_code}"
     return RunOutcome(exit_code, seconds, tuple(promoted), tuple(rejected), tuple(failed), error)
+
+
+def _why(error: Any) -> str:
+    """An entry's ``{"type", "message"}`` error (or a plain string) as ``Type: message``."""
+    if isinstance(error, dict):
+        kind, message = error.get("type"), error.get("message")
+        return f"{kind}: {message}" if kind and message else str(message or kind or "")
+    return str(error) if error else ""
 
 
 def _error_line(stderr: str, log_chars: int) -> str:
@@ -160,7 +200,8 @@ class AutoUpdater:
         self._thread: threading.Thread | None = None
         self._worker: subprocess.Popen | None = None
         self._since = clock()  # `every=` counts from the server's start, then from each run's end
-        self._not_before = 0.0  # back-off after a failure
+        self._not_before = 0.0  # back-off after a run failed as a whole
+        self._quarantine = Quarantine()  # the scheduler thread's own: no lock
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -204,25 +245,35 @@ class AutoUpdater:
                 log.exception("check failed; trying again in %gs", self.settings.check_interval_s)
 
     def check(self) -> RunOutcome | None:
-        """Read the pending counts and, when the policy says so, run one worker to its end (its outcome)."""
+        """Read the pending counts and, when the policy says so, run one worker to its end (its outcome).
+
+        Quarantined adapters whose pending queue or newest version changed are let back in first; the
+        others' rows do not count toward the policy."""
         pending = self.store.pending_counts()
-        self._update(pending_rows=sum(pending.values()), adapters_pending=len(pending))
+        for released in self._quarantine.release_changed(self.store, pending):
+            log.info("%s is tried again at the next run: %s", released.adapter, released.why)
+        eligible = {adapter: rows for adapter, rows in pending.items() if adapter not in self._quarantine}
+        self._update(pending_rows=sum(pending.values()), adapters_pending=len(pending),
+                     quarantined=len(self._quarantine))
         now = self._clock()
         policy = self.settings.policy
         if now < self._not_before or (policy.quiet is not None and self._local_now().time() in policy.quiet):
             return None
-        reason = policy.due(pending, now - self._since)
+        reason = policy.due(eligible, now - self._since)
         if reason is None or self._stopping.is_set():
             return None
-        return self._run(reason)
+        return self._run(reason, eligible)
 
-    def _run(self, reason: str) -> RunOutcome | None:
+    def _run(self, reason: str, eligible: Collection[str]) -> RunOutcome | None:
         started = self._clock()
+        # What each adapter's queue held as the run began: a failed one is quarantined with it.
+        fingerprints = {adapter: self._fingerprint(adapter) for adapter in eligible}
+        command = self.settings.command(exclude=self._quarantine.adapters())
         with self._lock:  # stop() sees the worker from the moment it exists
             if self._stopping.is_set():
                 return None
             try:
-                worker = subprocess.Popen(self.settings.command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                worker = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, text=True, errors="replace", start_new_session=True)
             except OSError as exc:  # no memory or processes left to fork: a failed run, backed off like any
                 worker, cannot = None, exc
@@ -248,7 +299,31 @@ class AutoUpdater:
         if outcome.ok and stderr.strip():  # warnings of a run that worked: the log keeps them too
             log.info("worker pid %d wrote to stderr: %s", worker.pid, _tail(stderr, self.settings.log_chars))
         self._record(outcome)
+        if outcome.ok:
+            self._quarantine_failed(outcome.failed, fingerprints)
         return outcome
+
+    def _fingerprint(self, adapter: str) -> PendingFingerprint | None:
+        try:
+            return self.store.pending_fingerprint(adapter)
+        except (PersonaError, OSError):  # deleted or unreadable now: unknown, so released at the next check
+            return None
+
+    def _quarantine_failed(self, failed: Sequence[FailedUpdate], fingerprints: dict) -> None:
+        """Leave each adapter that failed out of the next runs, until its queue or newest version changes."""
+        for failure in failed:
+            try:
+                versions = self.store.version_numbers(failure.adapter)
+            except (PersonaError, OSError):  # deleted meanwhile, or not a name of this store: nothing to hold
+                versions = None
+            if versions is None:
+                continue
+            self._quarantine.hold(Quarantined(failure.adapter, failure.reason, fingerprints.get(failure.adapter),
+                                              versions[-1] if versions else None))
+            log.warning("quarantined %s: its update failed (%s); it is left out of the runs until a chat is logged "
+                        "to it, its pending queue changes or a new version of it is published", failure.adapter,
+                        failure.reason or "no reason given")
+        self._update(quarantined=len(self._quarantine))
 
     def _record(self, outcome: RunOutcome) -> None:
         end = self._clock()
@@ -266,7 +341,7 @@ class AutoUpdater:
             self._not_before = 0.0
             log.info("run done in %.1fs: promoted %s; kept as candidate %s%s", outcome.seconds,
                      ", ".join(outcome.promoted) or "none", ", ".join(outcome.rejected) or "none",
-                     f"; failed {', '.join(outcome.failed)}" if outcome.failed else "")
+                     f"; failed {', '.join(f.adapter for f in outcome.failed)}" if outcome.failed else "")
             return
         wait = min(self.settings.backoff_s * 2 ** (failures - 1), self.settings.max_backoff_s)
         self._not_before = end + wait
@@ -334,3 +409,6 @@ class AutoUpdateCollector:
                                     "When the last run ended (unix time)", value=s.last_run_end)
             yield GaugeMetricFamily("persona_auto_update_last_run_duration_seconds", "How long the last run took",
                                     value=s.last_run_seconds)
+        yield GaugeMetricFamily("persona_auto_update_quarantined_adapters", "Adapters left out of auto-update runs "
+                                "since their update failed, until their pending queue or newest version changes",
+                                value=s.quarantined)

@@ -10,10 +10,10 @@ from .integrity import VerifyReport
 from .layout import REFS, StoreConfig, default_root
 from .lineage import AdapterHasDependents, Dependent
 from .publish import NewVersion
-from .queues import PendingBatch, ReplayBuffer
+from .queues import PendingBatch, PendingFingerprint, ReplayBuffer
 from .records import AdapterInfo, LoadedAdapter, Problem, VersionInfo
 from .tokens import TokenStore
 
 __all__ = ["REFS", "AdapterHasDependents", "AdapterInfo", "Dependent", "LoadedAdapter", "NewVersion", "PendingBatch",
-           "Problem", "ReplayBuffer", "Store", "StoreConfig", "TokenStore", "VerifyReport", "VersionInfo",
-           "default_root"]
+           "PendingFingerprint", "Problem", "ReplayBuffer", "Store", "StoreConfig", "TokenStore", "VerifyReport",
+           "VersionInfo", "default_root"]

@@ -50,7 +50,7 @@ from .lineage import Dependent
 from .materialized import Build, MaterializedFolder
 from .memory import AdapterMemory
 from .publish import NewVersion
-from .queues import PENDING, REPLAY, PendingBatch, ReplayBuffer
+from .queues import PENDING, REPLAY, PendingBatch, PendingFingerprint, ReplayBuffer
 from .records import AdapterInfo, LoadedAdapter, Problem, VersionInfo, parse_meta
 from .tokens import TokenStore
 
@@ -448,6 +448,15 @@ class Store(Layout):
         {'user:alice': 2}
         """
         return queues.pending_counts(self)
+
+    def pending_fingerprint(self, ref: str | AdapterRef) -> PendingFingerprint:
+        """An adapter's pending queue as rows and a sha256 of its lines, to tell cheaply whether it
+        changed (no lock, no parsing; :class:`AdapterNotFound` when the adapter is gone).
+
+        >>> store.pending_fingerprint("user:alice").rows   # doctest: +SKIP
+        2
+        """
+        return queues.fingerprint(self._require(parse_ref(ref).unpinned()))
 
     def drop_consumed_pending(self, ref: str | AdapterRef) -> int:
         """Remove rows a published version consumed but a crash left queued; returns how many."""

@@ -120,6 +120,15 @@ class PendingBatch:
         return {"rows": self.rows, "digest": self.digest}
 
 
+@dataclass(frozen=True)
+class PendingFingerprint:
+    """What a pending queue holds, cheap to compare: its rows and the sha256 of its lines (the digest a
+    :class:`PendingBatch` of the whole queue records). Any append, consumption or rewrite changes it."""
+
+    rows: int
+    digest: str
+
+
 def _lines(folder: Path) -> list[bytes]:
     """The queue's non-blank lines, without their newline (split on ``\\n`` only: the lines are
     JSON, whose strings may hold U+2028 and other characters ``str.splitlines`` would split on)."""
@@ -169,6 +178,12 @@ def read(folder: Path) -> PendingBatch:
         raise InvalidInteractions(f"{folder / PENDING} is not UTF-8 text; fix or remove the bad line") from None
     interactions = parse_interactions(text, source=str(folder / PENDING))
     return PendingBatch(tuple(interactions), _digest(lines))
+
+
+def fingerprint(folder: Path) -> PendingFingerprint:
+    """The queue's :class:`PendingFingerprint` (one read, no parsing: a damaged queue has one too)."""
+    lines = _lines(folder)
+    return PendingFingerprint(len(lines), _digest(lines))
 
 
 def drop_consumed(store: Store, ref: AdapterRef) -> int:

@@ -474,16 +474,19 @@ class Trainer:
         self._refuse_float16()
         return update_many(self, refs, config or UpdateConfig(), bulk or BulkConfig(), progress=progress)
 
-    def update_all(self, config: UpdateConfig | None = None, bulk: BulkConfig | None = None, *,
-                   progress: bool = False) -> list[UpdateResult | UpdateFailure]:
-        """:meth:`update_many` of every adapter that has pending interactions, with the base loaded once."""
-        return self.update_many(self.pending_adapters(), config, bulk, progress=progress)
+    def update_all(self, config: UpdateConfig | None = None, bulk: BulkConfig | None = None, *, progress: bool = False,
+                   exclude: Sequence[str | AdapterRef] = ()) -> list[UpdateResult | UpdateFailure]:
+        """:meth:`update_many` of every adapter with pending interactions but ``exclude``, the base loaded once."""
+        return self.update_many(self.pending_adapters(exclude), config, bulk, progress=progress)
 
-    def pending_adapters(self) -> list[AdapterRef]:
-        """The adapters with pending interactions, by reference."""
+    def pending_adapters(self, exclude: Sequence[str | AdapterRef] = ()) -> list[AdapterRef]:
+        """The adapters with pending interactions, by reference, but those in ``exclude`` (left untouched)."""
+        left_out = {parse_ref(r).unpinned() for r in exclude}
         found = []
         for adapter in self.store.list():
             ref = AdapterRef(adapter.kind, adapter.name)
+            if ref in left_out:
+                continue
             # Rows a published version consumed before a crash are not pending any more.
             if adapter.pending and adapter.pending > self.store.drop_consumed_pending(ref):
                 found.append(ref)
