@@ -140,8 +140,10 @@ def serve(host, port, max_resident, max_batch, max_batch_tokens, scheduler, no_a
     queue up per user; when the policy says so (pending>=32: an adapter has 32
     pending rows; every=1h; quiet=22:00-06:00: no run starts then) one worker
     process runs `persona update --all` over the same store while serving goes on,
-    and the next request uses each promoted version. `persona show` marks its
-    versions "auto-update"; /metrics counts runs and updates.
+    and the next request uses each promoted version. An adapter whose update
+    fails is left out of later runs until a chat is logged to it (or a new
+    version of it is published); the others go on. `persona show` marks the
+    loop's versions "auto-update"; /metrics counts runs, updates and left-out adapters.
 
     \b
     Examples:

@@ -10,7 +10,8 @@ The grammar (comma-separated clauses, each at most once, at least one trigger)::
 
 Either trigger starts a run (``pending>=32,every=1h``). A run updates every adapter with pending
 rows (``persona update --all``), not only the one that reached N: the policy decides when, the bulk
-update decides who. Torch-free and FastAPI-free: ``persona serve`` parses the option with it.
+update decides who. The loop hands :meth:`UpdatePolicy.due` the counts of the adapters it may run
+(not those quarantined after a failed update, :mod:`persona.http.quarantine`). Torch-free and FastAPI-free: ``persona serve`` parses the option with it.
 
 >>> parse_policy("pending>=32,every=1h,quiet=22:00-06:00").every_s
 3600
