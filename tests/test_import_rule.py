@@ -5,8 +5,9 @@ Layers: the core modules import only each other; ``store/`` imports only the cor
 update did, as HTML) sits above ``training/``: the core, ``store/``, ``training/`` and itself; ``cli/``,
 ``http/`` and ``integrations/`` (and ``persona/__init__``, ``__main__``) may import anything. Module-level
 imports must form no cycle; function-level and ``if TYPE_CHECKING:`` imports obey the layers as well (a type is a
-dependency too), but may close a cycle: they never run while the modules load (the store's modules
-name the ``Store`` facade that imports them only in type hints).
+dependency too), but may close a cycle: they never run while the modules load. The store's own modules
+close none: they name the facade's ``Store`` through ``persona.store.protocol.StoreView``, never the
+facade module it is defined in.
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ def test_known_exceptions_still_exist():
 def test_the_rule_sees_what_it_checks():
     """The graph is not empty: relative, absolute, TYPE_CHECKING and function-level imports are found."""
     top, nested = import_graph()
-    assert "persona.store.facade" in nested["persona.store.lineage"]  # a TYPE_CHECKING import
+    assert "persona.store.protocol" in nested["persona.store.lineage"]  # a TYPE_CHECKING import
     assert "persona.serving.requests" in top["persona.serving.scheduler"]
     assert "persona.errors" in top["persona.base"]
     assert any(targets for targets in nested.values())
@@ -177,3 +178,14 @@ def test_the_rule_sees_what_it_checks():
     assert layer("persona.store.facade") == "store" and layer("persona.refs") == "core"
     assert layer("persona.report.collect") == "report"
     assert "persona.training.trainer" in nested["persona.report.collect"]  # the matrix, only when asked for
+
+
+def test_no_store_module_imports_the_facade_back():
+    """The facade imports the store's job modules (integrity, lineage, memory, publish, queues, tokens, ...);
+    they type the store they are handed as ``protocol.StoreView``, so no import of theirs, at module level,
+    under TYPE_CHECKING or in a function, leads back to the facade or to the package that exports it."""
+    top, nested = import_graph()
+    back = {(importer, target) for graph in (top, nested) for importer, targets in graph.items() for target in targets
+            if importer.startswith("persona.store.") and importer != "persona.store.facade"
+            and target in ("persona.store.facade", "persona.store")}
+    assert not back, "imports of the facade from below it: " + ", ".join(f"{a} -> {b}" for a, b in sorted(back))

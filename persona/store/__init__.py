@@ -2,7 +2,8 @@
 
 ``Store`` (the facade in :mod:`persona.store.facade`) is how everyone else reads and writes
 adapters, versions, aliases, the replay buffer, the pending queue and the API tokens. Its jobs live
-in one module each: layout (paths, locks), records, publish, integrity, lineage, queues, tokens.
+in one module each: layout (paths, locks), records, publish, integrity, lineage, queues, tokens;
+``protocol.StoreView`` is what they need of the facade, so none imports it back.
 """
 
 from .facade import Store

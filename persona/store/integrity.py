@@ -25,7 +25,7 @@ from .memory import MEMORY, problems as memory_problems
 from .records import HELDOUT_FILE, HELDOUT_NAME, SIDE_SUFFIX, LoadedAdapter, Problem, side_file_names
 
 if TYPE_CHECKING:
-    from .facade import Store
+    from .protocol import StoreView
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class VerifyReport:
         }
 
 
-def _version_problems(store: Store, ref: AdapterRef, version: int) -> tuple[list[Problem], int]:
+def _version_problems(store: StoreView, ref: AdapterRef, version: int) -> tuple[list[Problem], int]:
     try:
         info = store._read_meta(ref, version)  # strict: also checks the version is where it claims
     except DamagedAdapter as exc:
@@ -80,7 +80,7 @@ def _version_problems(store: Store, ref: AdapterRef, version: int) -> tuple[list
     return problems, len(info.files)
 
 
-def verify(store: Store, ref: str | AdapterRef | None = None) -> VerifyReport:
+def verify(store: StoreView, ref: str | AdapterRef | None = None) -> VerifyReport:
     """Re-hash every file of every version (of one adapter, or all) and report each mismatch,
     damaged metadata, version in the wrong folder, symlink, domain adapter descending from a user,
     and damaged memory file (:mod:`persona.store.memory`)."""
@@ -121,7 +121,7 @@ def verify(store: Store, ref: str | AdapterRef | None = None) -> VerifyReport:
     return VerifyReport(len(adapters), n_versions, n_files, tuple(problems))
 
 
-def _memory_problems(store: Store, adapter: AdapterRef) -> list[Problem]:
+def _memory_problems(store: StoreView, adapter: AdapterRef) -> list[Problem]:
     """What is wrong with an adapter's memory file (unreadable lines, a torn tail, wider than 0600)."""
     try:
         found = memory_problems(store._adapter_dir(adapter))
@@ -130,7 +130,7 @@ def _memory_problems(store: Store, adapter: AdapterRef) -> list[Problem]:
     return [Problem(adapter.id, None, MEMORY, reason) for reason in found]
 
 
-def load(store: Store, ref: str | AdapterRef, *, base_fingerprint: str | None = None) -> LoadedAdapter:
+def load(store: StoreView, ref: str | AdapterRef, *, base_fingerprint: str | None = None) -> LoadedAdapter:
     """Read one version's tensors, refusing tampered files, another base, and pickle files.
 
     Each file is read once into memory, hashed, and parsed from those same bytes, so what is
@@ -181,7 +181,7 @@ def _read_version_file(pinned: AdapterRef, folder: Path, name: str) -> bytes:
         raise IntegrityError(f"{pinned}: {name} is missing; run `persona verify` and roll back to a good version") from None
 
 
-def load_extra(store: Store, ref: str | AdapterRef, name: str) -> dict[str, Any] | None:
+def load_extra(store: StoreView, ref: str | AdapterRef, name: str) -> dict[str, Any] | None:
     """Read side file ``name`` (``fisher``) stored beside a version (None when absent), hash-checked.
 
     Reads ``NAME.train``, or ``NAME.safetensors`` in a version written before issue 13.
@@ -200,7 +200,7 @@ def load_extra(store: Store, ref: str | AdapterRef, name: str) -> dict[str, Any]
     return load_safetensors(data)
 
 
-def load_heldout(store: Store, ref: str | AdapterRef) -> list[Interaction] | None:
+def load_heldout(store: StoreView, ref: str | AdapterRef) -> list[Interaction] | None:
     """The held-out slice a version's update was judged on (None: not kept), hash-checked before it is parsed."""
     info = store.version_info(ref)
     if not info.heldout_kept:
@@ -211,7 +211,7 @@ def load_heldout(store: Store, ref: str | AdapterRef) -> list[Interaction] | Non
     return parse_interactions(data.decode("utf-8").split("\n"), source=f"{info.ref}:{HELDOUT_FILE}")
 
 
-def checked_folder(store: Store, ref: str | AdapterRef) -> Path:
+def checked_folder(store: StoreView, ref: str | AdapterRef) -> Path:
     """The folder of one version after re-hashing every file in it, for a loader that reads the folder
     itself (vLLM): :class:`BaseMismatch` for another base, :class:`IntegrityError` for anything
     ``verify`` would report (a changed, missing, unexpected or pickle file, a symlink)."""

@@ -19,7 +19,7 @@ from .materialized import drop_built_from
 from .records import lineage_sources
 
 if TYPE_CHECKING:
-    from .facade import Store
+    from .protocol import StoreView
 
 
 _RELATIONS = {"merge": "merged from", "from": "started from", "over": "layered on"}
@@ -37,7 +37,7 @@ class Dependent:
         return f"{_RELATIONS.get(self.relation, 'derived from')} {self.on}"
 
 
-def dependents(store: Store, ref: str | AdapterRef) -> list[Dependent]:
+def dependents(store: StoreView, ref: str | AdapterRef) -> list[Dependent]:
     """Adapters that depend on ``ref``, directly or through each other, most derived first.
 
     A dependent names ``ref`` (any version) in the ``lineage`` of one of its versions (a merge,
@@ -67,7 +67,8 @@ def dependents(store: Store, ref: str | AdapterRef) -> list[Dependent]:
     return order
 
 
-def user_ancestry(store: Store, sources: Sequence[tuple[AdapterRef, str]], owner: str | None = None) -> list[str] | None:
+def user_ancestry(store: StoreView, sources: Sequence[tuple[AdapterRef, str]],
+                  owner: str | None = None) -> list[str] | None:
     """A lineage path from one of ``sources`` (pinned versions) to a user adapter other than
     ``owner`` (an adapter id whose own versions are followed, not refused), else None.
 
@@ -95,7 +96,7 @@ def user_ancestry(store: Store, sources: Sequence[tuple[AdapterRef, str]], owner
     return None
 
 
-def check_shared_lineage(store: Store, ref: AdapterRef, lineage: Sequence[Mapping[str, Any]],
+def check_shared_lineage(store: StoreView, ref: AdapterRef, lineage: Sequence[Mapping[str, Any]],
                          over: Mapping[str, Any] | None, parent: int | None = None) -> None:
     """A domain adapter reaches every user's token: refuse one built, by any path, from a user adapter.
     A user adapter reaches its user's token: refuse one built from another user's adapter, also
@@ -121,7 +122,7 @@ def check_shared_lineage(store: Store, ref: AdapterRef, lineage: Sequence[Mappin
         )
 
 
-def layer_target(store: Store, ref: AdapterRef, over: str | AdapterRef) -> dict[str, Any]:
+def layer_target(store: StoreView, ref: AdapterRef, over: str | AdapterRef) -> dict[str, Any]:
     """Pin the adapter ``ref`` will be layered on, checking the layering rules."""
     target = parse_ref(over)
     if ref.kind != "user":
@@ -133,7 +134,7 @@ def layer_target(store: Store, ref: AdapterRef, over: str | AdapterRef) -> dict[
     return {"adapter": info.adapter, "version": info.version, "sha256": info.files.get(ADAPTER_WEIGHTS)}
 
 
-def with_layers(store: Store, parts: Sequence[StackPart],
+def with_layers(store: StoreView, parts: Sequence[StackPart],
                 layer_of: Callable[[AdapterRef], AdapterRef | None] | None = None) -> tuple[StackPart, ...]:
     """Pinned ``parts``, each layered adapter (``create --over``) followed by its layer, pinned at the
     version recorded when it was created (not the layer's moving ``current``): served as it was trained.
@@ -164,7 +165,7 @@ def with_layers(store: Store, parts: Sequence[StackPart],
     return tuple(out)
 
 
-def pin_stack(store: Store, model: str) -> tuple[StackPart, ...]:
+def pin_stack(store: StoreView, model: str) -> tuple[StackPart, ...]:
     """Pin a model string as the engine serves it, outside any engine (export, a vLLM resolver): every
     part at a version, followed by its layer (:func:`with_layers`), at most ``MAX_STACK`` adapters.
     ``domain:auto`` is refused: the router chooses it per prompt, inside an engine."""
@@ -180,7 +181,7 @@ def pin_stack(store: Store, model: str) -> tuple[StackPart, ...]:
     return pinned
 
 
-def delete(store: Store, ref: AdapterRef, *, cascade: bool) -> tuple[str, ...]:
+def delete(store: StoreView, ref: AdapterRef, *, cascade: bool) -> tuple[str, ...]:
     """Delete ``ref`` (and, with ``cascade``, its dependents, most derived first); revoke their tokens."""
     if (link := store._symlinked(ref)) is not None:
         with store.lock(ref):  # the link itself, never what it points to (often another adapter)
@@ -208,7 +209,7 @@ def delete(store: Store, ref: AdapterRef, *, cascade: bool) -> tuple[str, ...]:
     return _revoke_tokens(store, tuple(d.adapter for d in found) + (ref.id,))
 
 
-def _revoke_tokens(store: Store, deleted: tuple[str, ...]) -> tuple[str, ...]:
+def _revoke_tokens(store: StoreView, deleted: tuple[str, ...]) -> tuple[str, ...]:
     """Revoke the API tokens of deleted adapters (they name the user); returns ``deleted``."""
     for adapter in deleted:
         store.tokens.revoke_subject(adapter)

@@ -29,13 +29,16 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from .._fs import TMP_PREFIX, dumps_json, fsync_tree, read_regular_file, remove_tree, temp_sibling
 from ..errors import IntegrityError, InvalidConfig, InvalidName, MergeCacheFull
 from ..peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ..refs import AdapterRef
 from .layout import Layout, id_digest, now
+
+if TYPE_CHECKING:
+    from .protocol import StoreView
 
 CACHE = "merges"
 MANIFEST = "manifest.json"
@@ -160,7 +163,7 @@ def _checked(folder: Path, key: str) -> tuple[MaterializedFolder | None, str | N
     return MaterializedFolder(key, folder, dict(files), built=False), None
 
 
-def drop_built_from(store: Layout, refs: Sequence[AdapterRef]) -> int:
+def drop_built_from(store: StoreView, refs: Sequence[AdapterRef]) -> int:
     """Remove every entry built from any of ``refs`` (and any entry whose manifest is unreadable:
     what it holds cannot be told); returns how many. Called with the lineage lock held."""
     root = store.cache_dir(CACHE)

@@ -47,7 +47,7 @@ from .layout import now
 from .queues import PENDING, ReplayBuffer, jsonl_bytes
 
 if TYPE_CHECKING:
-    from .facade import Store
+    from .protocol import StoreView
 
 MEMORY = "memory.jsonl"
 MAX_K = 64
@@ -295,7 +295,7 @@ def search(folder: Path, query: str, k: int) -> list[MemoryHit]:
 
 
 # ----------------------------------------------------------------------------- forgetting
-def forget(store: Store, ref: AdapterRef, *, match: str | None = None, entry_id: str | None = None) -> ForgetReport:
+def forget(store: StoreView, ref: AdapterRef, *, match: str | None = None, entry_id: str | None = None) -> ForgetReport:
     """Remove what ``match`` (case-insensitive text) or ``entry_id`` (a memory id, and the pending and
     replay rows of the same interaction) names from the memory, the pending queue and the replay
     buffer: each rewritten atomically under the adapter's write lock."""
@@ -314,7 +314,7 @@ def forget(store: Store, ref: AdapterRef, *, match: str | None = None, entry_id:
         return _forget_now(store, ref, match, entry_id)
 
 
-def _forget_now(store: Store, ref: AdapterRef, match: str | None, entry_id: str | None) -> ForgetReport:
+def _forget_now(store: StoreView, ref: AdapterRef, match: str | None, entry_id: str | None) -> ForgetReport:
     queues.drop_consumed(store, ref)  # rows a published version consumed leave first, so digests stay true
     folder = store._adapter_dir(ref)
     with store.lock(ref):
@@ -354,7 +354,7 @@ class AdapterMemory:
     ['User: My cat is called Tom.\\nAssistant: Noted.']
     """
 
-    def __init__(self, store: Store, ref: AdapterRef):
+    def __init__(self, store: StoreView, ref: AdapterRef):
         self.store, self.ref = store, ref.unpinned()
         self.folder = store._adapter_dir(self.ref)
 

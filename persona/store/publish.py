@@ -32,7 +32,7 @@ from .queues import jsonl_bytes
 from .records import HELDOUT_FILE, HELDOUT_NAME, VersionInfo, parse_meta, side_file_names
 
 if TYPE_CHECKING:
-    from .facade import Store
+    from .protocol import StoreView
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class NewVersion:
     memory: Mapping[str, Any] | None = None  # the memory snapshot an update saw ({"entries", "digest"})
 
 
-def publish_version(store: Store, ref: AdapterRef, new: NewVersion, set_alias: str | None) -> VersionInfo:
+def publish_version(store: StoreView, ref: AdapterRef, new: NewVersion, set_alias: str | None) -> VersionInfo:
     """Publish the next version of an existing adapter under its lock; optionally point an alias at it."""
     ref = ref.unpinned()
     if set_alias is not None:
@@ -100,7 +100,7 @@ def publish_version(store: Store, ref: AdapterRef, new: NewVersion, set_alias: s
     return store.version_info(ref.at(version))
 
 
-def publish_first(store: Store, ref: AdapterRef, new: NewVersion, derived: Sequence[AdapterRef]) -> VersionInfo:
+def publish_first(store: StoreView, ref: AdapterRef, new: NewVersion, derived: Sequence[AdapterRef]) -> VersionInfo:
     """Create ``ref`` with its first version and ``current`` pointing at it, in one rename of its folder.
 
     A child of another adapter (``derived``: ``--from``, ``--over``) is published under the lineage
@@ -131,7 +131,7 @@ def publish_first(store: Store, ref: AdapterRef, new: NewVersion, derived: Seque
     return info
 
 
-def point_alias(store: Store, ref: AdapterRef, path: Path, alias: str, version: int) -> None:
+def point_alias(store: StoreView, ref: AdapterRef, path: Path, alias: str, version: int) -> None:
     """Point ``alias`` at an existing ``version`` (atomic rewrite of refs.json; hold the adapter's lock)."""
     if not (path / format_version(version) / META).is_file():
         raise VersionNotFound(f"{ref.id} has no version {format_version(version)}; see `persona show {ref.id}`")
@@ -140,7 +140,7 @@ def point_alias(store: Store, ref: AdapterRef, path: Path, alias: str, version: 
     atomic_write_json(path / REFS, {"aliases": aliases})
 
 
-def drop_alias(store: Store, ref: AdapterRef, path: Path, alias: str) -> None:
+def drop_alias(store: StoreView, ref: AdapterRef, path: Path, alias: str) -> None:
     """Remove ``alias`` (atomic rewrite of refs.json; hold the adapter's lock)."""
     aliases = store._read_refs(path)
     if aliases.pop(alias, None) is None:
@@ -148,7 +148,7 @@ def drop_alias(store: Store, ref: AdapterRef, path: Path, alias: str) -> None:
     atomic_write_json(path / REFS, {"aliases": aliases})
 
 
-def _write_version(store: Store, folder: Path, ref: AdapterRef, version: int, new: NewVersion) -> VersionInfo:
+def _write_version(store: StoreView, folder: Path, ref: AdapterRef, version: int, new: NewVersion) -> VersionInfo:
     from safetensors.torch import save_file
 
     _check_finite(ref, version, new.tensors, new.extra_files)

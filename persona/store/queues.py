@@ -38,7 +38,7 @@ from ..interactions import Interaction, append_jsonl, parse_interactions
 from ..refs import KINDS, AdapterRef
 
 if TYPE_CHECKING:
-    from .facade import Store
+    from .protocol import StoreView
 
 REPLAY = "replay.jsonl"
 REPLAY_STATE = "replay.state.json"
@@ -186,7 +186,7 @@ def fingerprint(folder: Path) -> PendingFingerprint:
     return PendingFingerprint(len(lines), _digest(lines))
 
 
-def drop_consumed(store: Store, ref: AdapterRef) -> int:
+def drop_consumed(store: StoreView, ref: AdapterRef) -> int:
     """Remove rows the newest pending-trained version consumed but a crash left queued; return how many."""
     ref = ref.unpinned()
     folder = store._adapter_dir(ref)
@@ -204,14 +204,14 @@ def drop_consumed(store: Store, ref: AdapterRef) -> int:
         return dropped
 
 
-def take(store: Store, ref: AdapterRef) -> PendingBatch:
+def take(store: StoreView, ref: AdapterRef) -> PendingBatch:
     """The queue to train on, after dropping what a published version already consumed."""
     drop_consumed(store, ref)
     with store.lock(ref):
         return read(store._adapter_dir(ref))
 
 
-def consume(store: Store, ref: AdapterRef, batch: PendingBatch, version: int) -> bool:
+def consume(store: StoreView, ref: AdapterRef, batch: PendingBatch, version: int) -> bool:
     """Remove ``batch`` from the head of the queue now that ``version`` (trained on it) is published.
 
     Removes only while the head still is that batch, so a concurrent :func:`drop_consumed` and this
@@ -228,7 +228,7 @@ def consume(store: Store, ref: AdapterRef, batch: PendingBatch, version: int) ->
         return removed
 
 
-def pending_counts(store: Store) -> dict[str, int]:
+def pending_counts(store: StoreView) -> dict[str, int]:
     """``{adapter id: rows}`` of every adapter whose pending queue holds rows (the server's
     ``--auto-update`` polls it). Counts non-blank lines without parsing them, so a damaged queue
     still counts (its update then fails and says why); rows a crash left after a published version

@@ -26,7 +26,7 @@ from .._fs import PRIVATE_MODE, atomic_write_json, read_regular_file
 from ..refs import AdapterRef, StackPart, parse_ref
 
 if TYPE_CHECKING:
-    from .facade import Store
+    from .protocol import StoreView
 
 TOKENS_FILE = "tokens.json"
 ADMIN = "admin"
@@ -71,7 +71,7 @@ def _hash(secret: str) -> str:
 class TokenStore:
     """The tokens of one adapter store (``Store.root / tokens.json``); reach it as ``store.tokens``."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: StoreView):
         self.store = store
         self.path = store.root / TOKENS_FILE
 
