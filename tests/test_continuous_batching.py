@@ -5,6 +5,7 @@ by the test: a row that joins mid-decode must compute what its adapter alone com
 every step's logits) and generate what it generates alone. The admission policy is tested on its own.
 """
 
+import threading
 import time
 from collections import deque
 from concurrent.futures import CancelledError
@@ -190,6 +191,84 @@ def test_submitted_requests_through_the_worker_equal_static_results(store, base)
         while (stats := engine.stats()).requests < 4 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert stats.requests == 4 and stats.tokens_generated == sum(r.completion_tokens for r in expected)
+
+
+def test_a_joining_step_prefills_without_decoding_the_running_rows(engine):
+    """Prefill first: an iteration with rows to join prefills them (their first token is chosen at
+    once) and leaves the running rows' decode to the next iteration, which finds the new rows in."""
+    a, b = engine._admit(greedy("user:a", n=30)), engine._admit(greedy("user:b", n=30))
+    engine._step([a])
+    tokens = lambda: [row.tokens for row in engine._running.rows]  # noqa: E731
+    assert tokens() == [1]  # a's first token, from its prefill
+    engine._step([])
+    assert tokens() == [2]
+    engine._step([b])
+    assert tokens() == [2, 1]  # b joined with its first token; a did not step
+    engine._step([])
+    assert tokens() == [3, 2]
+    times = engine.stats().times
+    assert (times.prefill_steps, times.decode_steps, times.decode_rows) == (2, 2, 3)
+    run_steps(engine, [])
+
+
+def test_a_request_arriving_during_a_prefill_gets_its_first_token_before_the_next_decode_step(store, base):
+    """Event order, not wall time: a decodes; b's prefill is held in its forward while c arrives; c's
+    prefill and its first token's emission come before the next decode step of the running rows.
+    (Before prefill-first, an iteration was prefill + decode, so c waited for a and b's decode.)"""
+    events, hold, held = [], threading.Event(), threading.Event()
+    with Engine(store, base=base, batch_wait_s=0) as engine:
+        real = engine._forward
+
+        def forward(ids, mask, pos, *, cache, last_only):
+            kind = "decode" if ids.shape[1] == 1 else "prefill"
+            if kind == "prefill" and hold.is_set() and not held.is_set():
+                held.set()  # b's prefill: c is submitted while it runs
+                assert hold.wait(30)
+                time.sleep(0.2)  # let c reach the worker's queue
+            out = real(ids, mask, pos, cache=cache, last_only=last_only)
+            events.append((kind, ids.shape[0]))
+            return out
+
+        engine._forward = forward
+        a = engine.submit(greedy("user:a", prompt=PROMPTS[1], n=40))
+        stream = a.stream()
+        next(stream)  # a is running
+        hold.set()
+        engine.submit(greedy("user:b", prompt=PROMPTS[0], n=4))
+        assert held.wait(30)
+        c = engine.submit(greedy("user:d", prompt=PROMPTS[3], n=4))
+        emit = c.emit
+        c.emit = lambda *args: (events.append(("c emits", 0)), emit(*args))[1]
+        assert c.result(timeout=60).completion_tokens == 4
+        a.cancel()
+    b_prefill = events.index(("prefill", 1), events.index(("decode", 1)))  # the first prefill after a decoded
+    after = events[b_prefill + 1 :]
+    assert after[0] == ("prefill", 1)  # c's, straight after b's
+    assert after.index(("c emits", 0)) < next(i for i, e in enumerate(after) if e[0] == "decode")
+
+
+def test_serving_times_account_for_each_requests_way_to_its_first_token(store, base):
+    """stats().times: every submitted request's first token is counted, its phases are in order and
+    add up to its time to first token; decode and prefill iterations are counted."""
+    with Engine(store, base=base, batch_wait_s=0) as engine:
+        handles = [engine.submit(greedy(m, prompt=p, n=6)) for m, p in
+                   (("user:a", LONG), ("user:b", PROMPTS[0]), ("domain:c", PROMPTS[1]))]
+        for handle in handles:
+            handle.result(timeout=60)
+        times = engine.stats().times
+    assert times.first_tokens == 3 and times.prefill_steps >= 1 and times.decode_steps >= 5
+    assert times.decode_rows >= times.decode_steps and times.decode_s > 0 and times.prefill_s > 0
+    assert min(times.queue_s, times.admission_s, times.setup_s, times.first_token_s, times.join_s) >= 0
+    assert engine.stats().to_dict()["times"]["first_tokens"] == 3
+
+
+def test_job_times_are_in_order(engine):
+    job = engine._admit(greedy("user:a", n=3))
+    job.times.submitted = job.times.taken = job.times.admitted = time.perf_counter()
+    run_steps(engine, [[job]])
+    t = job.times
+    assert t.submitted <= t.taken <= t.admitted <= t.prefill_start < t.prefill_end <= t.first_token
+    assert engine.stats().times.first_tokens == 1
 
 
 def test_a_cancelled_row_leaves_the_running_batch_at_the_next_step(engine):

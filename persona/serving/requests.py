@@ -29,6 +29,8 @@ __all__ = [
     "GenerationResult",
     "Handle",
     "Job",
+    "JobTimes",
+    "ServingTimes",
     "cancelled_error",
     "when_all_done",
 ]
@@ -132,11 +134,70 @@ class EngineStats:
     largest_batch: int  # most rows in one decode step
     slot_bytes: int  # memory of the slot tensors
     cpu_cache_bytes: int  # memory of the CPU tier
+    times: "ServingTimes" = None  # type: ignore[assignment] - where the worker's time went (always set by Engine)
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["resident"], d["cpu_cached"] = list(self.resident), list(self.cpu_cached)
+        d["times"] = None if self.times is None else dict(self.times.__dict__)
         return d
+
+
+@dataclass
+class JobTimes:
+    """When a submitted job passed each point on its way to its first token (``time.perf_counter``; 0: not yet).
+
+    Filled by the engine and its worker; :class:`ServingTimes` sums the gaps over requests.
+    """
+
+    submitted: float = 0.0  # Engine.submit queued it
+    taken: float = 0.0  # the worker took it from its queue (the step in flight, if any, had ended)
+    admitted: float = 0.0  # admission let it join a step
+    prefill_start: float = 0.0  # its prefill forward began (model lock held, adapters resident)
+    prefill_end: float = 0.0  # that forward returned
+    first_token: float = 0.0  # its first token was chosen and its text handed to its stream
+
+
+@dataclass(frozen=True)
+class ServingTimes:
+    """Where the continuous worker's time went, summed since the engine started (seconds; relative
+    shares are what they are for: wall time on a shared machine says little). Divide a ``*_s`` of a
+    request phase by ``first_tokens`` for its mean.
+
+    Time to first token of a submitted request = ``queue_s`` (waiting for the step in flight, or the
+    idle worker's gathering wait) + ``admission_s`` (held back by the admission policy) + ``setup_s``
+    (model lock, adapter loads) + ``prefill_s`` (its prompt's forward) + ``first_token_s`` (choosing
+    the token, detokenizing, handing it to the stream). Per step: ``decode_s`` over ``decode_steps``
+    decode iterations (``decode_rows`` rows in all), ``prefill_steps`` prefill iterations, ``join_s``
+    re-packing the KV cache when rows joined, ``routes_s`` gathering the running rows' LoRA factors.
+    """
+
+    first_tokens: int = 0
+    queue_s: float = 0.0
+    admission_s: float = 0.0
+    setup_s: float = 0.0
+    prefill_s: float = 0.0
+    first_token_s: float = 0.0
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    decode_rows: int = 0
+    decode_s: float = 0.0
+    join_s: float = 0.0
+    routes_s: float = 0.0
+
+    def of(self, times: "JobTimes") -> "ServingTimes":
+        """These totals with one more request's first token (``times`` fully set)."""
+        return replace(
+            self, first_tokens=self.first_tokens + 1,
+            queue_s=self.queue_s + max(0.0, times.taken - times.submitted),
+            admission_s=self.admission_s + max(0.0, times.admitted - times.taken),
+            setup_s=self.setup_s + max(0.0, times.prefill_start - times.admitted),
+            prefill_s=self.prefill_s + (times.prefill_end - times.prefill_start),
+            first_token_s=self.first_token_s + (times.first_token - times.prefill_end),
+        )
+
+    def plus(self, **increments: float) -> "ServingTimes":
+        return replace(self, **{k: getattr(self, k) + v for k, v in increments.items()})
 
 
 @dataclass(frozen=True)
@@ -289,6 +350,7 @@ class Job:
     max_new_tokens: int
     handle: Handle
     grammar: RowGrammar | None = None  # the row's response_format state, built at admission
+    times: JobTimes = field(default_factory=JobTimes)  # instrumentation: its way to its first token
 
     @property
     def refs(self) -> tuple[AdapterRef, ...]:

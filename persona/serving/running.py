@@ -62,8 +62,10 @@ class RunningBatch:
         new_cache: Callable[[], Any],
         pad_token_id: int,
         device: torch.device,
+        record: Callable[[str, float], None] | None = None,
     ):
         self._forward = forward
+        self._record = record or (lambda phase, seconds: None)
         self._routes_for = routes_for
         self._apply_routes = apply_routes
         self._choose = choose
@@ -98,8 +100,13 @@ class RunningBatch:
         position_ids = positions(mask)
         self._apply_routes(self._routes_for(rows, False))  # one forward: gathered at that forward, no pre-gather
         cache = self._new_cache()
+        start = time.perf_counter()
         logits = self._forward(ids, mask, position_ids, cache)
-        tokens = self._choose(logits, rows)
+        end = time.perf_counter()
+        tokens = self._choose(logits, rows)  # the first tokens reach their streams here, before any decode step
+        chosen = time.perf_counter()
+        for row in rows:
+            row.job.times.prefill_start, row.job.times.prefill_end, row.job.times.first_token = start, end, chosen
         keep = [i for i, r in enumerate(rows) if not r.done]
         ended = [r for r in rows if r.done]
         if keep:
@@ -107,6 +114,7 @@ class RunningBatch:
             if len(keep) < len(rows):
                 cache.batch_select_indices(index)
             self._join([rows[i] for i in keep], cache, mask[index], position_ids[index, -1:] + 1, tokens[index])
+            self._record("join_s", time.perf_counter() - chosen)
         return ended
 
     def decode(self) -> list[Row]:
@@ -115,7 +123,9 @@ class RunningBatch:
             return []
         assert self._mask is not None and self._next_pos is not None and self._pending is not None
         if self._routes is None:  # the rows changed: gather their factors once for the steps to come
+            start = time.perf_counter()
             self._routes = self._routes_for(self.rows, True)
+            self._record("routes_s", time.perf_counter() - start)
         self._apply_routes(self._routes)
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(self.rows), 1))], dim=1)
         logits = self._forward(self._pending.view(-1, 1), self._mask, self._next_pos, self._cache)

@@ -204,6 +204,9 @@ class ContinuousWorker(_Worker):
                     break
                 # Idle: block for the next job, then wait a moment for others arriving with it.
                 batch, stopping = self._next_batch()
+                now = time.perf_counter()
+                for job in batch:
+                    job.times.taken = now
                 waiting.extend(batch)
             stopping = self._take_arrivals(waiting) or stopping
             if stopping:  # closing: what has not joined yet fails; running rows finish
@@ -211,6 +214,9 @@ class ContinuousWorker(_Worker):
                     waiting.popleft().handle.fail(EngineClosed("the engine was closed before this request ran"))
             self._drop_cancelled(waiting)
             joining = self.policy.admit(waiting, occupancy)
+            now = time.perf_counter()
+            for job in joining:
+                job.times.admitted = now
             if not joining and not occupancy.rows:
                 continue
             try:
@@ -231,6 +237,7 @@ class ContinuousWorker(_Worker):
                 return False
             if job is _STOP:
                 return True
+            job.times.taken = time.perf_counter()
             waiting.append(job)
 
     @staticmethod
