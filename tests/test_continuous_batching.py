@@ -231,8 +231,9 @@ def test_a_request_arriving_during_a_prefill_gets_its_first_token_before_the_nex
 
         engine._forward = forward
         a = engine.submit(greedy("user:a", prompt=PROMPTS[1], n=40))
-        stream = a.stream()
-        next(stream)  # a is running
+        deadline = time.monotonic() + 30
+        while ("decode", 1) not in events and time.monotonic() < deadline:  # a is decoding
+            time.sleep(0.001)
         hold.set()
         engine.submit(greedy("user:b", prompt=PROMPTS[0], n=4))
         assert held.wait(30)
@@ -269,6 +270,61 @@ def test_job_times_are_in_order(engine):
     t = job.times
     assert t.submitted <= t.taken <= t.admitted <= t.prefill_start < t.prefill_end <= t.first_token
     assert engine.stats().times.first_tokens == 1
+
+
+def test_chunked_prefill_gives_the_logits_and_outputs_of_an_unchunked_one(store, base, monkeypatch):
+    """max_batch_tokens=5: the long prompt is prefilled in chunks of 5 while another row decodes
+    between them; every step's logits equal the unchunked run's within 1e-4, the results are equal,
+    and both equal each request run alone."""
+    requests = [greedy("user:a", prompt=PROMPTS[1], n=10), greedy("user:b", prompt=LONG, n=8)]
+
+    def run(max_batch_tokens):
+        recorder = Recorder(monkeypatch)
+        with Engine(store, base=base, max_batch_tokens=max_batch_tokens) as engine:
+            jobs = [engine._admit(r) for r in requests]
+            run_steps(engine, [[jobs[0]], [], [jobs[1]]])
+            times = engine.stats().times
+            alone = [engine.generate([r])[0] for r in requests]
+        return [recorder.logits[id(j)] for j in jobs], [j.handle.result(timeout=0) for j in jobs], times, alone
+
+    chunked_logits, chunked, times, alone = run(5)
+    whole_logits, whole, _, _ = run(2048)
+    assert len(base.tokenizer(LONG)["input_ids"]) > 10  # three chunks or more
+    assert times.prefill_steps >= 4  # a's prefill and b's chunks
+    for ours, theirs in zip(chunked_logits, whole_logits, strict=True):
+        assert len(ours) == len(theirs)
+        assert (torch.stack(ours) - torch.stack(theirs)).abs().max() < 1e-4
+    assert chunked == whole == alone
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps_and_not_starved(store, base):
+    """A prompt over the token budget joins (alone) and runs a budget's worth per iteration, the
+    running row decoding between its chunks; requests queued behind it join after it (FIFO), and
+    every one equals its result alone."""
+    events = []
+    with Engine(store, base=base, batch_wait_s=0, max_batch_tokens=6) as engine:
+        requests = [greedy("user:a", prompt=PROMPTS[1], n=30), greedy("user:b", prompt=LONG, n=5),
+                    greedy("user:d", prompt=PROMPTS[0], n=5), greedy("domain:c", prompt=PROMPTS[2], n=5)]
+        alone = [engine.generate([r])[0] for r in requests]
+        real = engine._forward
+
+        def forward(ids, mask, pos, *, cache, last_only):
+            events.append(("decode" if ids.shape[1] == 1 else "prefill", ids.shape[0], ids.shape[1]))
+            return real(ids, mask, pos, cache=cache, last_only=last_only)
+
+        engine._forward = forward
+        first = engine.submit(requests[0])
+        stream = first.stream()
+        next(stream)
+        start = len(events)
+        handles = [first] + [engine.submit(r) for r in requests[1:]]
+        results = [h.result(timeout=60) for h in handles]
+    assert results == alone
+    chunks = [i for i, e in enumerate(events[start:]) if e[0] == "prefill" and e[2] == 6 and e[1] == 1]
+    assert len(chunks) >= 2  # the long prompt ran in chunks of the budget ...
+    between = events[start:][chunks[0] : chunks[1]]
+    assert any(e[0] == "decode" for e in between)  # ... and the running row decoded between them
+    assert all(e[2] <= 6 for e in events[start:])  # no prompt ran more tokens at once than the budget
 
 
 def test_a_cancelled_row_leaves_the_running_batch_at_the_next_step(engine):

@@ -178,7 +178,9 @@ class Engine:
             self._worker = BatchWorker(self._run_jobs, max_batch=max_batch, wait_s=batch_wait_s)
         else:
             check_cache_layers(new_kv_cache(self.model))
+            self.max_batch_tokens = max_batch_tokens  # also the chunk of a longer prompt's prefill
             self._running = self._new_batch()
+            self._decode_next = False  # after a chunk of a long prompt, the running rows decode first
             policy = AdmissionPolicy(max_batch=max_batch, max_batch_tokens=max_batch_tokens, max_resident=max_resident)
             self._worker = ContinuousWorker(self._step, policy, wait_s=batch_wait_s)
 
@@ -398,19 +400,31 @@ class Engine:
         self._lock.yield_to_waiting()
         with self._lock, torch.no_grad():
             try:
-                running = {str(r) for row in batch.rows for r in row.job.refs}
+                running = {str(r) for row in self._held_rows() for r in row.job.refs}
                 live = self._load_adapters(joining, protected=running)
                 kept = {id(j) for j in live}
                 ended += [j for j in joining if id(j) not in kept]  # a broken adapter, or cancelled: never ran
                 if live:
                     self._count(batches=1)
-                    ended += [r.job for r in batch.prefill([self._row(j) for j in live])]
+                    ended += [r.job for r in batch.prefill([self._row(j) for j in live], chunk=self.max_batch_tokens)]
                     self._record_first_tokens(live)
+                    self._decode_next = batch.partial is not None  # a long prompt's chunks alternate with decode steps
+                elif batch.partial is not None and not (batch.rows and self._decode_next):
+                    job = batch.partial.row.job
+                    if job.handle.cancelled:
+                        batch.drop_partial()
+                        job.handle.fail(cancelled_error())
+                        ended.append(job)
+                    else:
+                        ended += [r.job for r in batch.prefill_chunk(self.max_batch_tokens)]
+                        self._record_first_tokens([job] if batch.partial is None else [])
+                    self._decode_next = True
                 else:
                     rows, start = len(batch), time.perf_counter()
                     ended += [r.job for r in batch.decode()]
                     if rows:
                         self._add_times(decode_steps=1, decode_rows=rows, decode_s=time.perf_counter() - start)
+                    self._decode_next = False
                 with self._stats_lock:
                     self._counts["largest_batch"] = max(self._counts["largest_batch"], len(batch))
             except BaseException as exc:
@@ -422,12 +436,17 @@ class Engine:
                 raise
             finally:
                 self.runtime.clear_routes()  # the router and logits() run the model between steps
-                adapters = frozenset(str(r) for row in batch.rows for r in row.job.refs)
+                adapters = frozenset(str(r) for row in self._held_rows() for r in row.job.refs)
                 self._cache.pinned = adapters  # a running row's slots are never evicted between its steps
                 self._snapshot_residency()
                 for job in ended:
                     self._count_ended(job)
-            return Occupancy(len(batch), adapters)
+            return Occupancy(len(batch), adapters, prefilling=batch.partial is not None)
+
+    def _held_rows(self) -> list[Row]:
+        """The running rows and the one being prefilled in chunks (their adapters stay resident)."""
+        batch = self._running
+        return batch.rows + ([batch.partial.row] if batch.partial is not None else [])
 
     def _record_first_tokens(self, jobs: Sequence[Job]) -> None:
         """Add the prefilled jobs' ways to their first tokens to ``stats().times`` (submitted jobs only:

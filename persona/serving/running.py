@@ -78,6 +78,7 @@ class RunningBatch:
         self._next_pos: torch.Tensor | None = None  # [rows, 1]: each row's next position id
         self._pending: torch.Tensor | None = None  # [rows]: the token each row feeds at the next step
         self._routes: Routes | None = None  # the running rows' routes; None after rows joined or left
+        self.partial: _Partial | None = None  # a long prompt being prefilled in chunks (not yet running)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -87,14 +88,20 @@ class RunningBatch:
         """Columns of the cache (the longest live row's tokens so far, padding included)."""
         return 0 if self._mask is None else int(self._mask.shape[1])
 
-    def prefill(self, rows: Sequence[Row]) -> list[Row]:
+    def prefill(self, rows: Sequence[Row], chunk: int | None = None) -> list[Row]:
         """Run the new rows' prompts, hand each its first token, and let those that go on join.
 
+        With ``chunk``, one row (admission lets a longer prompt join alone) whose prompt is longer than
+        ``chunk`` tokens is not run at once: it becomes ``partial`` and its first ``chunk`` tokens run
+        now, the rest by ``prefill_chunk`` (one prompt at a time is chunked).
         Returns the rows that ended at their first token (their handles are finished or failed).
         """
         rows = list(rows)
         if not rows:
             return []
+        if chunk is not None and self.partial is None and len(rows) == 1 and len(rows[0].job.prompt_ids) > chunk:
+            self.partial = _Partial(rows[0], self._new_cache())
+            return self.prefill_chunk(chunk)
         ids, mask = pad_rows([r.job.prompt_ids for r in rows], self._pad, side="left")
         ids, mask = ids.to(self._device), mask.to(self._device)
         position_ids = positions(mask)
@@ -117,6 +124,40 @@ class RunningBatch:
             self._record("join_s", time.perf_counter() - chosen)
         return ended
 
+    def prefill_chunk(self, chunk: int) -> list[Row]:
+        """Run the next ``chunk`` prompt tokens of the ``partial`` row through its own cache; after its
+        last chunk, hand it its first token and let it join (returned if it ended at that token).
+
+        Chunked prefill (Sarathi-Serve; vLLM's ``--enable-chunked-prefill``): a prompt longer than the
+        step's token budget runs a budget's worth per iteration, and the running rows decode between
+        its chunks instead of stalling for its whole prefill. Exact: the chunk's queries attend to
+        the cached keys of the chunks before it, at the positions they would have had in one pass.
+        """
+        part = self.partial
+        assert part is not None
+        prompt = part.row.job.prompt_ids
+        start, end = part.done, min(part.done + chunk, len(prompt))
+        ids = torch.tensor([prompt[start:end]], device=self._device)
+        mask = torch.ones((1, end), dtype=torch.long, device=self._device)
+        position_ids = torch.arange(start, end, device=self._device).view(1, -1)
+        self._apply_routes(self._routes_for([part.row], False))
+        began = time.perf_counter()
+        logits = self._forward(ids, mask, position_ids, part.cache)
+        finished = time.perf_counter()
+        times = part.row.job.times
+        times.prefill_start = times.prefill_start or began
+        part.done = end
+        if end < len(prompt):
+            return []
+        self.partial = None
+        tokens = self._choose(logits, [part.row])
+        times.prefill_end, times.first_token = finished, time.perf_counter()
+        if part.row.done:
+            return [part.row]
+        self._join([part.row], part.cache, mask, position_ids[:, -1:] + 1, tokens)
+        self._record("join_s", time.perf_counter() - times.first_token)
+        return []
+
     def decode(self) -> list[Row]:
         """One step for every running row; returns the rows that ended (they have left the batch)."""
         if not self.rows:
@@ -134,10 +175,17 @@ class RunningBatch:
         return self._drop_finished()
 
     def clear(self) -> list[Row]:
-        """Empty the batch (after a failed forward); returns the rows it held."""
+        """Empty the batch (after a failed forward); returns the rows it held, a partial one included."""
         rows, self.rows = self.rows, []
-        self._cache = self._mask = self._next_pos = self._pending = self._routes = None
+        if self.partial is not None:
+            rows.append(self.partial.row)
+        self._cache = self._mask = self._next_pos = self._pending = self._routes = self.partial = None
         return rows
+
+    def drop_partial(self) -> Row | None:
+        """Forget the row being prefilled in chunks (its request was cancelled); returns it."""
+        part, self.partial = self.partial, None
+        return None if part is None else part.row
 
     # ------------------------------------------------------------------ cache surgery
     def _join(self, rows: list[Row], cache: Any, mask: torch.Tensor, next_pos: torch.Tensor,
@@ -165,8 +213,9 @@ class RunningBatch:
         ended = [r for r in self.rows if r.done]
         if not ended:
             return []
-        if not keep:
-            self.clear()
+        if not keep:  # the batch empties (a partial row, if any, stays)
+            self.rows = []
+            self._cache = self._mask = self._next_pos = self._pending = self._routes = None
             return ended
         assert self._mask is not None and self._next_pos is not None and self._pending is not None
         index = torch.tensor(keep, device=self._device)
@@ -185,6 +234,13 @@ class RunningBatch:
         self.rows = [self.rows[i] for i in keep]
         self._routes = None
         return ended
+
+
+class _Partial:
+    """A row whose long prompt is being prefilled in chunks: its own cache and how far it has got."""
+
+    def __init__(self, row: Row, cache: Any):
+        self.row, self.cache, self.done = row, cache, 0
 
 
 def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:

@@ -4,10 +4,11 @@
 queues it here. Two workers exist (``Engine(scheduler=...)``, ``persona serve --scheduler``):
 
 - ``ContinuousWorker`` (the default; Orca's iteration-level scheduling, as vLLM, TGI and SGLang do):
-  at every decode step it admits waiting jobs, in arrival order, under ``AdmissionPolicy`` (rows,
+  at every iteration it admits waiting jobs, in arrival order, under ``AdmissionPolicy`` (rows,
   tokens of the step, resident adapters), and hands them to the engine's step function, which
-  prefills them, decodes every running row one token and lets finished rows leave. A request that
-  arrives mid-batch joins at the next step instead of waiting for the batch to end.
+  prefills them first (their first tokens are streamed at once), or else runs the next chunk of a
+  long prompt or decodes every running row one token, and lets finished rows leave. A request that
+  arrives mid-batch joins at the next iteration instead of waiting for the batch to end.
 - ``BatchWorker`` (static, kept for comparison until the continuous one has won on a quiet machine):
   takes the first waiting job, waits a few milliseconds for more (up to ``max_batch``) and has the
   engine run them to the end as one batch.
@@ -133,10 +134,17 @@ class BatchWorker(_Worker):
 
 @dataclass(frozen=True)
 class Occupancy:
-    """What the running batch holds after a step: its rows and the adapter versions they read."""
+    """What the running batch holds after a step: its rows, the adapter versions they read, and
+    whether a long prompt is part way through its chunked prefill (it runs on at the next steps)."""
 
     rows: int = 0
     adapters: frozenset[str] = frozenset()
+    prefilling: bool = False
+
+    @property
+    def busy(self) -> bool:
+        """Whether the engine has work of its own for the next step (rows to decode, a prompt to go on with)."""
+        return self.rows > 0 or self.prefilling
 
 
 @dataclass(frozen=True)
@@ -149,7 +157,9 @@ class AdmissionPolicy:
     resident). Admission stops at the first job that does not fit: nothing overtakes it, so a long
     prompt at the head of the queue joins as soon as enough running rows have finished, and no
     stream of short requests can starve it. A prompt longer than ``max_batch_tokens`` on its own
-    joins as the only prompt of a step (it could never fit otherwise).
+    joins as the only prompt of a step (it could never fit otherwise): the engine prefills it in
+    chunks of ``max_batch_tokens``, and nothing joins until its last chunk has run (FIFO: the jobs
+    behind it arrived later).
     """
 
     max_batch: int
@@ -159,6 +169,8 @@ class AdmissionPolicy:
     def admit(self, waiting: deque[Job], occupancy: Occupancy) -> list[Job]:
         """Pop the jobs that join now from the left of ``waiting``, in order."""
         joining: list[Job] = []
+        if occupancy.prefilling:
+            return joining
         tokens = occupancy.rows  # one decode token per running row
         adapters = set(occupancy.adapters)
         while waiting and occupancy.rows + len(joining) < self.max_batch:
@@ -178,8 +190,9 @@ class AdmissionPolicy:
 class ContinuousWorker(_Worker):
     """One background thread that schedules per iteration: jobs join and leave the running batch at every step.
 
-    ``step(joining)`` runs one iteration in the engine (prefill ``joining``, decode the running
-    rows one token, drop finished rows) and returns the batch's ``Occupancy``; it must finish or fail
+    ``step(joining)`` runs one iteration in the engine (prefill ``joining``, or the next chunk of a
+    long prompt, or decode the running rows one token; drop finished rows) and returns the batch's
+    ``Occupancy``; it must finish or fail
     every handle it drops, and on an exception fail every job it holds (the batch is then empty).
     """
 
@@ -199,7 +212,7 @@ class ContinuousWorker(_Worker):
         waiting: deque[Job] = deque()
         occupancy, stopping = Occupancy(), False
         while True:
-            if not waiting and not occupancy.rows:
+            if not waiting and not occupancy.busy:
                 if stopping:
                     break
                 # Idle: block for the next job, then wait a moment for others arriving with it.
@@ -217,14 +230,14 @@ class ContinuousWorker(_Worker):
             now = time.perf_counter()
             for job in joining:
                 job.times.admitted = now
-            if not joining and not occupancy.rows:
+            if not joining and not occupancy.busy:
                 continue
             try:
                 occupancy = self._step(joining)
             except BaseException:  # noqa: BLE001 - the step failed its own jobs; the worker lives on
                 occupancy = Occupancy()
             for job in joining:
-                if not job.handle.done() and occupancy.rows == 0:
+                if not job.handle.done() and not occupancy.busy:
                     job.handle.fail(RuntimeError("internal error: the engine left this request unfinished"))
         self._fail_queued()
 
