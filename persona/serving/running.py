@@ -2,13 +2,16 @@
 
 ``RunningBatch`` holds the rows being decoded, with one left-padded dense KV cache (a transformers
 ``DynamicCache``: per layer, keys and values ``[rows, heads, length, head_dim]``), the attention mask
-``[rows, length]``, each row's next position id and the token it feeds next. Every step of the
-engine's worker:
+``[rows, length]``, each row's next position id and the token it feeds next. Each iteration of the
+engine's worker calls one of:
 
 - ``prefill(rows)`` runs the new rows' prompts in a forward of their own (left padded among
-  themselves, a fresh cache), chooses their first tokens, and merges the rows that go on into the
-  running cache: the shorter of the two caches is padded on the left (zero keys and values under a
-  zero mask), then the two are concatenated along the batch;
+  themselves, a fresh cache), chooses their first tokens (handed to their streams before anything
+  else runs), and merges the rows that go on into the running cache: the shorter of the two caches
+  is padded on the left (zero keys and values under a zero mask), then the two are concatenated
+  along the batch; a prompt longer than the step's token budget becomes ``partial`` instead;
+- ``prefill_chunk(chunk)`` runs the next ``chunk`` tokens of the ``partial`` row's prompt (chunked
+  prefill); after the last one the row gets its first token and joins;
 - ``decode()`` feeds every running row its pending token in one forward, chooses the next ones,
   and drops the rows that finished (``index_select`` along the batch); columns that no remaining
   row attends to any more are cut from the left, so the cache is as long as its longest live row.
@@ -16,9 +19,12 @@ engine's worker:
 Why a dense cache and not a paged one (vLLM's PagedAttention): transformers' attention reads one
 contiguous tensor per layer, and a masked key contributes exactly zero to a softmax, so padding and
 re-packing change no row's result (checked against each adapter alone, and against the static
-engine). The cost is the copy when rows join (the whole cache once per join, not per step), which
-is small next to a forward pass at the batch sizes one engine serves; pages would pay off with
-many long contexts on a GPU, where memory, not copying, is the limit.
+engine). The cost is the copy when rows join (the whole cache once per join). It is kept: every
+decode step copies the whole cache anyway (``DynamicLayer.update`` appends with ``torch.cat``), so
+a join costs about one step's append, after the joiners' first tokens are out; growing in place
+would mean replacing transformers' cache class for no visible gain (``record("join_s", ...)``
+measures it). Pages would pay off with many long contexts on a GPU, where memory, not copying, is
+the limit.
 
 Position ids are per row (``decode.positions``), so a row's positions do not depend on how much
 padding the batch gives it. Nothing here chooses which rows join: that is ``scheduler``'s admission.
