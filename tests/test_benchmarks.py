@@ -89,11 +89,12 @@ def test_serve_load_quick_path_runs_both_schedulers_on_one_schedule(capsys):
     module = _load("serve_load")
     threads = torch.get_num_threads()
     try:
-        module.main(["--quick", "--requests", "4", "--threads", "1"])
+        module.main(["--quick", "--requests", "4", "--threads", "1", "--load", "10"])
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    assert "| static |" in out and "| continuous |" in out and "arrival rate:" in out
+    assert "| static |" in out and "| continuous |" in out and "arrival rate:" in out and "(10.0 per" in out
+    assert "first token, mean of 4: queue" in out and " decode (mean " in out  # the continuous engine's breakdown
     assert "greedy outputs identical across engines: True" in out  # the same requests, greedy: the same text
 
 
