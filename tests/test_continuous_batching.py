@@ -327,6 +327,18 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps_and_not_starv
     assert all(e[2] <= 6 for e in events[start:])  # no prompt ran more tokens at once than the budget
 
 
+def test_a_long_prompt_cancelled_between_its_chunks_is_dropped_and_unpins_its_adapter(store, base):
+    with Engine(store, base=base, max_batch_tokens=4) as engine:
+        job = engine._admit(greedy("user:b", prompt=LONG, n=5))
+        occupancy = engine._step([job])
+        assert occupancy.prefilling and occupancy.busy and occupancy.rows == 0
+        assert engine._cache.pinned == {"user:b@v1"}  # its slot stays while its chunks run
+        job.handle.cancel()
+        occupancy = engine._step([])
+        assert not occupancy.busy and engine._running.partial is None and engine._cache.pinned == set()
+        assert isinstance(job.handle.error, CancelledError)
+
+
 def test_a_cancelled_row_leaves_the_running_batch_at_the_next_step(engine):
     stay, leave = engine._admit(greedy("user:a", n=30)), engine._admit(greedy("user:b", n=30))
     assert engine._step([stay, leave]).rows == 2
@@ -394,6 +406,7 @@ def test_a_long_prompt_at_the_head_is_not_overtaken_and_joins_when_it_fits():
     assert sizes(policy.admit(waiting, Occupancy(rows=4))) == [60]
     oversize = deque([job(500), job(2)])
     assert sizes(policy.admit(oversize, Occupancy(rows=3))) == [500]  # alone in its step
+    assert policy.admit(oversize, Occupancy(rows=3, prefilling=True)) == []  # nothing joins while it is chunked
     assert sizes(policy.admit(oversize, Occupancy(rows=1))) == [2]
 
 
