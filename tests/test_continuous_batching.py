@@ -393,21 +393,32 @@ def test_admission_is_fifo_under_the_token_budget():
     policy = AdmissionPolicy(max_batch=8, max_batch_tokens=100, max_resident=16)
     waiting = deque([job(40), job(40), job(30), job(5)])
     assert sizes(policy.admit(waiting, Occupancy())) == [40, 40]  # 30 more would pass 100; 5 may not overtake it
-    assert sizes(policy.admit(waiting, Occupancy(rows=2))) == [30, 5]  # 2 decoding + 35
+    assert sizes(policy.admit(waiting, Occupancy(rows=2))) == [30, 5]
     full = AdmissionPolicy(max_batch=2, max_batch_tokens=100, max_resident=16)
     assert len(full.admit(deque([job(1), job(1), job(1)]), Occupancy(rows=1))) == 1  # rows are capped too
 
 
-def test_a_long_prompt_at_the_head_is_not_overtaken_and_joins_when_it_fits():
-    """No starvation: short prompts behind a long one wait, so the running rows drain and it joins."""
+def test_running_rows_do_not_count_against_the_prefill_token_budget():
+    """Prefill first: joining prompts run in a forward of their own, so a prompt that fits the budget
+    joins at once however many rows are decoding (it used to wait for them to drain)."""
     policy = AdmissionPolicy(max_batch=16, max_batch_tokens=64, max_resident=16)
-    waiting = deque([job(60), job(2), job(2)])
-    assert policy.admit(waiting, Occupancy(rows=10)) == []  # 10 decoding + 60 > 64, and nothing skips it
-    assert sizes(policy.admit(waiting, Occupancy(rows=4))) == [60]
+    assert sizes(policy.admit(deque([job(60), job(2)]), Occupancy(rows=12))) == [60, 2]
+
+
+def test_a_long_prompt_at_the_head_is_not_overtaken_and_joins_alone_to_be_chunked():
+    """No starvation: short prompts behind a long one wait; one over the budget joins alone (the
+    engine prefills it in chunks) and nothing joins while it is being chunked."""
+    policy = AdmissionPolicy(max_batch=16, max_batch_tokens=64, max_resident=16)
+    waiting = deque([job(60), job(10), job(2)])
+    assert sizes(policy.admit(waiting, Occupancy(rows=10))) == [60]  # 60 + 10 > 64, and 2 may not overtake 10
+    assert sizes(policy.admit(waiting, Occupancy(rows=11))) == [10, 2]
     oversize = deque([job(500), job(2)])
     assert sizes(policy.admit(oversize, Occupancy(rows=3))) == [500]  # alone in its step
     assert policy.admit(oversize, Occupancy(rows=3, prefilling=True)) == []  # nothing joins while it is chunked
-    assert sizes(policy.admit(oversize, Occupancy(rows=1))) == [2]
+    assert sizes(policy.admit(oversize, Occupancy(rows=4))) == [2]
+    capped = AdmissionPolicy(max_batch=4, max_batch_tokens=64, max_resident=16)
+    assert capped.admit(deque([job(60), job(2)]), Occupancy(rows=4)) == []  # waits for a row to leave ...
+    assert sizes(capped.admit(deque([job(60), job(2)]), Occupancy(rows=3))) == [60]  # ... then goes first
 
 
 def test_admission_keeps_the_adapters_within_max_resident():

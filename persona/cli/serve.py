@@ -81,8 +81,8 @@ def check_update_args(text: str, dtype: str) -> tuple[str, ...]:
 @click.option("--max-resident", default=16, show_default=True, type=click.IntRange(1, 4096), help="Adapters held in engine slots at once.")
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 256), help="Requests batched into one forward pass.")
 @click.option("--max-batch-tokens", default=2048, show_default=True, type=click.IntRange(1, 1 << 20),
-              help="Continuous batching: prompt tokens joining plus rows decoding in one step (a longer prompt joins "
-                   "alone and is prefilled in chunks of this size, the running rows decoding between them).")
+              help="Continuous batching: prompt tokens prefilled in one step (a longer prompt joins alone and is "
+                   "prefilled in chunks of this size, the running rows decoding between them).")
 @click.option("--scheduler", type=click.Choice(["continuous", "static"]), default="continuous", show_default=True,
               help="continuous: requests join and leave the running batch at every step; static: each batch "
                    "runs to its end (kept for comparison, to be removed).")

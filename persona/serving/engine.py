@@ -86,7 +86,7 @@ class Engine:
     rows of one batch; ``batch_wait_s`` is how long the worker waits for more requests to batch.
     ``route_top_k`` is how many domain adapters ``domain:auto`` becomes (1: the router's best, at
     weight 1). ``scheduler`` is ``"continuous"`` (requests join and leave the running batch at every
-    step; ``max_batch_tokens`` bounds the prompt tokens plus running rows of one step, and a longer
+    step; ``max_batch_tokens`` bounds the prompt tokens prefilled in one iteration, and a longer
     prompt is prefilled in chunks of that size) or
     ``"static"`` (each batch runs to its end; kept for comparison, to be removed).
 

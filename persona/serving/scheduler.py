@@ -151,15 +151,15 @@ class Occupancy:
 class AdmissionPolicy:
     """Which waiting jobs join the running batch at a step: strictly first come, first served.
 
-    A job joins while the batch stays within ``max_batch`` rows, the step's tokens (the joining
-    prompts plus one per running row) within ``max_batch_tokens``, and the distinct adapters of
-    the running and joining rows within ``max_resident`` (an adapter a running row reads stays
-    resident). Admission stops at the first job that does not fit: nothing overtakes it, so a long
-    prompt at the head of the queue joins as soon as enough running rows have finished, and no
-    stream of short requests can starve it. A prompt longer than ``max_batch_tokens`` on its own
-    joins as the only prompt of a step (it could never fit otherwise): the engine prefills it in
-    chunks of ``max_batch_tokens``, and nothing joins until its last chunk has run (FIFO: the jobs
-    behind it arrived later).
+    A job joins while the batch stays within ``max_batch`` rows, the joining prompts' tokens within
+    ``max_batch_tokens``, and the distinct adapters of the running and joining rows within
+    ``max_resident`` (an adapter a running row reads stays resident). The running rows' tokens do
+    not count: the engine prefills joining rows in an iteration of their own (prefill first), so the
+    budget bounds the tokens of one forward. A prompt longer than ``max_batch_tokens`` joins as the
+    only prompt of its step, and the engine prefills it in chunks of ``max_batch_tokens``; nothing
+    joins until its last chunk has run. Admission stops at the first job that does not fit and
+    nothing overtakes it, so no stream of short requests can starve a long prompt: it waits at most
+    for rows (``max_batch``) or adapter slots to free.
     """
 
     max_batch: int
@@ -171,7 +171,7 @@ class AdmissionPolicy:
         joining: list[Job] = []
         if occupancy.prefilling:
             return joining
-        tokens = occupancy.rows  # one decode token per running row
+        tokens = 0
         adapters = set(occupancy.adapters)
         while waiting and occupancy.rows + len(joining) < self.max_batch:
             job = waiting[0]
@@ -179,7 +179,7 @@ class AdmissionPolicy:
             if len(adapters | need) > self.max_resident:
                 break
             prompt = len(job.prompt_ids)
-            if tokens + prompt > self.max_batch_tokens and (joining or prompt <= self.max_batch_tokens):
+            if joining and tokens + prompt > self.max_batch_tokens:  # alone, a longer prompt is chunked
                 break
             joining.append(waiting.popleft())
             tokens += prompt
