@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> None:
                 before = engine.stats().times
                 timings, wall = open_loop(clients, users, rate, args)
                 if scheduler == "continuous":
-                    print("    " + breakdown(before, engine.stats().times), flush=True)
+                    client_ttft = statistics.mean(t.ttft for t in timings)
+                    print("    " + breakdown(before, engine.stats().times, client_ttft), flush=True)
                 outputs[(scheduler, rate)] = [t.text for t in timings]
                 ttfts, e2es = [t.ttft for t in timings], [t.e2e for t in timings]
                 rows.append([scheduler, rate, single_ttft, pct(ttfts, 50), pct(ttfts, 50) / single_ttft, pct(ttfts, 95),
@@ -209,16 +210,20 @@ def open_loop(clients, users, rate: float, args) -> tuple[list[Timing], float]:
     return [t for t in timings if t is not None], max(ends) - start
 
 
-def breakdown(before, after) -> str:
+def breakdown(before, after, client_ttft: float) -> str:
     """Where the continuous engine's time went during one load run (``Engine.stats().times``): the mean
-    request's way to its first token, and the iterations. Relative shares: valid on a busy machine too."""
+    request's way to its first token, what the HTTP hop adds to it (the clients' mean TTFT minus the
+    engine's: parsing, admission, the stream's thread, SSE, the client), and the iterations.
+    Relative shares: valid on a busy machine too."""
     d = {k: getattr(after, k) - getattr(before, k) for k in after.__dict__}
     n = max(d["first_tokens"], 1)
     phases = ("queue", "admission", "setup", "prefill", "first_token")
     total = sum(d[f"{p}_s"] for p in phases) or 1.0
     ways = ", ".join(f"{p} {1e3 * d[f'{p}_s'] / n:.1f} ms ({100 * d[f'{p}_s'] / total:.0f}%)" for p in phases)
     steps = max(d["decode_steps"], 1)
-    return (f"first token, mean of {d['first_tokens']}: {ways}; iterations: {d['prefill_steps']} prefill, "
+    http = 1e3 * (client_ttft - total / n)
+    return (f"first token, mean of {d['first_tokens']}: {ways}; HTTP adds {http:.1f} ms to the engine's "
+            f"{1e3 * total / n:.1f} ms; iterations: {d['prefill_steps']} prefill, "
             f"{d['decode_steps']} decode (mean {d['decode_rows'] / steps:.1f} rows, {1e3 * d['decode_s'] / steps:.1f} ms), "
             f"join re-pack {1e3 * d['join_s']:.0f} ms and route gathers {1e3 * d['routes_s']:.0f} ms in all")
 
