@@ -168,8 +168,9 @@ class ServingTimes:
     idle worker's gathering wait) + ``admission_s`` (held back by the admission policy) + ``setup_s``
     (model lock, adapter loads) + ``prefill_s`` (its prompt's forward) + ``first_token_s`` (choosing
     the token, detokenizing, handing it to the stream). Per step: ``decode_s`` over ``decode_steps``
-    decode iterations (``decode_rows`` rows in all), ``prefill_steps`` prefill iterations, ``join_s``
-    re-packing the KV cache when rows joined, ``routes_s`` gathering the running rows' LoRA factors.
+    decode iterations (``decode_rows`` rows in all), ``prefill_steps`` prefill iterations (a long
+    prompt's chunks included), ``join_s`` re-packing the KV cache when rows joined, ``routes_s``
+    gathering the running rows' LoRA factors (these two also count ``generate()``'s batches).
     """
 
     first_tokens: int = 0
