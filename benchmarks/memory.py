@@ -163,29 +163,121 @@ def index_updates(work: Path, base_id: str, sizes) -> list[list[object]]:
     return rows
 
 
-def retrieval_only(users, phrasings) -> None:
-    """Top-4 retrieval of each question's fact, both ways of logging, straight from the store's index."""
+# Other chats a user's memory holds beside the facts (written once for this benchmark, not tuned to it):
+# with eight entries a top 4 is half the memory, so the rows "+ other chats" show retrieval where
+# most entries are beside the point, as in a real memory.
+OTHER_CHATS = (
+    ("Can you help me write an email to my landlord about the broken heater?", "Sure, here is a short draft."),
+    ("How long should I boil an egg for a soft yolk?", "About six minutes."),
+    ("Explain what a hash table is in two sentences.", "It maps keys to values using a hash function."),
+    ("I'm allergic to peanuts, so keep that in mind for recipes.", "Noted."),
+    ("My car is an old red Honda Civic.", "Noted."),
+    ("What's a good stretch for lower back pain?", "Try the cat-cow stretch, gently."),
+    ("I usually wake up at six in the morning.", "Noted."),
+    ("Translate 'good night' into German.", "Gute Nacht."),
+    ("My birthday is on the third of March.", "Noted."),
+    ("Recommend a science fiction novel.", "Try The Left Hand of Darkness."),
+    ("I'm learning to play the piano.", "Noted."),
+    ("How do I remove a red wine stain from a carpet?", "Blot it and use cold water with a little soap."),
+    ("I prefer short answers without bullet points.", "Understood."),
+    ("What is the boiling point of water at high altitude?", "Lower than 100 C, depending on the altitude."),
+    ("My favourite colour is green.", "Noted."),
+    ("Summarize the plot of Hamlet in one line.", "A prince avenges his father and almost everyone dies."),
+    ("I drink my coffee black, no sugar.", "Noted."),
+    ("Give me three ideas for a rainy weekend.", "Board games, a museum, baking bread."),
+    ("I have two kids, both in primary school.", "Noted."),
+    ("How many grams are in an ounce?", "About 28.35 grams."),
+    ("I'm saving money for a trip to Japan next year.", "Noted."),
+    ("Write a haiku about autumn leaves.", "Red leaves drift and fall."),
+    ("My phone is always running out of battery.", "Lower the screen brightness and check background apps."),
+    ("What's the difference between a virus and a bacterium?", "Bacteria are cells; viruses need a host cell."),
+    ("I don't eat meat on weekdays.", "Noted."),
+    ("Help me plan a birthday party for ten people.", "Here is a simple plan."),
+    ("My grandmother turns ninety this summer.", "Noted."),
+    ("Is it safe to run every day?", "Usually, with rest days for hard sessions."),
+    ("I'm bad at remembering people's faces.", "That is common."),
+    ("Suggest a name for a small bakery.", "Crumb & Co."),
+    ("My laptop is a five year old ThinkPad.", "Noted."),
+    ("What time zone is New York in?", "Eastern Time."),
+)
+
+
+def other_chats() -> list[Interaction]:
+    return [Interaction(messages=(("user", q), ("assistant", a))) for q, a in OTHER_CHATS]
+
+
+def base_embedder(base):
+    """Fused retrieval's embedder, as the engine builds it (the base's own hidden states; persona.embed)."""
+    from persona.embed import EMBEDDING_ID, embed_texts
+    from persona.store.memory import TextEmbedder
+
+    return TextEmbedder(f"{base.info.fingerprint}/{EMBEDDING_ID}",
+                        lambda texts: embed_texts(base.model, base.tokenizer, texts).numpy())
+
+
+def retrieval_only(users, phrasings, base_id: str | None) -> None:
+    """Top-4 retrieval of each question's fact, straight from the store's index: BM25 without and with
+    stemming, and fused with the base's embeddings (``base_id``; None: skipped); four memories: the
+    facts logged as statements or as question/answer rows, each alone and among other chats."""
     import tempfile
 
     from persona.store import memory as memory_store
 
     facts = values(users)
-    out = []
-    for label, rows_of in (("statements logged", lambda u: logged_chats(facts, u)),
-                           ("question/answer rows logged", lambda u: qa_rows(facts, u))):
-        found, per = 0, {}
+    embedder = None
+    if base_id is not None:
+        embedder = base_embedder(load_base(base_id, device="cpu"))
+    methods = [("bm25", False, None), ("bm25+stem", True, None)] + ([("fused", True, embedder)] if embedder else [])
+    memories = (("statements", lambda u: logged_chats(facts, u)),
+                ("statements + other chats", lambda u: logged_chats(facts, u) + other_chats()),
+                ("question/answer rows", lambda u: qa_rows(facts, u)),
+                ("question/answer rows + other chats", lambda u: qa_rows(facts, u) + other_chats()))
+    out, by_phrasing, timing = [], [], {}
+    for label, rows_of in memories:
+        folders = {}
         for user in users:
-            folder = Path(tempfile.mkdtemp(prefix="persona-bench-memory-index-"))
-            memory_store.append(folder, rows_of(user))
-            for slot, question in questions(list(SLOTS), phrasings):
-                hit = any(facts[user][slot][0] in h.entry.text for h in memory_store.search(folder, question, 4))
-                found += hit
-                per[slot] = per.get(slot, 0) + hit
-        n = len(users) * len(SLOTS) * len(phrasings)
-        out.append([label, f"{found}/{n} = {found / n:.0%}", ", ".join(f"{s} {c}" for s, c in per.items())])
-    print(f"## Retrieval: the fact's entry among the top 4 (BM25), {len(users)} users, phrasings "
+            folders[user] = Path(tempfile.mkdtemp(prefix="persona-bench-memory-index-"))
+            memory_store.append(folders[user], rows_of(user))
+        for method, stem, emb in methods:
+            memory_store.STEMMING = stem
+            memory_store._indexes.clear()  # tokens depend on STEMMING
+            found, per, per_phrasing = 0, {}, {}
+            for user in users:
+                if emb is not None:  # embed the entries first, so the per-query time below is a query's alone
+                    t0 = time.perf_counter()
+                    memory_store.search(folders[user], "warm up", 4, emb)
+                    timing.setdefault("entries", []).append((time.perf_counter() - t0,
+                                                             len(memory_store.index_for(folders[user]).entries)))
+                for p in phrasings:
+                    for slot, question in questions(list(SLOTS), (p,)):
+                        t0 = time.perf_counter()
+                        hits = memory_store.search(folders[user], question, 4, emb)
+                        timing.setdefault(method, []).append(time.perf_counter() - t0)
+                        hit = any(facts[user][slot][0] in h.entry.text for h in hits)
+                        found += hit
+                        per[slot] = per.get(slot, 0) + hit
+                        per_phrasing[p] = per_phrasing.get(p, 0) + hit
+            n = len(users) * len(SLOTS) * len(phrasings)
+            out.append([label, method, f"{found}/{n} = {found / n:.0%}", ", ".join(f"{s} {c}" for s, c in per.items())])
+            by_phrasing.append([label, method, *(f"{per_phrasing[p]}/{len(users) * len(SLOTS)}" for p in phrasings)])
+    memory_store.STEMMING = True
+    print(f"## Retrieval: the fact's entry among the top 4, {len(users)} users x 8 facts x phrasings "
           f"{', '.join(map(str, phrasings))}\n")
-    print(table(["memory holds", "retrieved", f"per fact (of {len(users) * len(phrasings)})"], out))
+    print("logged as: statements = the answer template in the first person (\"I live in Lisbon.\" / \"Noted.\"); "
+          f"question/answer rows = phrasings {', '.join(map(str, TRAIN_PHRASINGS))} with their answers; "
+          f"other chats = {len(OTHER_CHATS)} unrelated exchanges. Questions: phrasings {', '.join(map(str, phrasings))}.\n")
+    print(table(["memory holds", "retrieval", "retrieved", f"per fact (of {len(users) * len(phrasings)})"], out))
+    print("\n### Per question phrasing (the same runs)\n")
+    print(table(["memory holds", "retrieval", *(f"phrasing {p}: {SLOTS['city'][0][p]!r}, ..." for p in phrasings)],
+                by_phrasing))
+    if embedder is not None:
+        ms = lambda xs: statistics.median(xs) * 1e3
+        per_entry = sum(t for t, _ in timing["entries"]) / sum(n for _, n in timing["entries"])
+        print("\n### Cost (timings: NOT valid on a shared machine; the ratios are the point)\n")
+        print(table(["search, bm25+stem (ms, median)", "search, fused (ms, median; one query forward)",
+                     "fused / bm25", "embedding a new entry (ms, mean over batches of 8-56)"],
+                    [[f"{ms(timing['bm25+stem']):.2f}", f"{ms(timing['fused']):.2f}",
+                      f"{ms(timing['fused']) / ms(timing['bm25+stem']):.0f}x", f"{per_entry * 1e3:.2f}"]]))
 
 
 def main(argv=None) -> None:
@@ -200,10 +292,14 @@ def main(argv=None) -> None:
                         help="which held-out phrasings of each fact to ask (3-7; fewer: a faster run)")
     add_placement_options(parser)
     parser.add_argument("--retrieval-only", action="store_true",
-                        help="only whether each question's fact is among the top 4 entries (no model; seconds)")
+                        help="only whether each question's fact is among the top 4 entries, per retrieval method "
+                             "(the embedded base's forwards for fused; about a minute)")
+    parser.add_argument("--no-fused", action="store_true", help="with --retrieval-only: BM25 only, no model")
     args = parser.parse_args(argv)
     if args.retrieval_only:
-        return retrieval_only(USERS[: args.users], tuple(args.phrasings))
+        from persona import EMBEDDED_BASE
+
+        return retrieval_only(USERS[: args.users], tuple(args.phrasings), None if args.no_fused else EMBEDDED_BASE)
     device, dtype = placement(args, training=True)
     header("persona memory benchmark" + (" (QUICK: tiny random model, numbers meaningless)" if args.quick else ""))
     with workspace("memory", args.quick) as (work, base_id):

@@ -230,7 +230,11 @@ def test_meta_with_a_bad_memory_record_is_damaged(store):
 def engine(store):
     from persona.serving.engine import Engine
 
-    engine = Engine(store, max_resident=4, max_batch=4)
+    from persona.serving.memory import MemoryConfig
+
+    # BM25 alone: these tests pin which entries reach the prompt, and fused retrieval (the default)
+    # fills k with the tiny random base's nearest entries whatever the words (tested below)
+    engine = Engine(store, max_resident=4, max_batch=4, memory=MemoryConfig(default=False, retrieval="bm25"))
     yield engine
     engine.close()
 
@@ -407,3 +411,110 @@ def test_cli_generate_memory_json_and_refusals(run_cli):
     assert plain["memories"] == []
     assert run_cli("generate", "user:alice", "x", "--memory", "--raw", ok=False).exit_code == 2
     assert run_cli("serve", "--memory", "--upstream", "http://127.0.0.1:9", ok=False).exit_code == 2
+
+
+# ------------------------------------------------------------------------------------------ fused retrieval
+LISBON, NURSE, TENNIS = (Interaction(text=t) for t in ("I live in Lisbon.", "I work as a nurse.", "I play tennis."))
+HOME_QUESTION = "Where is home these days?"  # shares no word with any of the three
+
+
+class FixedEmbedder:
+    """A deterministic embedder for tests: each known text has a chosen vector (others: a fixed one);
+    records every text it was asked to embed."""
+
+    def __init__(self, vectors, key="test-base/test-embedding"):
+        self.vectors, self.calls = vectors, []
+        self.embedder = memory_store.TextEmbedder(key, self.embed)
+
+    def embed(self, texts):
+        self.calls.extend(texts)
+        return [self.vectors.get(t, [0.0, 0.0, 0.0, 1.0]) for t in texts]
+
+
+def near_lisbon():
+    return FixedEmbedder({"I live in Lisbon.": [1.0, 0.0, 0.0, 0.0], "I work as a nurse.": [0.0, 1.0, 0.0, 0.0],
+                          "I play tennis.": [0.0, 0.0, 1.0, 0.0], HOME_QUESTION: [0.9, 0.1, 0.1, 0.0]})
+
+
+def test_fusion_ranks_an_entry_sharing_no_word_by_its_embedding(store):
+    store.log("user:alice", [NURSE, TENNIS, LISBON])
+    memory = store.memory("user:alice")
+    assert memory.search(HOME_QUESTION, k=3) == []  # BM25 alone: no word in common, nothing found
+    hits = memory.search(HOME_QUESTION, k=3, embedder=near_lisbon().embedder)
+    assert [h.entry.text for h in hits] == ["I live in Lisbon.", "I work as a nurse.", "I play tennis."]
+    assert hits[0].score == pytest.approx(1 / (memory_store.RRF_K + 1))
+    # a word in common still counts: an entry in both rankings beats one in the embedding ranking only
+    store.log("user:alice", [Interaction(text="These days I read a lot.")])
+    top = memory.search(HOME_QUESTION, k=1, embedder=near_lisbon().embedder)[0]
+    assert top.entry.text == "These days I read a lot." and top.score > 1 / (memory_store.RRF_K + 1)
+
+
+def test_forgotten_entry_is_never_returned_from_the_embedding_cache(store):
+    store.log("user:alice", [NURSE, TENNIS, LISBON])
+    fixed = near_lisbon()
+    memory = store.memory("user:alice")
+    assert memory.search(HOME_QUESTION, k=1, embedder=fixed.embedder)[0].entry.text == "I live in Lisbon."
+    memory.forget(match="Lisbon")
+    fixed.calls.clear()
+    hits = memory.search(HOME_QUESTION, k=3, embedder=fixed.embedder)
+    assert [h.entry.text for h in hits] == ["I work as a nurse.", "I play tennis."]
+    assert fixed.calls == [HOME_QUESTION]  # the kept entries' vectors were reused, none re-embedded
+    # logged again, it is a new entry (new id), embedded anew
+    store.log("user:alice", [LISBON])
+    hits = memory.search(HOME_QUESTION, k=1, embedder=fixed.embedder)
+    assert hits[0].entry.text == "I live in Lisbon." and fixed.calls[1:] == ["I live in Lisbon.", HOME_QUESTION]
+
+
+def test_a_logged_entry_is_embedded_once(store):
+    store.log("user:alice", [NURSE, TENNIS])
+    fixed = near_lisbon()
+    store.memory("user:alice").search(HOME_QUESTION, k=1, embedder=fixed.embedder)
+    store.log("user:alice", [LISBON])
+    fixed.calls.clear()
+    store.memory("user:alice").search(HOME_QUESTION, k=1, embedder=fixed.embedder)
+    store.memory("user:alice").search(HOME_QUESTION, k=1, embedder=fixed.embedder)
+    assert fixed.calls == ["I live in Lisbon.", HOME_QUESTION, HOME_QUESTION]
+
+
+def test_fusion_never_reaches_another_users_entries(store):
+    store.log("user:alice", [NURSE, TENNIS])
+    store.log("user:bob", [LISBON])  # bob's entry is the closest to the query of all
+    fixed = near_lisbon()
+    hits = store.memory("user:alice").search(HOME_QUESTION, k=4, embedder=fixed.embedder)
+    assert {h.entry.text for h in hits} == {"I work as a nurse.", "I play tennis."}
+    assert "I live in Lisbon." not in fixed.calls
+
+
+def test_embedding_cache_never_crosses_adapters_or_embedders(store):
+    store.log("user:alice", [LISBON])
+    store.log("user:bob", [LISBON])  # the same text in two adapters: each embeds its own
+    fixed = near_lisbon()
+    alice = store.memory("user:alice").search(HOME_QUESTION, k=1, embedder=fixed.embedder)
+    bob = store.memory("user:bob").search(HOME_QUESTION, k=1, embedder=fixed.embedder)
+    assert fixed.calls.count("I live in Lisbon.") == 2
+    assert alice[0].entry.id in {e.id for e in store.memory("user:alice").entries()}
+    assert bob[0].entry.id in {e.id for e in store.memory("user:bob").entries()}
+    other_base = FixedEmbedder(fixed.vectors, key="another-base/test-embedding")
+    store.memory("user:alice").search(HOME_QUESTION, k=1, embedder=other_base.embedder)
+    assert other_base.calls == ["I live in Lisbon.", HOME_QUESTION]  # another key: nothing reused
+
+
+def test_engine_fuses_with_the_bases_embeddings_by_default(store):
+    from persona.embed import EMBEDDING_ID
+    from persona.serving.engine import Engine
+    from persona.serving.memory import MemoryConfig
+
+    store.log("user:alice", [NURSE, TENNIS])
+    store.log("user:bob", [LISBON])
+    with Engine(store, max_resident=4, memory=True) as fused, \
+            Engine(store, max_resident=4, memory=MemoryConfig(retrieval="bm25")) as lexical:
+        assert fused.memory.retrieval == "fused"
+        result, = fused.generate([greedy("user:alice", HOME_QUESTION)])
+        assert lexical.generate([greedy("user:alice", HOME_QUESTION)])[0].memories == ()
+        key = f"{fused.base.info.fingerprint}/{EMBEDDING_ID}"
+    alice = {e.id for e in store.memory("user:alice").entries()}
+    assert set(result.memories) == alice  # found without a word in common, and only alice's
+    cached = memory_store._indexes[str(folder(store, "user:alice"))]
+    assert cached.vectors(memory_store.TextEmbedder(key, None)).shape[0] == 2  # embedded under the base's key
+    with pytest.raises(InvalidConfig, match="retrieval"):
+        MemoryConfig(retrieval="dense")

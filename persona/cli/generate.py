@@ -18,16 +18,17 @@ sampling_options = options_from(SamplingParams, {"max_new_tokens": "--max-new-to
 
 def memory_options(f):
     """``--memory`` and its settings (generate, chat, serve): the user adapter's memories in the prompt."""
-    f = options_from(MemoryConfig, {"k": "--memory-k", "max_tokens": "--memory-tokens"})(f)
+    f = options_from(MemoryConfig, {"k": "--memory-k", "max_tokens": "--memory-tokens",
+                                     "retrieval": "--memory-retrieval"})(f)
     return click.option("--memory", "use_memory", is_flag=True,
                         help="Put the best entries of the user adapter's memory (every interaction logged for it) "
                              "in a system message; see docs/MEMORY.md.")(f)
 
 
-def memory_setting(use_memory: bool, k: int, max_tokens: int) -> MemoryConfig:
+def memory_setting(use_memory: bool, k: int, max_tokens: int, retrieval: str = "fused") -> MemoryConfig:
     """The engine's ``memory`` from the options: on by default with ``--memory``; without it, a request
     (an HTTP body's ``"memory": true``) opts in, with the same k and budget."""
-    return MemoryConfig(default=use_memory, k=k, max_tokens=max_tokens)
+    return MemoryConfig(default=use_memory, k=k, max_tokens=max_tokens, retrieval=retrieval)
 
 
 @click.command()
@@ -40,7 +41,7 @@ def memory_setting(use_memory: bool, k: int, max_tokens: int) -> MemoryConfig:
 @placement_options
 @store_option
 @json_option
-def generate(model, prompt, raw, route_top_k, use_memory, k, max_tokens, device, dtype, store_root, as_json,
+def generate(model, prompt, raw, route_top_k, use_memory, k, max_tokens, retrieval, device, dtype, store_root, as_json,
              **sampling) -> None:
     """Answer PROMPT with MODEL: an adapter (user:alice), a stack (user:alice+domain:finance) or the base's name.
 
@@ -64,7 +65,7 @@ def generate(model, prompt, raw, route_top_k, use_memory, k, max_tokens, device,
     if use_memory and raw:
         raise click.UsageError("--memory goes into a system message: it needs a chat prompt, not --raw")
     engine = open_engine(store_root, max_resident=MAX_STACK, max_batch=1, route_top_k=route_top_k, device=device,
-                         dtype=dtype, memory=memory_setting(use_memory, k, max_tokens))
+                         dtype=dtype, memory=memory_setting(use_memory, k, max_tokens, retrieval))
     try:
         request = GenerationRequest(
             model=model, prompt=prompt if raw else None,
@@ -93,7 +94,7 @@ def generate(model, prompt, raw, route_top_k, use_memory, k, max_tokens, device,
 @sampling_options
 @placement_options
 @store_option
-def chat(model, system, route_top_k, use_memory, k, max_tokens, device, dtype, store_root, **sampling) -> None:
+def chat(model, system, route_top_k, use_memory, k, max_tokens, retrieval, device, dtype, store_root, **sampling) -> None:
     """Chat with MODEL interactively (empty line or Ctrl-D to quit).
 
     \b
@@ -109,7 +110,7 @@ def chat(model, system, route_top_k, use_memory, k, max_tokens, device, dtype, s
     from ..serving.requests import GenerationRequest
 
     engine = open_engine(store_root, max_resident=MAX_STACK, max_batch=1, route_top_k=route_top_k, device=device,
-                         dtype=dtype, memory=memory_setting(use_memory, k, max_tokens))
+                         dtype=dtype, memory=memory_setting(use_memory, k, max_tokens, retrieval))
     engine.check(model)  # fail before the first prompt
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     click.echo(f"chatting with {model} (empty line to quit)", err=True)

@@ -104,7 +104,7 @@ def check_update_args(text: str, dtype: str) -> tuple[str, ...]:
 @store_option
 def serve(host, port, max_resident, max_batch, max_batch_tokens, scheduler, no_auth, log_interactions, max_body_bytes,
           max_queue, max_per_token, drain_timeout, auto_update, auto_update_args, auto_update_interval, route_top_k,
-          use_memory, k, max_tokens, device, dtype, upstream, upstream_key, store_root) -> None:
+          use_memory, k, max_tokens, retrieval, device, dtype, upstream, upstream_key, store_root) -> None:
     """Serve adapters over an OpenAI-compatible HTTP API.
 
     \b
@@ -176,7 +176,7 @@ def serve(host, port, max_resident, max_batch, max_batch_tokens, scheduler, no_a
         return run_gateway(store_root, host, port, config, upstream, upstream_key, route_top_k, device=device, dtype=dtype)
     engine = open_engine(store_root, max_resident=max_resident, max_batch=max_batch, route_top_k=route_top_k,
                          device=device, dtype=dtype, scheduler=scheduler, max_batch_tokens=max_batch_tokens,
-                         memory=memory_setting(use_memory, k, max_tokens))
+                         memory=memory_setting(use_memory, k, max_tokens, retrieval))
     if auto_update is not None:
         from ..http.autoupdate import AutoUpdateSettings
 

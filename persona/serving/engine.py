@@ -57,9 +57,11 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from ..base import BaseModel, check_base, load_base, resolve_device
+from ..embed import EMBEDDING_ID
 from ..errors import EngineClosed, InvalidConfig, InvalidPrompt  # noqa: F401 - EngineClosed importable from here as before
 from ..lora_runtime import LoraRuntime
 from ..refs import MAX_STACK, StackPart
+from ..store.memory import TextEmbedder
 from .constrain import Vocabulary
 from .decode import Row, advance, new_kv_cache, next_tokens, positions
 from .model_facts import check_base_dtype, context_length, eos_ids, vocab_size
@@ -172,7 +174,9 @@ class Engine:
             store, base_name=self.base_name, max_resident=max_resident, route_top_k=route_top_k, route=self._route_prompt
         )
         self.memory = MemoryConfig.of(memory)
-        self._memory = PromptMemory(store, self.memory, self.tokenizer, self._tokenizer_lock)
+        # fused retrieval's vectors are cached per key: this base (its fingerprint) and this embedding
+        embedder = TextEmbedder(f"{self.base.info.fingerprint}/{EMBEDDING_ID}", self._embed_texts)
+        self._memory = PromptMemory(store, self.memory, self.tokenizer, self._tokenizer_lock, embedder)
         self.scheduler = scheduler
         self._worker: BatchWorker | ContinuousWorker
         if scheduler == "static":
@@ -292,6 +296,14 @@ class Engine:
 
                 self._router = Router(self.store, self.model, self.tokenizer)
             return self._router.route(prompt, top_k=self.route_top_k, exclude=exclude)
+
+    def _embed_texts(self, texts: Sequence[str]) -> Any:
+        """The base's own embeddings of ``texts`` (``persona.embed``), for fused memory retrieval."""
+        from ..embed import embed_texts
+
+        # the base alone, as the router runs it: never while a batch has adapters routed on it
+        with self._lock, self._tokenizer_lock:
+            return embed_texts(self.model, self.tokenizer, texts).numpy()
 
     def _admit(self, request: GenerationRequest, *, streaming: bool = True) -> Job:
         if not isinstance(request, GenerationRequest):

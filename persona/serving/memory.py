@@ -4,7 +4,9 @@ adapters' memories (:mod:`persona.store.memory`) go into a system message.
 Which memories: those of the **user parts** of the stack the request resolved to (its scope was
 checked like the adapter's, so no other user's memory is reachable); a domain part, a layer, a
 ``domain:auto`` choice or the base alone bring none. The query is the last user message. The best
-``k`` entries by BM25 score that share a word with it are kept, best first, while their lines fit
+``k`` entries (``retrieval="fused"``, the default: BM25 fused by reciprocal rank with the cosine of
+the base's own embeddings, :func:`persona.store.memory.search`; ``"bm25"``: BM25 alone, entries
+sharing no word left out) are kept, best first, while their lines fit
 ``max_tokens`` (counted with the base's tokenizer); an entry that does not fit is skipped for a
 shorter one. The template (docs/MEMORY.md)::
 
@@ -23,14 +25,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from ..errors import InvalidConfig
 from ..refs import StackPart
-from ..store.memory import MAX_K
+from ..store.memory import MAX_K, TextEmbedder
 
 __all__ = ["MEMORY_HEADER", "MemoryConfig", "PromptMemory", "Recalled"]
 
+RETRIEVALS = ("fused", "bm25")
 MAX_CHARS_PER_TOKEN = 32  # a line longer than this per token of budget left is skipped untokenized (no real text averages more)
 MEMORY_HEADER = "Notes from earlier conversations with this user, most relevant first. Use them if they help:"
 
@@ -42,6 +45,8 @@ class MemoryConfig:
     ``default``: whether a request that does not say (``GenerationRequest.memory`` None, no
     ``"memory"`` in the body) gets memories; a request's own ``memory=True/False`` always wins.
     ``k``: at most this many entries; ``max_tokens``: the most tokens their lines may take.
+    ``retrieval``: ``"fused"`` (BM25 and the base's embeddings, by reciprocal rank fusion; one base
+    forward per new entry and per request) or ``"bm25"`` (lexical only; no forward).
     """
 
     # metadata: help and range, from which the CLI builds --memory-k/--memory-tokens (persona.cli._common)
@@ -50,6 +55,8 @@ class MemoryConfig:
                                         "range": {"min": 1, "max": MAX_K}})
     max_tokens: int = field(default=256, metadata={"help": "Memory: the most tokens its entries "
                                                    "may take in the prompt.", "range": {"min": 1, "max": 1 << 16}})
+    retrieval: Literal["fused", "bm25"] = field(default="fused", metadata={
+        "help": "Memory: how entries are found: fused (BM25 + the base's embeddings) or bm25 (words only)."})
 
     def __post_init__(self) -> None:
         if not isinstance(self.default, bool):
@@ -57,6 +64,8 @@ class MemoryConfig:
         for name, value, low, high in (("k", self.k, 1, MAX_K), ("max_tokens", self.max_tokens, 1, 1 << 16)):
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise InvalidConfig(f"memory {name} must be an integer in {low}..{high}, got {value!r}")
+        if self.retrieval not in RETRIEVALS:
+            raise InvalidConfig(f"memory retrieval must be one of {', '.join(RETRIEVALS)}, got {self.retrieval!r}")
 
     @classmethod
     def of(cls, value: MemoryConfig | bool | None) -> MemoryConfig:
@@ -77,10 +86,15 @@ class Recalled:
 
 
 class PromptMemory:
-    """Retrieval and prompt building for one engine (thread-safe: the tokenizer is used under ``lock``)."""
+    """Retrieval and prompt building for one engine (thread-safe: the tokenizer is used under ``lock``).
 
-    def __init__(self, store, config: MemoryConfig, tokenizer: Any, lock: threading.Lock):
+    ``embedder`` embeds texts with the engine's base (``retrieval="fused"``); without one, BM25 alone.
+    """
+
+    def __init__(self, store, config: MemoryConfig, tokenizer: Any, lock: threading.Lock,
+                 embedder: TextEmbedder | None = None):
         self.store, self.config, self._tokenizer, self._lock = store, config, tokenizer, lock
+        self._embedder = embedder if config.retrieval == "fused" else None
 
     def recall(self, request, parts: Sequence[StackPart]) -> Recalled:
         """The request's messages with its memories inserted (unchanged when memory is off or finds nothing)."""
@@ -95,7 +109,7 @@ class PromptMemory:
         query = next((m["content"] for m in reversed(request.messages) if m["role"] == "user"), "")
         if not users or not query.strip():
             return Recalled(request.messages)
-        hits = [hit for ref in users for hit in self.store.memory(ref).search(query, self.config.k)]
+        hits = [hit for ref in users for hit in self.store.memory(ref).search(query, self.config.k, self._embedder)]
         hits.sort(key=lambda h: -h.score)
         lines, ids, used = [], [], 0
         for hit in hits[: self.config.k]:

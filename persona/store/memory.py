@@ -33,7 +33,7 @@ import re
 import secrets
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,6 +56,9 @@ _ID = re.compile(r"m-[0-9a-f]{12}")
 # role labels every entry's text starts its lines with.
 _EXTRA_STOPWORDS = ("user", "assistant")
 _CACHE_SIZE = 256  # adapters whose index a process keeps
+# Reciprocal rank fusion's constant (Cormack, Clarke & Buettcher 2009, "Reciprocal Rank Fusion
+# outperforms Condorcet and individual rank learning methods"): the value of the paper, not tuned here.
+RRF_K = 60
 
 
 @dataclass(frozen=True)
@@ -74,13 +77,29 @@ class MemoryEntry:
 
 @dataclass(frozen=True)
 class MemoryHit:
-    """A search result: the entry and its BM25 score (higher is more relevant; always > 0)."""
+    """A search result: the entry and its score, higher is more relevant: BM25 (always > 0), or with
+    fusion the reciprocal-rank-fusion score (at most ``2 / (RRF_K + 1)``)."""
 
     entry: MemoryEntry
     score: float
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.entry.to_dict(), "score": round(self.score, 6)}
+
+
+@dataclass(frozen=True)
+class TextEmbedder:
+    """How fused search embeds texts, given by whoever holds a model (the store has none).
+
+    ``key`` names the model and the embedding (the serving engine uses the base fingerprint and
+    ``persona.embed.EMBEDDING_ID``): vectors are cached per key, so those of another base or another
+    embedding are never compared. ``embed`` maps texts to one float row each (any array-like).
+
+    >>> TextEmbedder("sha256:.../decoder-last-hidden/mean-skip-first/v1", lambda texts: ...)  # doctest: +SKIP
+    """
+
+    key: str
+    embed: Callable[[Sequence[str]], Any]
 
 
 @dataclass(frozen=True)
@@ -219,7 +238,8 @@ def _line(entry: MemoryEntry) -> bytes:
 class _Index:
     """The BM25 index of one memory file at one (size, sha256)."""
 
-    def __init__(self, size: int, digest: str, entries: list[MemoryEntry], tokens: list[list[str]]):
+    def __init__(self, size: int, digest: str, entries: list[MemoryEntry], tokens: list[list[str]],
+                 previous: _Index | None = None):
         import bm25s
 
         self.size, self.digest, self.entries, self.tokens = size, digest, entries, tokens
@@ -227,6 +247,49 @@ class _Index:
         if any(tokens):
             self.model = bm25s.BM25()
             self.model.index(tokens, show_progress=False)
+        # Embeddings of the entries, one unit row each, per embedder key; computed on the first fused
+        # search. Rows of the same folder's previous index are reused for entries still present with
+        # the same id and text, so a log embeds only the new entry and a forget embeds nothing; a
+        # forgotten entry has no row here, since rows follow ``entries``, read from the file.
+        self._vectors: dict[str, Any] = {}
+        self._reusable = previous._rows_by_entry() if previous is not None else {}
+        self._vectors_lock = threading.Lock()
+
+    def _rows_by_entry(self) -> dict[str, dict[tuple[str, str], Any]]:
+        with self._vectors_lock:
+            return {key: {(e.id, e.text): row for e, row in zip(self.entries, matrix)}
+                    for key, matrix in self._vectors.items()}
+
+    def vectors(self, embedder: TextEmbedder):
+        """``[entries, dim]`` unit rows of ``embedder`` (embedding only entries not seen before)."""
+        import numpy as np
+
+        with self._vectors_lock:
+            have = self._vectors.get(embedder.key)
+            if have is not None:
+                return have
+            known = self._reusable.get(embedder.key, {})
+            missing = [i for i, e in enumerate(self.entries) if (e.id, e.text) not in known]
+            fresh = _unit(embedder.embed([self.entries[i].text for i in missing])) if missing else None
+            rows, new = [], iter(range(len(missing)))
+            for e in self.entries:
+                old = known.get((e.id, e.text))
+                rows.append(old if old is not None else fresh[next(new)])
+            matrix = np.stack(rows) if rows else np.zeros((0, 0), dtype=np.float32)
+            self._vectors[embedder.key] = matrix
+            self._reusable.pop(embedder.key, None)
+            self.embedded_last = len(missing)  # how many this call embedded (the benchmark reports it)
+            return matrix
+
+
+def _unit(rows):
+    import numpy as np
+
+    rows = np.asarray(rows, dtype=np.float32)
+    if rows.ndim != 2:
+        raise InvalidConfig(f"an embedder must return one row per text, got shape {rows.shape}")
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows / np.where(norms > 0, norms, 1.0)
 
 
 _indexes: OrderedDict[str, _Index] = OrderedDict()
@@ -235,22 +298,31 @@ _indexes_lock = threading.Lock()
 
 def tokenize(texts: Sequence[str]) -> list[list[str]]:
     """Words of each text as the index and queries see them: lower case, English stopwords and role
-    labels removed, stemmed when PyStemmer happens to be installed (never downloaded)."""
+    labels removed, each word reduced to its stem (PyStemmer's English Snowball stemmer: "living" and
+    "lives" are "live") unless :data:`STEMMING` is off."""
     import bm25s
     from bm25s.stopwords import STOPWORDS_EN
 
-    stemmer = _stemmer()
+    stemmer = _stemmer() if STEMMING else None
     out = bm25s.tokenize(list(texts), stopwords=list(STOPWORDS_EN) + list(_EXTRA_STOPWORDS), stemmer=stemmer,
                          return_ids=False, show_progress=False)
     return [list(words) for words in out]
 
 
+STEMMING = True  # benchmarks/memory.py turns it off (and clears the cached indexes) to show what stemming adds
+
+
+_per_thread = threading.local()
+
+
 def _stemmer():
-    try:
-        import Stemmer  # PyStemmer: optional
-    except ImportError:
-        return None
-    return Stemmer.Stemmer("english").stemWords
+    # one stemmer per thread: a PyStemmer Stemmer keeps a cache and must not be shared between threads
+    stem = getattr(_per_thread, "stem", None)
+    if stem is None:
+        import Stemmer  # PyStemmer
+
+        stem = _per_thread.stem = Stemmer.Stemmer("english").stemWords
+    return stem
 
 
 def index_for(folder: Path) -> _Index:
@@ -271,7 +343,7 @@ def index_for(folder: Path) -> _Index:
         tokens = cached.tokens + tokenize([e.text for e in entries[len(cached.entries):]])
     else:
         tokens = tokenize([e.text for e in entries])
-    index = _Index(len(raw), digest, entries, tokens)
+    index = _Index(len(raw), digest, entries, tokens, previous=cached)
     with _indexes_lock:
         _indexes[key] = index
         while len(_indexes) > _CACHE_SIZE:
@@ -279,19 +351,34 @@ def index_for(folder: Path) -> _Index:
     return index
 
 
-def search(folder: Path, query: str, k: int) -> list[MemoryHit]:
-    """The ``k`` entries that best match ``query`` (BM25), best first; entries sharing no word are left out."""
+def search(folder: Path, query: str, k: int, embedder: TextEmbedder | None = None) -> list[MemoryHit]:
+    """The ``k`` entries that best match ``query``, best first.
+
+    Without ``embedder``: BM25, and entries sharing no word with the query are left out. With it:
+    reciprocal rank fusion of the BM25 ranking (entries sharing a word) and the ranking of every
+    entry by cosine between its embedding and the query's, each entry scoring the sum of
+    ``1 / (RRF_K + rank)`` over the rankings it is in; an entry sharing no word with the query can
+    then be found by meaning ("Which city am I living in?" for "I live in Lisbon").
+    """
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
         raise InvalidConfig(f"k must be an integer in 1..{MAX_K}, got {k!r}")
     index = index_for(folder)
-    words = tokenize([query])[0]
-    if index.model is None or not words:
+    if not index.entries:
         return []
     import numpy as np
 
-    scores = np.asarray(index.model.get_scores(words))
-    order = np.argsort(-scores, kind="stable")[:k]
-    return [MemoryHit(index.entries[i], float(scores[i])) for i in order if scores[i] > 0]
+    words = tokenize([query])[0]
+    lexical = np.asarray(index.model.get_scores(words)) if index.model is not None and words else None
+    ranked = [] if lexical is None else [int(i) for i in np.argsort(-lexical, kind="stable") if lexical[i] > 0]
+    if embedder is None:
+        return [MemoryHit(index.entries[i], float(lexical[i])) for i in ranked[:k]]
+    cosine = index.vectors(embedder) @ _unit(embedder.embed([query]))[0]
+    fused = np.zeros(len(index.entries))
+    for ranking in (ranked, np.argsort(-cosine, kind="stable")):
+        for rank, i in enumerate(ranking, start=1):
+            fused[i] += 1.0 / (RRF_K + rank)
+    order = np.argsort(-fused, kind="stable")[:k]
+    return [MemoryHit(index.entries[i], float(fused[i])) for i in order]
 
 
 # ----------------------------------------------------------------------------- forgetting
@@ -373,10 +460,11 @@ class AdapterMemory:
         self._require_kept()
         return read(self.folder)
 
-    def search(self, query: str, k: int = 4) -> list[MemoryHit]:
-        """The ``k`` best entries for ``query``, best first (only entries sharing a word with it)."""
+    def search(self, query: str, k: int = 4, embedder: TextEmbedder | None = None) -> list[MemoryHit]:
+        """The ``k`` best entries for ``query``, best first: BM25 (only entries sharing a word with it),
+        or fused with ``embedder``'s embeddings when given (see :func:`search`)."""
         self._require_kept()
-        return search(self.folder, query, k)
+        return search(self.folder, query, k, embedder)
 
     def snapshot(self) -> MemorySnapshot:
         """How many entries and the file's sha256 (what a version records it was trained with)."""
