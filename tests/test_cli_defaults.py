@@ -44,7 +44,7 @@ EXPECTED = {
         "--seed": "seed", "--stop": "stop"}.items()},
     # the retrieval memory's settings (issue 16): every command that builds prompts
     **{(cmd, opt): (MemoryConfig, name) for cmd in ("serve", "generate", "chat")
-       for opt, name in {"--memory-k": "k", "--memory-tokens": "max_tokens"}.items()},
+       for opt, name in {"--memory-k": "k", "--memory-tokens": "max_tokens", "--memory-retrieval": "retrieval"}.items()},
     # where the base runs (issue 13): every command that loads it, from one dataclass
     **{(cmd, opt): (Placement, name) for cmd in ("serve", "generate", "chat", "update", "eval", "report", "route")
        for opt, name in {"--device": "device", "--dtype": "dtype"}.items()},

@@ -230,11 +230,7 @@ def test_meta_with_a_bad_memory_record_is_damaged(store):
 def engine(store):
     from persona.serving.engine import Engine
 
-    from persona.serving.memory import MemoryConfig
-
-    # BM25 alone: these tests pin which entries reach the prompt, and fused retrieval (the default)
-    # fills k with the tiny random base's nearest entries whatever the words (tested below)
-    engine = Engine(store, max_resident=4, max_batch=4, memory=MemoryConfig(default=False, retrieval="bm25"))
+    engine = Engine(store, max_resident=4, max_batch=4)  # BM25 (the default): these tests pin which entries go in
     yield engine
     engine.close()
 
@@ -499,16 +495,16 @@ def test_embedding_cache_never_crosses_adapters_or_embedders(store):
     assert other_base.calls == ["I live in Lisbon.", HOME_QUESTION]  # another key: nothing reused
 
 
-def test_engine_fuses_with_the_bases_embeddings_by_default(store):
+def test_engine_fuses_with_the_bases_embeddings_when_asked(store):
     from persona.embed import EMBEDDING_ID
     from persona.serving.engine import Engine
     from persona.serving.memory import MemoryConfig
 
     store.log("user:alice", [NURSE, TENNIS])
     store.log("user:bob", [LISBON])
-    with Engine(store, max_resident=4, memory=True) as fused, \
-            Engine(store, max_resident=4, memory=MemoryConfig(retrieval="bm25")) as lexical:
-        assert fused.memory.retrieval == "fused"
+    with Engine(store, max_resident=4, memory=MemoryConfig(retrieval="fused")) as fused, \
+            Engine(store, max_resident=4, memory=True) as lexical:
+        assert lexical.memory.retrieval == "bm25"  # the default
         result, = fused.generate([greedy("user:alice", HOME_QUESTION)])
         assert lexical.generate([greedy("user:alice", HOME_QUESTION)])[0].memories == ()
         key = f"{fused.base.info.fingerprint}/{EMBEDDING_ID}"
