@@ -514,3 +514,18 @@ def test_engine_fuses_with_the_bases_embeddings_when_asked(store):
     assert cached.vectors(memory_store.TextEmbedder(key, None)).shape[0] == 2  # embedded under the base's key
     with pytest.raises(InvalidConfig, match="retrieval"):
         MemoryConfig(retrieval="dense")
+
+
+def test_vectors_survive_a_forget_and_a_log_between_fused_searches(store):
+    store.log("user:alice", [NURSE, TENNIS, LISBON])
+    fixed = near_lisbon()
+    memory = store.memory("user:alice")
+    memory.search(HOME_QUESTION, k=1, embedder=fixed.embedder)
+    memory.forget(match="tennis")
+    memory.search("nurse", k=1)  # a BM25 search rebuilds the index; no fused search in between
+    store.log("user:alice", [Interaction(text="I read a lot.")])
+    memory.search("nurse", k=1)
+    fixed.calls.clear()
+    hits = memory.search(HOME_QUESTION, k=4, embedder=fixed.embedder)
+    assert fixed.calls == ["I read a lot.", HOME_QUESTION]  # the kept entries were not embedded again
+    assert "I play tennis." not in [h.entry.text for h in hits]

@@ -16,7 +16,13 @@ folder, so deleting the adapter deletes it, and it is never read for anyone else
 by the file's size and sha256. When the file grew with the same prefix only the new lines are
 tokenized (incremental); any other change rebuilds it. Nothing derived is written to disk, so no
 stale or torn index can outlive a crash: the worst case is one rebuild (milliseconds for thousands
-of short entries; ``benchmarks/memory.py`` measures it).
+of short entries; ``benchmarks/memory.py`` measures it). Words are stemmed (PyStemmer, English).
+
+**Fused search** (:func:`search` with a :class:`TextEmbedder`, given by whoever holds the base: the
+store has no model) adds a ranking by embedding cosine and merges the two by reciprocal rank fusion.
+Entry vectors are derived too: computed on the first fused search, kept on the adapter's index per
+embedder key (base fingerprint + embedding id), reused by entry id and text across rebuilds, so a
+forgotten entry has none and no vector crosses adapters; never written to disk.
 
 Only user adapters have a memory: a domain adapter reaches every user's token, so retrieving its
 logged rows into prompts would show one user's words to all; merged adapters are admin-only training
@@ -256,9 +262,14 @@ class _Index:
         self._vectors_lock = threading.Lock()
 
     def _rows_by_entry(self) -> dict[str, dict[tuple[str, str], Any]]:
+        """Vectors of this index's entries by (id, text), per key: the computed ones, and the reusable
+        ones not asked for yet (only of entries still here, so a forgotten entry's vector goes)."""
         with self._vectors_lock:
-            return {key: {(e.id, e.text): row for e, row in zip(self.entries, matrix)}
-                    for key, matrix in self._vectors.items()}
+            here = {(e.id, e.text) for e in self.entries}
+            rows = {key: {k: row for k, row in known.items() if k in here} for key, known in self._reusable.items()}
+            for key, matrix in self._vectors.items():
+                rows[key] = {(e.id, e.text): row for e, row in zip(self.entries, matrix)}
+            return rows
 
     def vectors(self, embedder: TextEmbedder):
         """``[entries, dim]`` unit rows of ``embedder`` (embedding only entries not seen before)."""
@@ -278,7 +289,6 @@ class _Index:
             matrix = np.stack(rows) if rows else np.zeros((0, 0), dtype=np.float32)
             self._vectors[embedder.key] = matrix
             self._reusable.pop(embedder.key, None)
-            self.embedded_last = len(missing)  # how many this call embedded (the benchmark reports it)
             return matrix
 
 
