@@ -13,7 +13,7 @@ recalled when the answer contains its value):
 
 - **logged, not trained**: a fresh adapter (LoRA B = 0: the base's answers), memory off vs on;
 - **retrieval**: the fact's entry among the memories put in the prompt (k=4; ``--retrieval fused``,
-  the default here, or ``bm25``, persona's default; ``--retrieval-only`` compares the methods
+  persona's default, or ``bm25``; ``--retrieval-only`` compares the methods
   without generating);
 - **trained**: one small update on the facts (training phrasings 0-2, as the revision benchmark's
   updates 1 and 2), then adapter alone vs adapter + memory;
@@ -208,13 +208,16 @@ def other_chats() -> list[Interaction]:
     return [Interaction(messages=(("user", q), ("assistant", a))) for q, a in OTHER_CHATS]
 
 
-def base_embedder(base):
-    """Fused retrieval's embedder, as the engine builds it (the base's own hidden states; persona.embed)."""
-    from persona.embed import EMBEDDING_ID, embed_texts
+def base_embedders(base):
+    """Fused retrieval's embedder as the engine builds it (PromptEOL sentence embedding of the base's
+    own hidden states), and the router's mean-pooled one for comparison (persona.embed)."""
+    from persona.embed import EMBEDDING_ID, SENTENCE_EMBEDDING_ID, embed_sentences, embed_texts
     from persona.store.memory import TextEmbedder
 
-    return TextEmbedder(f"{base.info.fingerprint}/{EMBEDDING_ID}",
-                        lambda texts: embed_texts(base.model, base.tokenizer, texts).numpy())
+    key = base.info.fingerprint
+    return (TextEmbedder(f"{key}/{SENTENCE_EMBEDDING_ID}",
+                         lambda texts: embed_sentences(base.model, base.tokenizer, texts).numpy()),
+            TextEmbedder(f"{key}/{EMBEDDING_ID}", lambda texts: embed_texts(base.model, base.tokenizer, texts).numpy()))
 
 
 def retrieval_only(users, phrasings, base_id: str | None) -> None:
@@ -225,9 +228,10 @@ def retrieval_only(users, phrasings, base_id: str | None) -> None:
 
     facts = values(users)
     embedder = None
+    methods = [("bm25", False, None), ("bm25+stem", True, None)]
     if base_id is not None:
-        embedder = base_embedder(load_base(base_id, device="cpu"))
-    methods = [("bm25", False, None), ("bm25+stem", True, None)] + ([("fused", True, embedder)] if embedder else [])
+        embedder, router_embedding = base_embedders(load_base(base_id, device="cpu"))
+        methods += [("fused, router's mean-pooled embedding", True, router_embedding), ("fused", True, embedder)]
     memories = (("statements", lambda u: logged_chats(facts, u)),
                 ("statements + other chats", lambda u: logged_chats(facts, u) + other_chats()),
                 ("question/answer rows", lambda u: qa_rows(facts, u)),
@@ -241,9 +245,9 @@ def retrieval_only(users, phrasings, base_id: str | None) -> None:
         for method, stem, emb in methods:
             memory_store.STEMMING = stem
             memory_store._indexes.clear()  # tokens depend on STEMMING
-            found, per, per_phrasing = 0, {}, {}
+            found, per, per_phrasing, dense_found = 0, {}, {}, {}
             for user in users:
-                if emb is not None:  # embed the entries first, so the per-query time below is a query's alone
+                if emb is embedder:  # embed the entries first, so the per-query time below is a query's alone
                     t0 = time.perf_counter()
                     memory_store.search(folders[user], "warm up", 4, emb)
                     timing.setdefault("entries", []).append((time.perf_counter() - t0,
@@ -253,12 +257,17 @@ def retrieval_only(users, phrasings, base_id: str | None) -> None:
                         t0 = time.perf_counter()
                         hits = memory_store.search(folders[user], question, 4, emb)
                         timing.setdefault(method, []).append(time.perf_counter() - t0)
+                        if emb is not None:
+                            dense = memory_store.index_for(folders[user]).vectors(emb) @ memory_store._unit(emb.embed([question]))[0]
+                            top = [memory_store.index_for(folders[user]).entries[i] for i in (-dense).argsort(kind="stable")[:4]]
+                            dense_found[method] = dense_found.get(method, 0) + any(facts[user][slot][0] in e.text for e in top)
                         hit = any(facts[user][slot][0] in h.entry.text for h in hits)
                         found += hit
                         per[slot] = per.get(slot, 0) + hit
                         per_phrasing[p] = per_phrasing.get(p, 0) + hit
             n = len(users) * len(SLOTS) * len(phrasings)
-            out.append([label, method, f"{found}/{n} = {found / n:.0%}", ", ".join(f"{s} {c}" for s, c in per.items())])
+            alone = f"{dense_found[method]}/{n} = {dense_found[method] / n:.0%}" if emb is not None else "-"
+            out.append([label, method, f"{found}/{n} = {found / n:.0%}", alone, ", ".join(f"{s} {c}" for s, c in per.items())])
             by_phrasing.append([label, method, *(f"{per_phrasing[p]}/{len(users) * len(SLOTS)}" for p in phrasings)])
     memory_store.STEMMING = True
     print(f"## Retrieval: the fact's entry among the top 4, {len(users)} users x 8 facts x phrasings "
@@ -266,7 +275,8 @@ def retrieval_only(users, phrasings, base_id: str | None) -> None:
     print("logged as: statements = the answer template in the first person (\"I live in Lisbon.\" / \"Noted.\"); "
           f"question/answer rows = phrasings {', '.join(map(str, TRAIN_PHRASINGS))} with their answers; "
           f"other chats = {len(OTHER_CHATS)} unrelated exchanges. Questions: phrasings {', '.join(map(str, phrasings))}.\n")
-    print(table(["memory holds", "retrieval", "retrieved", f"per fact (of {len(users) * len(phrasings)})"], out))
+    print(table(["memory holds", "retrieval", "retrieved", "its embedding ranking alone",
+                 f"per fact (of {len(users) * len(phrasings)})"], out))
     print("\n### Per question phrasing (the same runs)\n")
     print(table(["memory holds", "retrieval", *(f"phrasing {p}: {SLOTS['city'][0][p]!r}, ..." for p in phrasings)],
                 by_phrasing))
@@ -296,8 +306,7 @@ def main(argv=None) -> None:
                              "(the embedded base's forwards for fused; about a minute)")
     parser.add_argument("--no-fused", action="store_true", help="with --retrieval-only: BM25 only, no model")
     parser.add_argument("--retrieval", choices=("fused", "bm25"), default="fused",
-                        help="the engine's memory retrieval in the full run (MemoryConfig.retrieval; persona's "
-                             "default is bm25, fused is the one that reaches the recall goal on these facts)")
+                        help="the engine's memory retrieval in the full run (MemoryConfig.retrieval; fused is persona's default)")
     args = parser.parse_args(argv)
     if args.retrieval_only:
         from persona import EMBEDDED_BASE

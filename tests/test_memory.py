@@ -230,7 +230,11 @@ def test_meta_with_a_bad_memory_record_is_damaged(store):
 def engine(store):
     from persona.serving.engine import Engine
 
-    engine = Engine(store, max_resident=4, max_batch=4)  # BM25 (the default): these tests pin which entries go in
+    from persona.serving.memory import MemoryConfig
+
+    # BM25 alone: these tests pin which entries reach the prompt, and fused retrieval (the default)
+    # fills k with the tiny random base's nearest entries whatever the words (tested below)
+    engine = Engine(store, max_resident=4, max_batch=4, memory=MemoryConfig(default=False, retrieval="bm25"))
     yield engine
     engine.close()
 
@@ -495,19 +499,19 @@ def test_embedding_cache_never_crosses_adapters_or_embedders(store):
     assert other_base.calls == ["I live in Lisbon.", HOME_QUESTION]  # another key: nothing reused
 
 
-def test_engine_fuses_with_the_bases_embeddings_when_asked(store):
-    from persona.embed import EMBEDDING_ID
+def test_engine_fuses_with_the_bases_embeddings_by_default(store):
+    from persona.embed import SENTENCE_EMBEDDING_ID
     from persona.serving.engine import Engine
     from persona.serving.memory import MemoryConfig
 
     store.log("user:alice", [NURSE, TENNIS])
     store.log("user:bob", [LISBON])
-    with Engine(store, max_resident=4, memory=MemoryConfig(retrieval="fused")) as fused, \
-            Engine(store, max_resident=4, memory=True) as lexical:
-        assert lexical.memory.retrieval == "bm25"  # the default
+    with Engine(store, max_resident=4, memory=True) as fused, \
+            Engine(store, max_resident=4, memory=MemoryConfig(retrieval="bm25")) as lexical:
+        assert fused.memory.retrieval == "fused"  # the default
         result, = fused.generate([greedy("user:alice", HOME_QUESTION)])
         assert lexical.generate([greedy("user:alice", HOME_QUESTION)])[0].memories == ()
-        key = f"{fused.base.info.fingerprint}/{EMBEDDING_ID}"
+        key = f"{fused.base.info.fingerprint}/{SENTENCE_EMBEDDING_ID}"
     alice = {e.id for e in store.memory("user:alice").entries()}
     assert set(result.memories) == alice  # found without a word in common, and only alice's
     cached = memory_store._indexes[str(folder(store, "user:alice"))]
@@ -529,3 +533,18 @@ def test_vectors_survive_a_forget_and_a_log_between_fused_searches(store):
     hits = memory.search(HOME_QUESTION, k=4, embedder=fixed.embedder)
     assert fixed.calls == ["I read a lot.", HOME_QUESTION]  # the kept entries were not embedded again
     assert "I play tennis." not in [h.entry.text for h in hits]
+
+
+def test_sentence_embedding_of_a_text_does_not_depend_on_its_batch(tiny_base):
+    import torch
+
+    from persona import load_base
+    from persona.embed import embed_sentences
+
+    base = load_base(tiny_base, device="cpu")
+    alone = embed_sentences(base.model, base.tokenizer, ["I live in Lisbon."])
+    batched = embed_sentences(base.model, base.tokenizer, ["A much longer text about many other things entirely.",
+                                                           "I live in Lisbon."])
+    assert alone.shape == (1, base.model.config.hidden_size)
+    torch.testing.assert_close(batched[1:], alone, rtol=1e-4, atol=1e-5)  # the last real token, not a pad
+    assert not torch.allclose(batched[0], alone[0])

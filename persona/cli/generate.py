@@ -25,7 +25,7 @@ def memory_options(f):
                              "in a system message; see docs/MEMORY.md.")(f)
 
 
-def memory_setting(use_memory: bool, k: int, max_tokens: int, retrieval: str = "bm25") -> MemoryConfig:
+def memory_setting(use_memory: bool, k: int, max_tokens: int, retrieval: str = "fused") -> MemoryConfig:
     """The engine's ``memory`` from the options: on by default with ``--memory``; without it, a request
     (an HTTP body's ``"memory": true``) opts in, with the same k and budget."""
     return MemoryConfig(default=use_memory, k=k, max_tokens=max_tokens, retrieval=retrieval)

@@ -57,7 +57,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from ..base import BaseModel, check_base, load_base, resolve_device
-from ..embed import EMBEDDING_ID
+from ..embed import SENTENCE_EMBEDDING_ID
 from ..errors import EngineClosed, InvalidConfig, InvalidPrompt  # noqa: F401 - EngineClosed importable from here as before
 from ..lora_runtime import LoraRuntime
 from ..refs import MAX_STACK, StackPart
@@ -175,7 +175,7 @@ class Engine:
         )
         self.memory = MemoryConfig.of(memory)
         # fused retrieval's vectors are cached per key: this base (its fingerprint) and this embedding
-        embedder = TextEmbedder(f"{self.base.info.fingerprint}/{EMBEDDING_ID}", self._embed_texts)
+        embedder = TextEmbedder(f"{self.base.info.fingerprint}/{SENTENCE_EMBEDDING_ID}", self._embed_texts)
         self._memory = PromptMemory(store, self.memory, self.tokenizer, self._tokenizer_lock, embedder)
         self.scheduler = scheduler
         self._worker: BatchWorker | ContinuousWorker
@@ -298,12 +298,12 @@ class Engine:
             return self._router.route(prompt, top_k=self.route_top_k, exclude=exclude)
 
     def _embed_texts(self, texts: Sequence[str]) -> Any:
-        """The base's own embeddings of ``texts`` (``persona.embed``), for fused memory retrieval."""
-        from ..embed import embed_texts
+        """The base's own sentence embeddings of ``texts`` (``persona.embed``), for fused memory retrieval."""
+        from ..embed import embed_sentences
 
         # the base alone, as the router runs it: never while a batch has adapters routed on it
         with self._lock, self._tokenizer_lock:
-            return embed_texts(self.model, self.tokenizer, texts).numpy()
+            return embed_sentences(self.model, self.tokenizer, texts).numpy()
 
     def _admit(self, request: GenerationRequest, *, streaming: bool = True) -> Job:
         if not isinstance(request, GenerationRequest):

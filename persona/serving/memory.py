@@ -4,9 +4,9 @@ adapters' memories (:mod:`persona.store.memory`) go into a system message.
 Which memories: those of the **user parts** of the stack the request resolved to (its scope was
 checked like the adapter's, so no other user's memory is reachable); a domain part, a layer, a
 ``domain:auto`` choice or the base alone bring none. The query is the last user message. The best
-``k`` entries (``retrieval="bm25"``, the default: BM25 alone, entries sharing no word left out;
-``"fused"``: BM25 fused by reciprocal rank with the cosine of the base's own embeddings,
-:func:`persona.store.memory.search`) are kept, best first, while their lines fit
+``k`` entries (``retrieval="fused"``, the default: BM25 fused by reciprocal rank with the cosine of
+the base's own sentence embeddings, :func:`persona.store.memory.search`; ``"bm25"``: BM25 alone,
+entries sharing no word left out) are kept, best first, while their lines fit
 ``max_tokens`` (counted with the base's tokenizer); an entry that does not fit is skipped for a
 shorter one. The template (docs/MEMORY.md)::
 
@@ -33,7 +33,7 @@ from ..store.memory import MAX_K, TextEmbedder
 
 __all__ = ["MEMORY_HEADER", "MemoryConfig", "PromptMemory", "Recalled"]
 
-RETRIEVALS = ("bm25", "fused")
+RETRIEVALS = ("fused", "bm25")
 MAX_CHARS_PER_TOKEN = 32  # a line longer than this per token of budget left is skipped untokenized (no real text averages more)
 MEMORY_HEADER = "Notes from earlier conversations with this user, most relevant first. Use them if they help:"
 
@@ -45,10 +45,9 @@ class MemoryConfig:
     ``default``: whether a request that does not say (``GenerationRequest.memory`` None, no
     ``"memory"`` in the body) gets memories; a request's own ``memory=True/False`` always wins.
     ``k``: at most this many entries; ``max_tokens``: the most tokens their lines may take.
-    ``retrieval``: ``"bm25"`` (lexical only; no forward) or ``"fused"`` (BM25 and the base's
-    embeddings, by reciprocal rank fusion; one base forward per new entry and per request). BM25 is
-    the default because fusion with this embedding lost to it once a memory held other chats
-    (docs/MEMORY.md, "Decisions").
+    ``retrieval``: ``"fused"`` (BM25 and the base's sentence embeddings, by reciprocal rank fusion;
+    one base forward per new entry and per request; the default, as it retrieved more on every
+    memory of benchmarks/memory.py) or ``"bm25"`` (lexical only; no forward).
     """
 
     # metadata: help and range, from which the CLI builds --memory-k/--memory-tokens (persona.cli._common)
@@ -57,9 +56,9 @@ class MemoryConfig:
                                         "range": {"min": 1, "max": MAX_K}})
     max_tokens: int = field(default=256, metadata={"help": "Memory: the most tokens its entries "
                                                    "may take in the prompt.", "range": {"min": 1, "max": 1 << 16}})
-    retrieval: Literal["bm25", "fused"] = field(default="bm25", metadata={
-        "help": "Memory: how entries are found: bm25 (stemmed words) or fused (BM25 + the base's own "
-                "embeddings, one base forward per request and per new entry)."})
+    retrieval: Literal["fused", "bm25"] = field(default="fused", metadata={
+        "help": "Memory: how entries are found: fused (BM25 + the base's own sentence embeddings, one "
+                "base forward per request and per new entry) or bm25 (stemmed words only)."})
 
     def __post_init__(self) -> None:
         if not isinstance(self.default, bool):
