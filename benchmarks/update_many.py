@@ -95,10 +95,15 @@ def child(args) -> None:
 
     trainer = Trainer(Store.open(args.store), device=args.device, dtype=args.dtype)
     loaded = time.perf_counter()
-    bulk = BulkConfig(rows_per_step=args.rows_per_step, max_adapters_per_step=args.max_adapters_per_step)
+    bulk = BulkConfig(rows_per_step=args.rows_per_step, tokens_per_step=args.tokens_per_step,
+                      max_adapters_per_step=args.max_adapters_per_step)
+    steps = [0]
+    hook = trainer.model.get_decoder().register_forward_pre_hook(
+        lambda *_: steps.__setitem__(0, steps[0] + int(__import__("torch").is_grad_enabled())))
     results = trainer.update_all(UpdateConfig(epochs=args.epochs, seed=0), bulk)
+    hook.remove()
     done = time.perf_counter()
-    out = {"load_s": loaded - started, "update_s": done - loaded, "users": {}}
+    out = {"load_s": loaded - started, "update_s": done - loaded, "steps": steps[0], "users": {}}
     for r in results:
         if isinstance(r, UpdateFailure):
             out["users"][r.adapter] = {"failed": r.reason}
@@ -108,13 +113,16 @@ def child(args) -> None:
     Path(args.out).write_text(json.dumps(out))
 
 
-def run_child(argv: list[str]) -> tuple[float, int, int]:
-    """Run ``argv`` as a child; (wall seconds, peak RSS in MiB, exit status)."""
+def run_child(argv: list[str]) -> tuple[float, int, int, float]:
+    """Run ``argv`` as a child; (wall seconds, peak RSS in MiB, exit status, CPU seconds: user + system).
+
+    CPU seconds say how much work a mode did, which a machine shared with other jobs distorts far less than
+    wall time (run with OMP_NUM_THREADS=1 there: idle OpenMP threads spin-waiting on a busy core count too)."""
     start = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return time.perf_counter() - start, usage.ru_maxrss // 1024, proc.returncode
+    return time.perf_counter() - start, usage.ru_maxrss // 1024, proc.returncode, usage.ru_utime + usage.ru_stime
 
 
 def compare_modes(work: Path, base_id: str, users: int, args) -> list[list[object]]:
@@ -125,13 +133,15 @@ def compare_modes(work: Path, base_id: str, users: int, args) -> list[list[objec
         copy = work / f"{mode.replace(' ', '-')}-{users}"
         shutil.copytree(store, copy)
         out = work / f"{copy.name}.json"
-        wall, rss, code = run_child([sys.executable, __file__, "--child", "--store", str(copy), "--out", str(out),
-                                     "--rows-per-step", str(rows), "--max-adapters-per-step", str(args.max_adapters_per_step),
-                                     "--epochs", str(args.epochs), "--device", args.device, "--dtype", args.dtype])
+        tokens = args.tokens_per_step if rows else 0
+        wall, rss, code, cpu = run_child([sys.executable, __file__, "--child", "--store", str(copy), "--out", str(out),
+                                          "--rows-per-step", str(rows), "--tokens-per-step", str(tokens),
+                                          "--max-adapters-per-step", str(args.max_adapters_per_step),
+                                          "--epochs", str(args.epochs), "--device", args.device, "--dtype", args.dtype])
         if code:
             raise SystemExit(f"{mode} failed with status {code}")
-        measured[mode] = (wall, rss, json.loads(out.read_text()))
-    (w0, r0, seq), (w1, r1, bat) = measured["one after another"], measured["batched"]
+        measured[mode] = (wall, rss, json.loads(out.read_text()), cpu)
+    (w0, r0, seq, c0), (w1, r1, bat, c1) = measured["one after another"], measured["batched"]
     diffs = [abs(bat["users"][u]["heldout"] - seq["users"][u]["heldout"]) / seq["users"][u]["heldout"]
              for u in seq["users"] if "heldout" in seq["users"][u] and seq["users"][u]["heldout"]]
     gates_same = all(bat["users"][u].get("promoted") == seq["users"][u].get("promoted") for u in seq["users"])
@@ -141,6 +151,8 @@ def compare_modes(work: Path, base_id: str, users: int, args) -> list[list[objec
     return [
         [f"{users} users: update --all wall time, s (whole child process)", w0, w1, w0 / w1],
         [f"{users} users: training and evaluation only, s", seq["update_s"], bat["update_s"], seq["update_s"] / bat["update_s"]],
+        [f"{users} users: CPU seconds, user + system (whole child process)", c0, c1, c0 / c1],
+        [f"{users} users: training steps (forward + backward passes of the base)", seq["steps"], bat["steps"], ""],
         [f"{users} users: max held-out loss difference, batched vs alone", "", f"{max(diffs, default=0):.2%}", ""],
         [f"{users} users: gate decisions identical", "", str(gates_same), ""],
         [f"{users} users: peak RSS, MiB", r0, r1, r1 / r0],
@@ -160,20 +172,112 @@ model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
 model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM",
     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
 t_load = time.perf_counter()
+c_load = time.process_time()
 rows = [json.loads(line)["messages"] for line in open(data)]
 texts = [tok.apply_chat_template(m, tokenize=False) for m in rows]
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
 model.train()
 torch.manual_seed(0)
+steps = padded = real = 0
 for epoch in range(epochs):
     for k in range(0, len(texts), 8):
         enc = tok(texts[k:k + 8], return_tensors="pt", padding=True)
         labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
         loss = model(**enc, labels=labels).loss
         opt.zero_grad(); loss.backward(); opt.step()
+        steps += 1; padded += enc.input_ids.numel(); real += int(enc.attention_mask.sum())
 t_train = time.perf_counter()
-print(json.dumps({"imports": t_import - t0, "load": t_load - t_import, "train": t_train - t_load}))
+print(json.dumps({"imports": t_import - t0, "load": t_load - t_import, "train": t_train - t_load,
+                  "train_cpu": time.process_time() - c_load, "steps": steps, "padded": padded, "real": real}))
 '''
+
+
+PHASES = ["base load (Trainer: imports transformers, loads and checks the base)", "parent load", "split + tokenize + replay", "evaluate parent", "train",
+          "evaluate new", "publish + replay buffer"]
+
+
+def breakdown(args) -> None:
+    """The single update again, in this process, with where its work goes: per phase, the base's forward passes
+    (with a gradient: training steps), rows, padded and real tokens, CPU and wall seconds. JSON on ``--out``."""
+    import resource
+
+    import torch
+
+    from persona import Store
+    from persona.interactions import read_interactions
+
+    def clock():
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime, time.perf_counter()
+
+    phases = {name: {"passes": 0, "grad_passes": 0, "rows": 0, "padded": 0, "real": 0, "cpu_s": 0.0, "wall_s": 0.0}
+              for name in PHASES}
+    current = [PHASES[0]]
+    mark = [clock()]
+
+    def enter(name):
+        now = clock()
+        phases[current[0]]["cpu_s"] += now[0] - mark[0][0]
+        phases[current[0]]["wall_s"] += now[1] - mark[0][1]
+        current[0], mark[0] = name, now
+
+    from persona.training.trainer import Trainer, UpdateConfig
+
+    store = Store.open(args.store)
+    items = read_interactions(args.data)
+    trainer = Trainer(store, device=args.device, dtype=args.dtype)
+
+    def count(module, a, kw):
+        ids, mask = kw.get("input_ids", a[0] if a else None), kw.get("attention_mask")
+        p = phases[current[0]]
+        p["passes"] += 1
+        p["grad_passes"] += int(torch.is_grad_enabled())
+        p["rows"] += ids.shape[0]
+        p["padded"] += ids.numel()
+        p["real"] += int(mask.sum()) if mask is not None else ids.numel()
+
+    trainer.model.get_decoder().register_forward_pre_hook(count, with_kwargs=True)
+
+    def wrap(method, name):
+        real = getattr(trainer, method)
+
+        def phase(*a, **kw):
+            enter(name() if callable(name) else name)
+            try:
+                return real(*a, **kw)
+            finally:
+                enter("publish + replay buffer")
+        setattr(trainer, method, phase)
+
+    measured = [0]
+
+    def evaluate_name():
+        measured[0] += 1
+        return "evaluate parent" if measured[0] == 1 else "evaluate new"
+
+    wrap("_load_parent", "parent load")
+    wrap("_prepare", "split + tokenize + replay")
+    wrap("_measure", evaluate_name)
+    wrap("_train", "train")
+    result = trainer.update("user:solo", items, UpdateConfig(epochs=args.epochs, seed=0))
+    enter("publish + replay buffer")
+    Path(args.out).write_text(json.dumps({"phases": phases, "steps": result.metrics["steps"]}))
+
+
+def breakdown_rows(found: dict, plain: dict) -> list[list[object]]:
+    """Rows of the where-the-time-goes table: persona's phases, then the plain loop's training for comparison."""
+    phases = found["phases"]
+    cpu_total = sum(p["cpu_s"] for p in phases.values()) or 1.0
+    rows = []
+    for name in PHASES:
+        p = phases[name]
+        work = (f"{p['passes']} passes ({p['grad_passes']} with backward), {p['rows']} rows, "
+                f"{p['padded']} padded / {p['real']} real tokens") if p["passes"] else "no pass of the base"
+        rows.append([f"  persona phase: {name}: {work}", f"{p['cpu_s']:.2f} CPU s",
+                     f"{p['cpu_s'] / cpu_total:.0%} of CPU", f"{p['wall_s']:.2f} wall s"])
+    rows.append([f"  plain loop training: {plain['steps']} passes with backward, {plain['padded']} padded / "
+                 f"{plain['real']} real tokens", f"{plain['train_cpu']:.2f} CPU s", "", f"{plain['train']:.2f} wall s"])
+    return rows
 
 
 def single_update(work: Path, base_id: str, args) -> list[list[object]]:
@@ -206,12 +310,23 @@ def single_update(work: Path, base_id: str, args) -> list[list[object]]:
         raise SystemExit(f"plain PEFT loop failed: {plain.stderr[-2000:]}")
     p = json.loads(plain.stdout.strip().splitlines()[-1])
     update_s = metrics["seconds"]
+    fresh = Store.init(work / "breakdown-store", base=base_id)  # the same update again, instrumented
+    fresh.create("user:solo", LoraSettings(rank=8, alpha=16))
+    found_out = work / "breakdown.json"
+    *_, code, _ = run_child([sys.executable, __file__, "--breakdown", "--store", str(fresh.root), "--data", str(data),
+                             "--out", str(found_out), "--epochs", str(args.epochs), "--device", args.device,
+                             "--dtype", args.dtype])
+    if code:
+        raise SystemExit(f"the instrumented update failed with status {code}")
+    found = json.loads(found_out.read_text())
     return [
         ["single update (12 chats), whole process, s", cli_s, plain_s, cli_s / plain_s],
         ["  of which python start + imports (persona: `import persona.cli.main`), s", import_s, p["imports"], ""],
         ["  of which the update itself (persona: load parent, split, evaluate twice, train, publish), s", update_s, p["train"], ""],
         ["  the rest (persona: base load, store, CLI; plain: model load + LoRA), s", cli_s - import_s - update_s, p["load"], ""],
-        [f"  steps (persona; plain: batches of 8 x {args.epochs} epochs)", metrics["steps"], -(-12 // 8) * args.epochs, ""],
+        [f"  steps (persona; plain: batches of 8 x {args.epochs} epochs)", metrics["steps"], p["steps"], ""],
+        ["where persona's update goes (instrumented run, in one process)", "CPU s", "share", "wall s"],
+        *breakdown_rows(found, p),
     ]
 
 
@@ -224,10 +339,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-adapters-per-step", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="tiny random model, 2 users, 8 chats, 1 epoch")
     parser.add_argument("--no-single", action="store_true", help="skip the single-update comparison")
+    parser.add_argument("--single-only", action="store_true", help="only the single-update comparison and its breakdown")
     parser.add_argument("--random-base", type=Path, metavar="ARCH",
                         help="random weights of ARCH's architecture (serve_engine.py --save-arch) instead of the "
                              "embedded base: times hold, losses are meaningless")
+    parser.add_argument("--tokens-per-step", type=int, default=0,
+                        help="batched mode's padded-token cap per step (0: rows only)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--breakdown", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--store", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     add_placement_options(parser)
@@ -235,16 +355,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         child(args)
         return
+    if args.breakdown:
+        breakdown(args)
+        return
     if args.quick:
         args.users, args.chats, args.epochs = "2", 8, 1
     header("persona bulk update benchmark" + (" (QUICK: tiny random model, numbers meaningless)" if args.quick else ""))
     print(f"{args.chats} pending chats per user, {args.epochs} epochs, rows per step {args.rows_per_step}, "
-          f"at most {args.max_adapters_per_step} adapters per step\n")
+          f"tokens per step {args.tokens_per_step or 'uncapped'}, at most {args.max_adapters_per_step} adapters per step\n")
     rows = []
     with workspace("update-many", args.quick) as (work, base_id):
         if args.random_base and not args.quick:
             base_id = make_random_base(args.random_base, work / "random-base")
-        for users in [int(u) for u in args.users.split(",")]:
+        for users in [] if args.single_only else [int(u) for u in args.users.split(",")]:
             rows += compare_modes(work, base_id, users, args)
         if not args.no_single:
             rows += single_update(work, base_id, args)

@@ -107,3 +107,16 @@ def test_memory_benchmark_quick_path_reports_every_measure(capsys):
                   "trained adapter + memory"):
         assert f"| {label} |" in out
     assert "## Overhead on a 32-token request" in out and "| 200 |" in out
+
+
+def test_update_many_quick_path_prints_where_the_single_update_goes(capsys):
+    """The benchmark reports each phase's passes of the base and tokens (issue 15: where the time goes), CPU
+    seconds beside wall time, and passes --tokens-per-step to the batched mode."""
+    module = _load("update_many")
+    module.main(["--quick", "--single-only"])
+    out = capsys.readouterr().out
+    for phase in module.PHASES:
+        assert f"persona phase: {phase}:" in out
+    assert "persona phase: train: 2 passes (2 with backward)" in out  # 11 training rows in batches of 8, 1 epoch
+    assert "persona phase: evaluate parent: 1 passes (0 with backward)" in out  # held-out + replay: one pass
+    assert "plain loop training: 2 passes with backward" in out

@@ -376,3 +376,45 @@ def test_evaluate_versions_and_base(store, trainer):
     v1, v2, base = results
     assert v1.loss == pytest.approx(base.loss, abs=1e-6)  # v1 is the identity (B = 0)
     assert v2.loss < v1.loss and v2.perplexity < v1.perplexity and v2.tokens == v1.tokens > 0
+
+
+def test_evaluating_several_sets_in_one_pass_equals_each_alone(store, trainer):
+    """Evaluator.losses scores the held-out slice and the replay sample together (issue 15): each set's loss and
+    token count are what scoring it alone gives, whatever shared its batches; an empty set is NaN."""
+    loaded = store.load("user:alice")
+    weights = AdapterWeights.from_peft(loaded.tensors, loaded.config)
+    held = list(trainer.tokenize(alice(5), 96).examples)
+    replay = list(trainer.tokenize(alice()[5:30], 96).examples)
+    together = trainer.evaluator.losses([held, replay, []], weights)
+    for (loss, tokens), rows in zip(together, [held, replay]):
+        alone = trainer.loss(rows, weights)
+        assert tokens == alone[1] > 0
+        assert loss == pytest.approx(alone[0], rel=1e-5)
+    assert math.isnan(together[2][0]) and together[2][1] == 0
+    assert trainer.evaluator.losses([held], None)[0][0] == pytest.approx(trainer.loss(held, None)[0], rel=1e-5)
+
+
+def test_an_update_scores_heldout_and_replay_in_one_forward_per_version(store, trainer):
+    """The gate's four losses (held-out and replay, parent and new weights) cost two forwards of the base when the
+    slice and the sample fit one evaluation batch (they were 2 x (1 + 4) with batches of 8), and the training
+    forwards are one per step."""
+    trainer.update("user:alice", alice(), UpdateConfig(**FAST, replay_capacity=24))
+    passes = {"eval": 0, "train": 0, "eval_rows": 0}
+
+    def count(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if torch.is_inference_mode_enabled():
+            passes["eval"] += 1
+            passes["eval_rows"] += ids.shape[0]
+        elif torch.is_grad_enabled():
+            passes["train"] += 1
+
+    hook = trainer.model.get_decoder().register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        config = UpdateConfig(**FAST, replay_capacity=24, gate_replay_samples=24, supersede=False)
+        m = trainer.update("user:alice", alice(20), config).metrics
+    finally:
+        hook.remove()
+    assert m["replay_eval_examples"] == 24 and m["heldout_examples"] == 2
+    assert passes["eval"] == 2 and passes["eval_rows"] == 2 * (24 + 2)
+    assert passes["train"] == m["steps"]

@@ -157,6 +157,51 @@ def test_steps_are_packed_within_the_row_budget(store, trainer, monkeypatch):
     assert sum(len(s) for s in sizes) == sum(r.metrics["steps"] for r in results)
 
 
+def test_a_step_never_exceeds_its_token_budget(store, trainer, monkeypatch):
+    """``tokens_per_step`` caps a shared step's padded tokens (rows x the step's longest row: what its memory
+    grows with), alone or beside a row budget; only one adapter's batch, never split, may be larger."""
+    refs = _setup_adapters(store, trainer, "tokens")
+    steps = []
+    real = optimize_module.train_step
+
+    def spy(model, runtime, work, **kw):
+        lengths = [len(r) for _, rows in work for r in rows]
+        steps.append((len(work), len(lengths) * max(lengths)))
+        return real(model, runtime, work, **kw)
+
+    monkeypatch.setattr("persona.training.bulk.train_step", spy)
+    one_batch = max(len(r) for ref in refs for r in rows_of(trainer, FILES[refs.index(ref)], PENDING)) * 3
+    budget = 2 * one_batch  # room for about two adapters' batches
+    results = trainer.update_many(refs, UpdateConfig(**FP32), BulkConfig(tokens_per_step=budget))
+    assert all(not isinstance(r, UpdateFailure) for r in results)
+    assert all(tokens <= budget or n == 1 for n, tokens in steps), steps
+    assert any(n > 1 for n, _ in steps)  # it packs (tokens_per_step alone is not one after another)
+    assert sum(n for n, _ in steps) == sum(r.metrics["steps"] for r in results)
+    assert not BulkConfig(tokens_per_step=budget).sequential and BulkConfig().sequential
+
+
+def test_pack_takes_a_batch_over_the_token_budget_only_alone():
+    from persona.training.bulk import _pack
+
+    class FakeLane:
+        def __init__(self, lengths):
+            self.rows = [tuple(range(n)) for n in lengths]
+
+        def peek(self):
+            return self.rows
+
+    class FakeOpen:
+        def __init__(self, lengths):
+            self.lane = FakeLane(lengths)
+
+    short, long_, huge = FakeOpen([10, 10]), FakeOpen([30, 5]), FakeOpen([500])
+    assert _pack([short, long_], 0, 100) == [short]  # 4 rows padded to 30 = 120 > 100
+    assert _pack([short, long_], 0, 120) == [short, long_]
+    assert _pack([huge, short], 0, 100) == [huge]  # alone, whatever its size
+    assert _pack([short, huge, long_], 0, 200) == [short, long_]  # the one left out goes first next step
+    assert _pack([short, long_], 3, 0) == [short]  # the row budget still applies
+
+
 def test_one_adapters_bad_pending_data_fails_with_its_reason_while_others_publish(store, trainer):
     refs = _setup_adapters(store, trainer, "bad")
     queue = store._adapter_dir(refs[1]) / "pending.jsonl"

@@ -41,7 +41,8 @@ def _install_sigterm() -> None:
     "supersede": "--supersede/--no-supersede", "supersede_threshold": "--supersede-threshold",
     "replay_recency": "--replay-recency",
 })
-@options_from(BulkConfig, {"rows_per_step": "--rows-per-step", "max_adapters_per_step": "--max-adapters-per-step"})
+@options_from(BulkConfig, {"rows_per_step": "--rows-per-step", "tokens_per_step": "--tokens-per-step",
+                           "max_adapters_per_step": "--max-adapters-per-step"})
 @click.option("--exclude", "exclude", multiple=True, metavar="REF",
               help="With --all: leave adapter REF out of this run, its pending queue untouched (repeatable).")
 @click.option("--origin", type=click.Choice([AUTO_UPDATE_ORIGIN]), hidden=True,
@@ -51,7 +52,7 @@ def _install_sigterm() -> None:
 @json_option
 @click.pass_context
 def update(ctx, ref, data_file, all_, exclude, origin, device, dtype, store_root, as_json, rows_per_step,
-           max_adapters_per_step, **settings) -> None:
+           tokens_per_step, max_adapters_per_step, **settings) -> None:
     """Train REF's current version on new interactions and publish the next version.
 
     \b
@@ -61,8 +62,9 @@ def update(ctx, ref, data_file, all_, exclude, origin, device, dtype, store_root
 
     \b
     --all updates every adapter with pending rows, one after another by default;
-    --rows-per-step N (e.g. 64, for GPUs) packs several adapters' training steps into shared
-    batches (--max-adapters-per-step; each adapter still trains as it would alone). On a CPU
+    --rows-per-step N (e.g. 64, for GPUs) and/or --tokens-per-step N (padded tokens, which bound a
+    step's memory) pack several adapters' training steps into shared batches
+    (--max-adapters-per-step; each adapter still trains as it would alone). On a CPU
     that measured slower and larger (docs/BENCHMARKS.md). An adapter that fails is reported
     with its reason and the others publish; the exit status is then 1.
     --exclude REF leaves an adapter out (`serve --auto-update` passes the ones
@@ -83,12 +85,14 @@ def update(ctx, ref, data_file, all_, exclude, origin, device, dtype, store_root
         raise click.UsageError("give one adapter REF, or --all")
     if all_ and data_file:
         raise click.UsageError("--all trains each adapter on its own pending queue; --data does not apply")
-    if not all_ and ctx.get_parameter_source("rows_per_step") != click.core.ParameterSource.DEFAULT:
-        raise click.UsageError("--rows-per-step packs the adapters of --all; one REF trains alone")
+    for name, flag in (("rows_per_step", "--rows-per-step"), ("tokens_per_step", "--tokens-per-step")):
+        if not all_ and ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT:
+            raise click.UsageError(f"{flag} packs the adapters of --all; one REF trains alone")
     if exclude and not all_:
         raise click.UsageError("--exclude leaves adapters out of --all; with one REF, just run the one you mean")
     excluded = [parse_ref(r).unpinned() for r in exclude]  # a bad reference stops here, before the base loads
-    bulk = BulkConfig(rows_per_step=rows_per_step, max_adapters_per_step=max_adapters_per_step)
+    bulk = BulkConfig(rows_per_step=rows_per_step, tokens_per_step=tokens_per_step,
+                      max_adapters_per_step=max_adapters_per_step)
     config = UpdateConfig(**field_values(UpdateConfig, settings))
     check_placement(device, dtype, training=True)
     store = open_store(store_root)

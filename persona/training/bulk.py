@@ -6,7 +6,8 @@ updates open at a time. Each is prepared and finished by the very steps of a sin
 supersession, the gate's baseline; :meth:`Trainer._finish`: evaluate, gate, publish, replay; then
 the pending rows are consumed). In between, their training steps are packed into shared batches:
 each step takes open adapters' next batches whole (an adapter's batch is never split), in turn,
-while their rows fit ``rows_per_step``, and runs them as one forward/backward
+while their rows fit ``rows_per_step`` and their padded tokens (rows x the step's longest row)
+``tokens_per_step``, and runs them as one forward/backward
 (:func:`~.optimize.train_step`: a block of rows per adapter, each with its own factors, optimizer,
 schedule, replay sampler and dropout stream). An adapter therefore takes the same steps on the same
 rows as alone, and its result does not depend on what shared its batches.
@@ -16,7 +17,8 @@ is an :class:`UpdateFailure` with its reason; the others go on. An interrupt pub
 each open update holds only its lock, released on the way out, and a version is published (and its
 pending rows consumed) by the same crash-safe steps as a single update.
 
-``rows_per_step=0`` runs today's path instead: one :meth:`Trainer.update` after another.
+``rows_per_step=0`` with ``tokens_per_step=0`` (the default) runs today's path instead: one
+:meth:`Trainer.update` after another.
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ def _run_packed(trainer: Trainer, order: list[AdapterRef], config: UpdateConfig,
                     bar.update(1)
             ready = [o for o in open_ if not o.lane.done]
             if ready:
-                work = _pack(ready, bulk.rows_per_step)
+                work = _pack(ready, bulk.rows_per_step, bulk.tokens_per_step)
                 taken = [(o.lane, o.lane.take()) for o in work]
                 try:
                     train_step(trainer.model, trainer.runtime, taken, pad_id=trainer.pad_id, precision=precision)
@@ -150,15 +152,22 @@ def _run_packed(trainer: Trainer, order: list[AdapterRef], config: UpdateConfig,
             o.locks.close()
 
 
-def _pack(ready: list[_Open], budget: int) -> list[_Open]:
-    """The open updates whose next batches fit the row budget, in turn (at least one)."""
-    work, used = [], 0
+def _pack(ready: list[_Open], rows_budget: int, tokens_budget: int = 0) -> list[_Open]:
+    """The open updates whose next batches fit the budgets, in turn (at least one).
+
+    ``rows_budget`` caps the step's rows, ``tokens_budget`` its padded tokens: rows x the longest row of the
+    step, since every row is padded to it; that is what a step's activations (its memory) and the base's
+    FLOPs grow with. 0: no cap of that kind."""
+    work, rows, longest = [], 0, 0
     for o in ready:
-        n = len(o.lane.peek())
-        if work and used + n > budget:
+        batch = o.lane.peek()
+        n, length = len(batch), max((len(r) for r in batch), default=0)
+        over_rows = rows_budget and rows + n > rows_budget
+        over_tokens = tokens_budget and (rows + n) * max(longest, length) > tokens_budget
+        if work and (over_rows or over_tokens):
             continue
         work.append(o)
-        used += n
+        rows, longest = rows + n, max(longest, length)
     return work
 
 

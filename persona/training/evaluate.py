@@ -20,10 +20,16 @@ import torch
 from ..lora_runtime import Activation, AdapterWeights, LoraRuntime
 from ..refs import AdapterRef
 from ..store.facade import Store, VersionInfo
-from .batches import Batch, iter_batches
+from .batches import Batch, batch_indices, collate
 from .tokenize import IGNORE_INDEX, Example, TokenizedSet
 
-__all__ = ["EvalResult", "Evaluator", "evaluate_versions", "layers_below", "loss_per_row", "loss_sum", "loss_sums"]
+__all__ = ["EVAL_BATCH_ROWS", "EvalResult", "Evaluator", "evaluate_versions", "layers_below", "loss_per_row", "loss_sum",
+           "loss_sums"]
+
+EVAL_BATCH_ROWS = 32
+"""Rows per forward when the gate scores a version (:meth:`Evaluator.losses`): no backward, so no activations are kept
+and a larger batch only means fewer passes of the base (issue 15: the held-out slice and the replay sample of a
+12-row update are one forward, not five)."""
 
 # Architectures whose logits are exactly lm_head(last hidden state): no softcapping or scaling.
 _PLAIN_HEAD = {"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2"}
@@ -96,27 +102,45 @@ class Evaluator:
         self.runtime = runtime
         self.pad_id = pad_id
 
-    @torch.no_grad()
     def loss(self, examples: Sequence[Example], weights: AdapterWeights | None, batch_size: int = 8,
              below: Sequence[AdapterWeights] = ()) -> tuple[float, int]:
         """Mean loss per target token (and the token count) of ``weights`` (None: the base alone),
         on top of the frozen layers ``below`` (a layered adapter's domain adapter); NaN without examples."""
-        if not examples:
-            return float("nan"), 0
-        total, tokens = 0.0, 0
+        return self.losses([examples], weights, batch_size, below)[0]
+
+    def losses(self, sets: Sequence[Sequence[Example]], weights: AdapterWeights | None,
+               batch_size: int = EVAL_BATCH_ROWS, below: Sequence[AdapterWeights] = ()) -> list[tuple[float, int]]:
+        """:meth:`loss` of each of ``sets``, all scored in one batched pass (issue 15).
+
+        The rows of every set go through the base together, length-grouped so a batch pads little, under
+        ``torch.inference_mode``; each row's summed loss and target-token count (:func:`loss_per_row`) is
+        added to its own set, so a set's loss does not depend on what shared its batches (to float rounding).
+        NaN (and 0 tokens) for an empty set.
+
+        >>> (held, n), (replay, m) = evaluator.losses([held_rows, replay_rows], weights)   # doctest: +SKIP
+        """
+        owner = [k for k, rows in enumerate(sets) for _ in rows]
+        rows = [row for s in sets for row in s]
+        sums, counts = [0.0] * len(sets), [0] * len(sets)
+        if rows:
+            self._score(rows, owner, weights, batch_size, below, sums, counts)
+        return [(sums[k] / max(counts[k], 1), counts[k]) if len(s) else (float("nan"), 0) for k, s in enumerate(sets)]
+
+    def _score(self, rows: list[Example], owner: list[int], weights: AdapterWeights | None, batch_size: int,
+               below: Sequence[AdapterWeights], sums: list[float], counts: list[int]) -> None:
         was_training = self.model.training
         self.model.eval()
         device = next(self.model.parameters()).device  # stored weights load on the CPU, in float32
         stack = [Activation(w.to(device)) for w in below] + ([Activation(weights.to(device))] if weights is not None else [])
         try:
-            with self.runtime.activate(stack):
-                for batch in iter_batches(list(examples), batch_size, shuffle=False, pad_token_id=self.pad_id):
-                    loss, n = loss_sum(self.model, batch)
-                    total += float(loss)
-                    tokens += n
+            with torch.inference_mode(), self.runtime.activate(stack):
+                for indices in batch_indices(rows, batch_size, shuffle=False):
+                    row_sums, row_counts = loss_per_row(self.model, collate([rows[i] for i in indices], self.pad_id))
+                    for i, total, n in zip(indices, row_sums.tolist(), row_counts.tolist()):
+                        sums[owner[i]] += total
+                        counts[owner[i]] += n
         finally:
             self.model.train(was_training)
-        return total / max(tokens, 1), tokens
 
 
 def layers_below(store: Store, info: VersionInfo) -> list[AdapterWeights]:

@@ -367,8 +367,9 @@ class Trainer:
         return detector.detect(replay_items, interactions)
 
     def _measure(self, weights: AdapterWeights, data: _UpdateData, below: Sequence[AdapterWeights]) -> _Losses:
-        held, held_tokens = self.loss(data.held.examples, weights, below=below)
-        replay, replay_tokens = self.loss(data.gate_replay, weights, below=below)
+        # One batched pass scores both sets (issue 15: a 4-row slice and a 32-row sample were five forwards).
+        (held, held_tokens), (replay, replay_tokens) = self.evaluator.losses([data.held.examples, data.gate_replay],
+                                                                             weights, below=below)
         return _Losses(held, held_tokens, replay, replay_tokens)
 
     def _train(self, parent: _Parent, data: _UpdateData, config: UpdateConfig, progress: bool) -> _Trained:
@@ -397,7 +398,8 @@ class Trainer:
 
     def _pull(self, parent: _Parent, replay_examples: list[Example], config: UpdateConfig) -> Pull:
         kind = config.reg if parent.info.training is not None else "none"  # a fresh v1 holds nothing worth anchoring to
-        anchor = anchor_of(parent.weights)
+        # No pull, no anchor: a copy of every factor per open update for nothing (update --all holds several).
+        anchor = anchor_of(parent.weights) if kind != "none" else {}
         fisher = self._parent_fisher(parent, replay_examples, config) if kind == "ewc" else None
         return Pull(kind, config.reg_strength, anchor, fisher)
 
