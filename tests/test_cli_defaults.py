@@ -36,6 +36,7 @@ EXPECTED = {
         "--force": "force", "--supersede": "supersede", "--supersede-threshold": "supersede_threshold",
         "--replay-recency": "replay_recency"}.items()},
     ("update", "--rows-per-step"): (BulkConfig, "rows_per_step"),
+    ("update", "--tokens-per-step"): (BulkConfig, "tokens_per_step"),
     ("update", "--max-adapters-per-step"): (BulkConfig, "max_adapters_per_step"),
     ("eval", "--max-length"): (UpdateConfig, "max_length"),
     ("report", "--max-length"): (UpdateConfig, "max_length"),
