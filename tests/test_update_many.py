@@ -313,3 +313,9 @@ def test_cli_update_all_json_reports_each_adapter_and_fails_with_status_1(run_cl
     assert text.exit_code == 1 and "user:ben: FAILED, nothing published (InvalidInteractions)" in text.output
     usage = run_cli("update", "user:ann", "--rows-per-step", "8", ok=False)
     assert usage.exit_code == 2 and "--rows-per-step" in usage.output
+    usage = run_cli("update", "user:ann", "--tokens-per-step", "512", ok=False)
+    assert usage.exit_code == 2 and "--tokens-per-step" in usage.output
+    run_cli("log", "user:ann", "--data", good)
+    packed = json.loads(run_cli("update", "--all", "--epochs", "1", "--tokens-per-step", "256", "--json", ok=False).stdout)
+    assert [r["adapter"] for r in packed] == ["user:ann", "user:ben"]  # ben's queue is still broken
+    assert packed[0]["version"] == 4 and packed[1]["error"]["type"] == "InvalidInteractions"
