@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the arrival schedule")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-batch-tokens", type=int, default=2048)
+    parser.add_argument("--max-batch", type=int, default=0,
+                        help="rows the engine runs at once (0: one per user, --users)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny random base, 8 requests, 8 tokens: checks the script runs")
     args = parser.parse_args(argv)
@@ -81,13 +83,14 @@ def main(argv: list[str] | None = None) -> None:
         store.create(user, LoraSettings(seed=i, init="random"))  # every user a distinct adapter: mix-ups would show
         tokens[user] = TokenStore(store).create(user)[0]
     base = load_base(store.config.base_id)
+    max_batch = args.max_batch or args.users
     print(f"{args.requests} requests over {args.users} users (adapter + token each), {args.tokens} new tokens, greedy, "
-          f"streamed with the openai client; max_batch {args.users}, max_resident {args.users}, "
+          f"streamed with the openai client; max_batch {max_batch}, max_resident {args.users}, "
           f"max_batch_tokens {args.max_batch_tokens}\n")
 
     rows, outputs = [], {}
     for scheduler in SCHEDULERS:
-        engine = Engine(store, base=base, max_resident=args.users, max_batch=args.users, scheduler=scheduler,
+        engine = Engine(store, base=base, max_resident=args.users, max_batch=max_batch, scheduler=scheduler,
                         max_batch_tokens=args.max_batch_tokens)
         with serving(engine) as url:
             clients = {u: _client(url, tokens[u]) for u in users}
