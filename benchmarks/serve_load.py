@@ -1,4 +1,4 @@
-"""Serving under open-loop load: the continuous-batching engine against the static one (issue 17).
+"""Serving under open-loop load: the continuous-batching engine against its own single-request figures (issue 17).
 
     python benchmarks/serve_load.py [--load 3 --requests 64 --users 16 --tokens 32 --threads 2]
     python benchmarks/serve_load.py --rate 0.5 --rate 1.5      # fixed arrival rates (req/s) instead
@@ -6,13 +6,14 @@
 
 `persona serve`'s app on loopback (uvicorn, auth on), one adapter and one token per user, the
 official `openai` client streaming each request (chat, greedy, `max_tokens` new tokens). Requests
-arrive open loop: a Poisson process (seeded), request i always the same user and question, so both
-engines get the same schedule and the same requests. The rate is ``--load`` requests per
-single-request latency of the static engine, measured first in the same run (so the load means the
-same on a fast or a busy machine), or fixed with ``--rate``. For each engine it reports
-single-request time to first token (TTFT) and end-to-end latency (requests one at a time), then
-under load p50/p95 TTFT and end-to-end latency and throughput (completed tokens per second from the
-first arrival to the last completion), and whether every greedy output is identical across engines.
+arrive open loop: a Poisson process (seeded), request i always the same user and question. The rate
+is ``--load`` requests per single-request latency, measured first in the same run (so the load
+means the same on a fast or a busy machine), or fixed with ``--rate``. It reports single-request
+time to first token (TTFT) and end-to-end latency (requests one at a time), then under load
+p50/p95 TTFT and end-to-end latency, throughput (completed tokens per second from the first arrival
+to the last completion), where the mean request's time to first token went, and whether the greedy
+outputs under load equal the same requests run alone. (Until the static scheduler was removed, this
+script ran it too, for the comparison kept in docs/BENCHMARKS.md.)
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ from persona.http.app import ServerConfig, create_app  # noqa: E402
 
 QUESTIONS = ["What should I cook tonight?", "Tell me about my week.", "Any advice for today?", "Say something kind.",
              "How do I stay focused when I work from home?", "Give me one idea for a weekend trip."]
-SCHEDULERS = ("static", "continuous")
 
 
 class Timing(NamedTuple):
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=float, action="append", help="arrivals per second (repeatable)")
     parser.add_argument("--load", type=float, default=3.0,
-                        help="without --rate: arrivals per single-request latency of the static engine")
+                        help="without --rate: arrivals per single-request latency")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--users", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=32)
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     rates = args.rate
     torch.set_num_threads(args.threads)
     quick = " (QUICK: tiny random base)" if args.quick else ""
-    header("persona serving under open-loop load: continuous vs static batching" + quick)
+    header("persona serving under open-loop load: continuous batching against single requests" + quick)
     root = temporary_folder("load")
     base_id = make_tiny(root) if args.quick else EMBEDDED_BASE
     store = Store.init(root / "store", base=base_id)
@@ -88,50 +88,44 @@ def main(argv: list[str] | None = None) -> None:
           f"streamed with the openai client; max_batch {max_batch}, max_resident {args.users}, "
           f"max_batch_tokens {args.max_batch_tokens}\n")
 
-    rows, outputs = [], {}
-    for scheduler in SCHEDULERS:
-        engine = Engine(store, base=base, max_resident=args.users, max_batch=max_batch, scheduler=scheduler,
-                        max_batch_tokens=args.max_batch_tokens)
-        with serving(engine) as url:
-            clients = {u: _client(url, tokens[u]) for u in users}
-            warm = [threading.Thread(target=ask, args=(clients[u], u, k, 4)) for k, u in enumerate(users)]
-            for thread in warm:  # warm-up: every adapter resident, every path run once
-                thread.start()
-            for thread in warm:
-                thread.join()
-            alone = [users[k % len(users)] for k in range(args.singles)]
-            singles = [ask(clients[u], u, k, args.tokens) for k, u in enumerate(alone)]
-            single_ttft = statistics.median(t.ttft for t in singles)
-            single_e2e = statistics.median(t.e2e for t in singles)
-            if rates is None:  # static runs first: its single-request latency sets the rate for both
-                rates = [round(args.load / single_e2e, 3)]
-                print(f"arrival rate: {rates[0]} requests/s ({args.load} per single-request latency "
-                      f"{single_e2e:.3f} s)", flush=True)
-            for rate in rates:
-                before = engine.stats().times
-                timings, wall = open_loop(clients, users, rate, args)
-                if scheduler == "continuous":
-                    client_ttft = statistics.mean(t.ttft for t in timings)
-                    print("    " + breakdown(before, engine.stats().times, client_ttft), flush=True)
-                outputs[(scheduler, rate)] = [t.text for t in timings]
-                ttfts, e2es = [t.ttft for t in timings], [t.e2e for t in timings]
-                rows.append([scheduler, rate, single_ttft, pct(ttfts, 50), pct(ttfts, 50) / single_ttft, pct(ttfts, 95),
-                             single_e2e, pct(e2es, 50), pct(e2es, 50) / single_e2e, pct(e2es, 95),
-                             sum(t.tokens for t in timings) / wall])
-                print(f"  {scheduler} at {rate}/s done: " + ", ".join(f"{x:.3g}" for x in rows[-1][2:]), flush=True)
-        engine.close()
-    print(table(["scheduler", "rate (req/s)", "single TTFT (s)", "p50 TTFT (s)", "p50 TTFT / single", "p95 TTFT (s)",
+    rows, checks = [], []
+    engine = Engine(store, base=base, max_resident=args.users, max_batch=max_batch,
+                    max_batch_tokens=args.max_batch_tokens)
+    with serving(engine) as url:
+        clients = {u: _client(url, tokens[u]) for u in users}
+        warm = [threading.Thread(target=ask, args=(clients[u], u, k, 4)) for k, u in enumerate(users)]
+        for thread in warm:  # warm-up: every adapter resident, every path run once
+            thread.start()
+        for thread in warm:
+            thread.join()
+        alone = [users[k % len(users)] for k in range(args.singles)]
+        singles = [ask(clients[u], u, k, args.tokens) for k, u in enumerate(alone)]
+        single_ttft = statistics.median(t.ttft for t in singles)
+        single_e2e = statistics.median(t.e2e for t in singles)
+        if rates is None:
+            rates = [round(args.load / single_e2e, 3)]
+            print(f"arrival rate: {rates[0]} requests/s ({args.load} per single-request latency "
+                  f"{single_e2e:.3f} s)", flush=True)
+        for rate in rates:
+            before = engine.stats().times
+            timings, wall = open_loop(clients, users, rate, args)
+            client_ttft = statistics.mean(t.ttft for t in timings)
+            print("    " + breakdown(before, engine.stats().times, client_ttft), flush=True)
+            # Request i < singles is single request i (same user, same question): greedy, the same text.
+            same = [t.text for t in timings[: len(singles)]] == [t.text for t in singles]
+            checks.append(f"rate {rate}: greedy outputs under load identical to the same requests alone "
+                          f"({min(len(singles), len(timings))} compared): {same}")
+            ttfts, e2es = [t.ttft for t in timings], [t.e2e for t in timings]
+            rows.append([rate, single_ttft, pct(ttfts, 50), pct(ttfts, 50) / single_ttft, pct(ttfts, 95),
+                         single_e2e, pct(e2es, 50), pct(e2es, 50) / single_e2e, pct(e2es, 95),
+                         sum(t.tokens for t in timings) / wall])
+            print(f"  continuous at {rate}/s done: " + ", ".join(f"{x:.3g}" for x in rows[-1][1:]), flush=True)
+    engine.close()
+    print(table(["rate (req/s)", "single TTFT (s)", "p50 TTFT (s)", "p50 TTFT / single", "p95 TTFT (s)",
                  "single e2e (s)", "p50 e2e (s)", "p50 e2e / single", "p95 e2e (s)", "tokens/s"], rows))
     print()
-    for rate in rates:
-        same = outputs[("static", rate)] == outputs[("continuous", rate)]
-        differ = sum(a != b for a, b in zip(outputs[("static", rate)], outputs[("continuous", rate)], strict=True))
-        by = {r[0]: r for r in rows if r[1] == rate}
-        print(f"rate {rate}: greedy outputs identical across engines: {same}"
-              + ("" if same else f" ({differ} of {args.requests} differ)")
-              + f"; throughput continuous / static {by['continuous'][10] / by['static'][10]:.2f}x; "
-                f"static p50 e2e {by['static'][8]:.2f}x single, continuous p50 TTFT {by['continuous'][4]:.2f}x its "
-                f"single ({by['continuous'][3] / min(r[2] for r in by.values()):.2f}x the lower single TTFT of both)")
+    for line in checks:
+        print(line)
 
 
 def serving(engine: Engine):

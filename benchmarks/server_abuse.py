@@ -265,8 +265,8 @@ def main() -> None:
             # 4. SIGTERM with requests in flight
             print("4. SIGTERM with 4 streaming requests in flight")
             threads, lines, first, _ = streams_in_flight(server, token, 4, max_tokens=400)
-            # In flight = in the engine, running or queued (batching is static: a request that arrives
-            # during a batch waits for the next), with at least one generating.
+            # In flight = in the engine, running or queued (a request joins the running batch at the
+            # engine's next iteration), with at least one generating.
             wait_in_flight(server, token, 4)
             while not any(event.is_set() for event in first):
                 time.sleep(0.05)

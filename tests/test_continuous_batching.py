@@ -127,8 +127,8 @@ def test_rows_joining_mid_decode_match_peft_each_alone(engine, store, tiny_base,
 
 def test_joining_rows_generate_what_they_generate_alone(engine, store, base):
     """Greedy, seeded sampling, stop strings, logit_bias, logprobs and a JSON grammar keep working for
-    rows that join mid-decode: each result equals the request run alone (and on the static scheduler),
-    a seeded sampled row repeats."""
+    rows that join mid-decode: each result equals the request run alone (and submitted all at once to
+    another engine's worker), a seeded sampled row repeats."""
     fmt = ResponseFormat.from_schema({"type": "object", "properties": {"n": {"type": "integer"}}})
     requests = [
         greedy("user:a", prompt=LONG, n=20),
@@ -158,8 +158,8 @@ def test_joining_rows_generate_what_they_generate_alone(engine, store, base):
 
     assert_same(unsampled(first), unsampled(alone))
     assert alone[2].logprobs and alone[3].text.startswith("{")
-    with Engine(store, base=base, scheduler="static") as static:
-        results = [h.result(timeout=60) for h in [static.submit(r) for r in requests]]
+    with Engine(store, base=base) as other:
+        results = [h.result(timeout=60) for h in [other.submit(r) for r in requests]]
     assert_same(unsampled(results), unsampled(alone))
 
 
@@ -174,13 +174,12 @@ def assert_same(results, expected):
             assert abs(a.logprob - b.logprob) < 1e-4
 
 
-def test_submitted_requests_through_the_worker_equal_static_results(store, base):
-    """Requests submitted while others decode join the running batch; results as the static engine's."""
+def test_submitted_requests_through_the_worker_equal_each_run_alone(store, base):
+    """Requests submitted while others decode join the running batch; results as each one run alone."""
     requests = [greedy(m, prompt=p, n=n) for m, p, n in (
         ("user:a", LONG, 24), ("user:b", PROMPTS[0], 8), ("domain:c", PROMPTS[1], 12), ("user:d", PROMPTS[3], 6))]
-    with Engine(store, base=base, scheduler="static") as static:
-        expected = [static.generate([r])[0] for r in requests]
     with Engine(store, base=base, batch_wait_s=0) as engine:
+        expected = [engine.generate([r])[0] for r in requests]
         first = engine.submit(requests[0])
         stream = first.stream()
         next(stream)  # the first row is decoding: the others join it mid-batch
@@ -188,9 +187,9 @@ def test_submitted_requests_through_the_worker_equal_static_results(store, base)
         list(stream)
         assert [h.result(timeout=60) for h in handles] == expected
         deadline = time.monotonic() + 30  # counted just after the handles finish: wait for the count
-        while (stats := engine.stats()).requests < 4 and time.monotonic() < deadline:
+        while (stats := engine.stats()).requests < 8 and time.monotonic() < deadline:  # 4 alone, 4 submitted
             time.sleep(0.05)
-        assert stats.requests == 4 and stats.tokens_generated == sum(r.completion_tokens for r in expected)
+        assert stats.requests == 8 and stats.tokens_generated == 2 * sum(r.completion_tokens for r in expected)
 
 
 def test_a_joining_step_prefills_without_decoding_the_running_rows(engine):
@@ -371,9 +370,9 @@ def test_a_running_rows_adapter_is_never_evicted_between_steps(store, base):
         assert job.handle.result(timeout=0) == expected
 
 
-def test_scheduler_and_token_budget_are_validated(store, base):
-    with pytest.raises(InvalidConfig, match="scheduler"):
-        Engine(store, base=base, scheduler="paged")
+def test_the_static_scheduler_is_gone_and_the_token_budget_is_validated(store, base):
+    with pytest.raises(TypeError, match="scheduler"):
+        Engine(store, base=base, scheduler="static")
     with pytest.raises(InvalidConfig, match="max_batch_tokens"):
         Engine(store, base=base, max_batch_tokens=0)
 

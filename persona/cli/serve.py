@@ -83,9 +83,6 @@ def check_update_args(text: str, dtype: str) -> tuple[str, ...]:
 @click.option("--max-batch-tokens", default=2048, show_default=True, type=click.IntRange(1, 1 << 20),
               help="Continuous batching: prompt tokens prefilled in one step (a longer prompt joins alone and is "
                    "prefilled in chunks of this size, the running rows decoding between them).")
-@click.option("--scheduler", type=click.Choice(["continuous", "static"]), default="continuous", show_default=True,
-              help="continuous: requests join and leave the running batch at every step; static: each batch "
-                   "runs to its end (kept for comparison, to be removed).")
 @click.option("--no-auth", is_flag=True, help="Serve without tokens (local use only): every adapter is reachable by anyone.")
 @click.option("--log-interactions", is_flag=True, help="Append completed chats to the user's pending queue for the next `persona update`.")
 @click.option("--max-body-bytes", default=MAX_BODY_BYTES, show_default=True, type=click.IntRange(1024),
@@ -102,7 +99,7 @@ def check_update_args(text: str, dtype: str) -> tuple[str, ...]:
 @placement_options
 @upstream_options
 @store_option
-def serve(host, port, max_resident, max_batch, max_batch_tokens, scheduler, no_auth, log_interactions, max_body_bytes,
+def serve(host, port, max_resident, max_batch, max_batch_tokens, no_auth, log_interactions, max_body_bytes,
           max_queue, max_per_token, drain_timeout, auto_update, auto_update_args, auto_update_interval, route_top_k,
           use_memory, k, max_tokens, retrieval, device, dtype, upstream, upstream_key, store_root) -> None:
     """Serve adapters over an OpenAI-compatible HTTP API.
@@ -175,7 +172,7 @@ def serve(host, port, max_resident, max_batch, max_batch_tokens, scheduler, no_a
     if upstream:  # --device/--dtype place the base the router loads for domain:auto, if it is used
         return run_gateway(store_root, host, port, config, upstream, upstream_key, route_top_k, device=device, dtype=dtype)
     engine = open_engine(store_root, max_resident=max_resident, max_batch=max_batch, route_top_k=route_top_k,
-                         device=device, dtype=dtype, scheduler=scheduler, max_batch_tokens=max_batch_tokens,
+                         device=device, dtype=dtype, max_batch_tokens=max_batch_tokens,
                          memory=memory_setting(use_memory, k, max_tokens, retrieval))
     if auto_update is not None:
         from ..http.autoupdate import AutoUpdateSettings

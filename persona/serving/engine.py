@@ -35,10 +35,10 @@ run the forward passes and decode loop of each batch. The parts it drives live b
   Finished rows leave the batch. A row may also record logprobs, bias its logits (``logit_bias``)
   or follow a JSON grammar (``response_format``, ``serving.constrain``); rows that ask for none of
   these are not touched.
-- ``generate`` runs in the caller's thread; ``submit``/``stream`` go through one worker thread
-  (``serving.scheduler``). By default it batches continuously: at every decode step waiting
-  requests join the running batch (``serving.running``) and finished rows leave it;
-  ``scheduler="static"`` runs each gathered batch to its end instead.
+- ``generate`` runs its requests in the caller's thread, as batches of ``max_batch`` run to their
+  end; ``submit``/``stream`` go through one worker thread (``serving.scheduler``) that batches
+  continuously: at every iteration waiting requests join the running batch (``serving.running``)
+  and finished rows leave it.
 
 Thread safety: every public method may be called from any thread; model execution is serialized by
 one lock. The engine owns its base model while it lives: do not run a ``Trainer`` on the same
@@ -69,7 +69,7 @@ from .memory import MemoryConfig, PromptMemory
 from .requests import EngineStats, GenerationRequest, GenerationResult, Handle, Job, ServingTimes, cancelled_error
 from .resolve import ModelResolver
 from .running import RunningBatch, TurnLock, check_cache_layers
-from .scheduler import AdmissionPolicy, BatchWorker, ContinuousWorker, Occupancy
+from .scheduler import AdmissionPolicy, ContinuousWorker, Occupancy
 from .slots import AdapterCache, SlotBank, distinct_keys, group_rows, weight_table
 
 __all__ = ["Engine"]
@@ -87,10 +87,9 @@ class Engine:
     evicted); ``cpu_cache`` bounds the decoded adapters kept in CPU memory; ``max_batch`` bounds the
     rows of one batch; ``batch_wait_s`` is how long the worker waits for more requests to batch.
     ``route_top_k`` is how many domain adapters ``domain:auto`` becomes (1: the router's best, at
-    weight 1). ``scheduler`` is ``"continuous"`` (requests join and leave the running batch at every
-    step; ``max_batch_tokens`` bounds the prompt tokens prefilled in one iteration, and a longer
-    prompt is prefilled in chunks of that size) or
-    ``"static"`` (each batch runs to its end; kept for comparison, to be removed).
+    weight 1). Submitted requests are batched continuously (they join and leave the running batch at
+    every step); ``max_batch_tokens`` bounds the prompt tokens prefilled in one iteration, and a
+    longer prompt is prefilled in chunks of that size.
 
     ``device``/``dtype`` (``persona serve --device/--dtype``) place the base the engine loads:
     ``"auto"`` (the default) is a GPU in bfloat16 where torch sees one, else the CPU in float32
@@ -111,7 +110,6 @@ class Engine:
         dtype: str | torch.dtype | None = None,
         batch_wait_s: float = 0.005,
         route_top_k: int = 1,
-        scheduler: str = "continuous",
         max_batch_tokens: int = 2048,
         memory: MemoryConfig | bool | None = None,
     ):
@@ -129,8 +127,6 @@ class Engine:
             raise InvalidConfig(f"route_top_k={route_top_k} cannot exceed max_resident={max_resident}")
         if not isinstance(batch_wait_s, (int, float)) or not 0 <= batch_wait_s <= 10:
             raise InvalidConfig(f"batch_wait_s must be in [0, 10] seconds, got {batch_wait_s!r}")
-        if scheduler not in ("continuous", "static"):
-            raise InvalidConfig(f"scheduler must be 'continuous' or 'static', got {scheduler!r}")
         self.store = store
         if base is None:  # device and dtype resolved (a missing GPU refused) before any weight is read
             base = load_base(store.config.base_id, device=device or "auto", dtype=dtype or "auto")
@@ -177,17 +173,12 @@ class Engine:
         # fused retrieval's vectors are cached per key: this base (its fingerprint) and this embedding
         embedder = TextEmbedder(f"{self.base.info.fingerprint}/{SENTENCE_EMBEDDING_ID}", self._embed_texts)
         self._memory = PromptMemory(store, self.memory, self.tokenizer, self._tokenizer_lock, embedder)
-        self.scheduler = scheduler
-        self._worker: BatchWorker | ContinuousWorker
-        if scheduler == "static":
-            self._worker = BatchWorker(self._run_jobs, max_batch=max_batch, wait_s=batch_wait_s)
-        else:
-            check_cache_layers(new_kv_cache(self.model))
-            self.max_batch_tokens = max_batch_tokens  # also the chunk of a longer prompt's prefill
-            self._running = self._new_batch()
-            self._decode_next = False  # after a chunk of a long prompt, the running rows decode first
-            policy = AdmissionPolicy(max_batch=max_batch, max_batch_tokens=max_batch_tokens, max_resident=max_resident)
-            self._worker = ContinuousWorker(self._step, policy, wait_s=batch_wait_s)
+        check_cache_layers(new_kv_cache(self.model))
+        self.max_batch_tokens = max_batch_tokens  # also the chunk of a longer prompt's prefill
+        self._running = self._new_batch()
+        self._decode_next = False  # after a chunk of a long prompt, the running rows decode first
+        policy = AdmissionPolicy(max_batch=max_batch, max_batch_tokens=max_batch_tokens, max_resident=max_resident)
+        self._worker = ContinuousWorker(self._step, policy, wait_s=batch_wait_s)
 
     # ------------------------------------------------------------------ names and versions
     @property
@@ -377,7 +368,8 @@ class Engine:
         self.close()
 
     def _run_jobs(self, jobs: Sequence[Job]) -> None:
-        """Run admitted jobs to completion (a static batch); every job's handle ends finished or failed."""
+        """Run admitted jobs to completion in this thread (``generate``'s batches); every job's handle
+        ends finished or failed."""
         with self._lock:
             try:
                 for group in group_rows([j.refs for j in jobs], self._cache.max_resident):
@@ -507,7 +499,7 @@ class Engine:
         return tokens
 
     def _decode(self, rows: list[Row]) -> None:
-        """A static batch: the rows' prompts in one forward, then decode steps until every row has left."""
+        """``generate``'s batch: the rows' prompts in one forward, then decode steps until every row has left."""
         with self._stats_lock:
             self._counts["batches"] += 1
             self._counts["largest_batch"] = max(self._counts["largest_batch"], len(rows))

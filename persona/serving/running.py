@@ -18,8 +18,8 @@ engine's worker calls one of:
 
 Why a dense cache and not a paged one (vLLM's PagedAttention): transformers' attention reads one
 contiguous tensor per layer, and a masked key contributes exactly zero to a softmax, so padding and
-re-packing change no row's result (checked against each adapter alone, and against the static
-engine). The cost is the copy when rows join (the whole cache once per join). It is kept: every
+re-packing change no row's result (checked against each adapter alone, and against the same
+requests run one at a time). The cost is the copy when rows join (the whole cache once per join). It is kept: every
 decode step copies the whole cache anyway (``DynamicLayer.update`` appends with ``torch.cat``), so
 a join costs about one step's append, after the joiners' first tokens are out; growing in place
 would mean replacing transformers' cache class for no visible gain (``record("join_s", ...)``
@@ -226,15 +226,12 @@ class RunningBatch:
         assert self._mask is not None and self._next_pos is not None and self._pending is not None
         index = torch.tensor(keep, device=self._device)
         self._mask = self._mask.index_select(0, index)
-        if _plain(self._cache):
-            # Columns only the finished rows attended to: cut them, so the cache tracks its longest live row.
-            start = int(self._mask.any(dim=0).long().argmax())
-            for layer in self._cache.layers:
-                layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-                layer.values = layer.values.index_select(0, index)[:, :, start:]
-            self._mask = self._mask[:, start:]
-        else:  # a static batch over sliding-window layers: rows only leave, as transformers does it
-            self._cache.batch_select_indices(index)
+        # Columns only the finished rows attended to: cut them, so the cache tracks its longest live row.
+        start = int(self._mask.any(dim=0).long().argmax())
+        for layer in self._cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+        self._mask = self._mask[:, start:]
         self._next_pos = self._next_pos.index_select(0, index)
         self._pending = self._pending.index_select(0, index)
         self.rows = [self.rows[i] for i in keep]
@@ -259,12 +256,6 @@ def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=axis)
 
 
-def _plain(cache: Any) -> bool:
-    from transformers.cache_utils import DynamicLayer
-
-    return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", ()))
-
-
 def check_cache_layers(cache: Any) -> None:
     """Refuse a cache whose layers the surgery above would get wrong (sliding windows keep a rolling
     tail, not one column per token; quantized or offloaded layers hold other tensors)."""
@@ -273,8 +264,8 @@ def check_cache_layers(cache: Any) -> None:
     for layer in getattr(cache, "layers", ()):
         if type(layer) is not DynamicLayer:
             raise InvalidConfig(
-                f"continuous batching needs plain dynamic KV cache layers; this model's cache has "
-                f"{type(layer).__name__}: serve it with scheduler='static'"
+                f"the engine needs plain dynamic KV cache layers (rows join and leave its cache at any "
+                f"step); this model's cache has {type(layer).__name__}, which it cannot serve"
             )
 
 

@@ -1,17 +1,14 @@
 """The engine's worker thread and its admission policy: requests from many threads, run together.
 
 ``Engine.submit`` (in the caller's thread) validates and admits a request into a ``Job``, then
-queues it here. Two workers exist (``Engine(scheduler=...)``, ``persona serve --scheduler``):
-
-- ``ContinuousWorker`` (the default; Orca's iteration-level scheduling, as vLLM, TGI and SGLang do):
-  at every iteration it admits waiting jobs, in arrival order, under ``AdmissionPolicy`` (rows,
-  tokens of the step, resident adapters), and hands them to the engine's step function, which
-  prefills them first (their first tokens are streamed at once), or else runs the next chunk of a
-  long prompt or decodes every running row one token, and lets finished rows leave. A request that
-  arrives mid-batch joins at the next iteration instead of waiting for the batch to end.
-- ``BatchWorker`` (static, kept for comparison until the continuous one has won on a quiet machine):
-  takes the first waiting job, waits a few milliseconds for more (up to ``max_batch``) and has the
-  engine run them to the end as one batch.
+queues it here. ``ContinuousWorker`` (Orca's iteration-level scheduling, as vLLM, TGI and SGLang
+do): at every iteration it admits waiting jobs, in arrival order, under ``AdmissionPolicy`` (rows,
+tokens of the step, resident adapters), and hands them to the engine's step function, which
+prefills them first (their first tokens are streamed at once), or else runs the next chunk of a
+long prompt or decodes every running row one token, and lets finished rows leave. A request that
+arrives mid-batch joins at the next iteration instead of waiting for the batch to end. (A static
+scheduler, which ran each gathered batch to its end, was kept for comparison until continuous
+batching had been measured against it; it was removed after that, see docs/BENCHMARKS.md.)
 
 An exception while running is delivered to the handles it concerns; the worker keeps serving.
 """
@@ -29,7 +26,7 @@ from typing import Callable, Sequence
 from ..errors import EngineClosed
 from .requests import Job
 
-__all__ = ["AdmissionPolicy", "BatchWorker", "ContinuousWorker", "EngineClosed", "Occupancy"]
+__all__ = ["AdmissionPolicy", "ContinuousWorker", "EngineClosed", "Occupancy"]
 
 _STOP = object()
 
@@ -94,42 +91,6 @@ class _Worker:
                 return batch, True
             batch.append(job)
         return batch, False
-
-
-class BatchWorker(_Worker):
-    """One background thread that runs queued jobs in static batches of up to ``max_batch``.
-
-    ``run`` receives a list of admitted jobs; it must finish or fail every handle
-    (whatever it leaves open is failed with the exception it raised, or an error saying so).
-    """
-
-    def __init__(
-        self, run: Callable[[Sequence[Job]], None], *, max_batch: int, wait_s: float, name: str = "persona-engine"
-    ):
-        super().__init__(max_batch=max_batch, wait_s=wait_s, name=name)
-        self._run = run
-
-    def _loop(self) -> None:
-        stop = False
-        while not stop:
-            batch, stop = self._next_batch()
-            live = []
-            for job in batch:
-                if job.handle.cancelled:
-                    job.handle.fail(CancelledError())
-                else:
-                    live.append(job)
-            if not live:
-                continue
-            try:
-                self._run(live)
-            except BaseException as exc:  # noqa: BLE001 - delivered to the batch's handles; the worker lives on
-                for job in live:
-                    job.handle.fail(exc)
-            else:
-                for job in live:
-                    job.handle.fail(RuntimeError("internal error: the engine left this request unfinished"))
-        self._fail_queued()
 
 
 @dataclass(frozen=True)
