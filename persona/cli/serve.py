@@ -79,7 +79,10 @@ def check_update_args(text: str, dtype: str) -> tuple[str, ...]:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (0.0.0.0 exposes it to the network).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--max-resident", default=16, show_default=True, type=click.IntRange(1, 4096), help="Adapters held in engine slots at once.")
-@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 256), help="Requests batched into one forward pass.")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1, 256),
+              help="Rows decoded at once (continuous batching); more requests wait for a free row. Raise it under "
+                   "load: a row costs its KV cache, a request waiting for a row waits for its first token "
+                   "(docs/BENCHMARKS.md).")
 @click.option("--max-batch-tokens", default=2048, show_default=True, type=click.IntRange(1, 1 << 20),
               help="Continuous batching: prompt tokens prefilled in one step (a longer prompt joins alone and is "
                    "prefilled in chunks of this size, the running rows decoding between them).")
