@@ -169,26 +169,31 @@ def loopback_server(app):
         thread.join(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def server(tiny_base, tmp_path_factory):
-    """A module's `persona serve` app on loopback, auth and interaction logging on: adapters user:alice,
-    user:bob and domain:finance (rank 4, random), tokens "alice", "bob" and "admin"."""
+def server_world(tiny_base, tmp_path_factory, name: str) -> dict:
+    """A store with user:alice, user:bob and domain:finance (rank 4, random), tokens "alice", "bob" and
+    "admin", an engine over it and `persona serve`'s app (auth and interaction logging on)."""
     from persona import LoraSettings, Store
     from persona.http.app import ServerConfig, create_app
     from persona.serving.engine import Engine
     from persona.store.tokens import TokenStore
 
-    root = tmp_path_factory.mktemp("server-store")
-    store = Store.init(root, base=tiny_base)
+    store = Store.init(tmp_path_factory.mktemp(name), base=tiny_base)
     for ref, seed in (("user:alice", 1), ("user:bob", 2), ("domain:finance", 3)):
         store.create(ref, LoraSettings(init="random", seed=seed, rank=4))
     tokens = TokenStore(store)
-    secrets = {name: tokens.create(subject)[0] for name, subject in
+    secrets = {who: tokens.create(subject)[0] for who, subject in
                (("alice", "user:alice"), ("bob", "user:bob"), ("admin", "admin"))}
     engine = Engine(store, max_resident=4, max_batch=8)
     app = create_app(engine, ServerConfig(auth=True, log_interactions=True))
+    return {"app": app, "store": store, "engine": engine, "tokens": secrets}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_base, tmp_path_factory):
+    """A module's :func:`server_world` served on loopback: its ``url`` beside the store, engine and tokens."""
+    world = server_world(tiny_base, tmp_path_factory, "server-store")
     try:
-        with loopback_server(app) as url:
-            yield {"url": url, "tokens": secrets, "store": store, "engine": engine}
+        with loopback_server(world["app"]) as url:
+            yield {"url": url, **world}
     finally:
-        engine.close()
+        world["engine"].close()

@@ -13,9 +13,9 @@ from html.parser import HTMLParser
 
 import pytest
 
-from persona import LoraSettings, Store
-from persona.store.tokens import TokenStore
+from persona import LoraSettings
 
+from conftest import server_world
 from test_hostile_http import one_thread  # noqa: F401 - one torch thread for the module (tiny matmuls)
 
 BROWSER = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
@@ -23,19 +23,9 @@ BROWSER = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
 
 @pytest.fixture(scope="module")
 def world(tiny_base, tmp_path_factory):
-    from persona.http.app import ServerConfig, create_app
-    from persona.serving.engine import Engine
-
-    store = Store.init(tmp_path_factory.mktemp("ui-store"), base=tiny_base)
-    for ref, seed in (("user:alice", 1), ("user:bob", 2), ("domain:finance", 3)):
-        store.create(ref, LoraSettings(init="random", seed=seed, rank=4))
-    tokens = TokenStore(store)
-    secrets = {who: tokens.create(subject)[0] for who, subject in
-               (("alice", "user:alice"), ("bob", "user:bob"), ("admin", "admin"))}
-    engine = Engine(store, max_resident=4, max_batch=8)
-    app = create_app(engine, ServerConfig(auth=True, log_interactions=True))
-    yield {"app": app, "store": store, "engine": engine, "tokens": secrets}
-    engine.close()
+    world = server_world(tiny_base, tmp_path_factory, "ui-store")
+    yield world
+    world["engine"].close()
 
 
 def client(world, base_url: str = "http://testserver"):
