@@ -39,7 +39,7 @@ WAIT = 180  # seconds a wait may take before the test fails (never reached when 
 CHAT = {"model": "user:alice", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 6,
         "temperature": 0}
 # Tiny training: identical chats, so the held-out row (one of 4) is what the others teach, and the gate promotes.
-TRAIN = "--epochs 20 --lr 0.003 --holdout 0.25"
+TRAIN = "--epochs 20 --lr 0.003 --holdout 0.25 --min-pending 1"  # these tests log one chat or two at a time
 
 
 # ----------------------------------------------------------------------------- the policy
@@ -130,8 +130,8 @@ class ScriptedWorker(AutoUpdateSettings):
         return [sys.executable, "-c", self.script, *exclude]  # the script sees the excluded adapters in sys.argv
 
 
-def scripted(policy: str, script: str) -> ScriptedWorker:
-    return ScriptedWorker(parse_policy(policy), "unused", backoff_s=60, script=script)
+def scripted(policy: str, script: str, min_pending: int = 1) -> ScriptedWorker:
+    return ScriptedWorker(parse_policy(policy), "unused", backoff_s=60, script=script, min_pending=min_pending)
 
 
 def test_scheduler_runs_when_due_never_in_quiet_hours_and_backs_off_after_a_failure():
@@ -176,7 +176,7 @@ class MissingWorker(AutoUpdateSettings):
 
 def test_a_worker_that_cannot_start_is_a_failed_run_backed_off():
     now = [0.0]
-    updater = AutoUpdater(FakeStore({"user:a": 3}), MissingWorker(parse_policy("pending>=1"), "unused"),
+    updater = AutoUpdater(FakeStore({"user:a": 3}), MissingWorker(parse_policy("pending>=1"), "unused", min_pending=1),
                           clock=lambda: now[0])
     outcome = updater.check()
     assert outcome.error.startswith("cannot start the worker") and updater.stats().runs["failed"] == 1
@@ -318,8 +318,38 @@ def test_the_worker_command_excludes_the_quarantined_adapters():
     command = settings.command(exclude=("user:b", "user:c"))
     assert command[command.index("update"):] == [
         "update", "--all", "--json", "--origin", "auto-update", "--store", "/store", "--device", "auto", "--dtype",
-        "auto", "--exclude", "user:b", "--exclude", "user:c", "--epochs", "1"]
+        "auto", "--min-pending", "4", "--exclude", "user:b", "--exclude", "user:c", "--epochs", "1"]
     assert "--exclude" not in settings.command()
+
+
+def test_adapters_with_too_few_rows_for_a_held_out_slice_neither_trigger_nor_join_a_run():
+    """An update of fewer than 4 rows holds none out and can only become a candidate, consuming the rows:
+    such an adapter waits for more (found by a cold trial: pending>=2 turned every chat into candidates)."""
+    updater = AutoUpdater(FakeStore({"user:a": 3, "user:b": 2}), scripted("pending>=2", "print('[]')", min_pending=4))
+    assert updater.check() is None  # 3 and 2 rows: below 4, nothing is due
+    assert updater.stats().pending_rows == 5  # /metrics still shows every pending row
+    updater = AutoUpdater(FakeStore({"user:a": 4, "user:b": 2}), scripted("pending>=2", "print('[]')", min_pending=4))
+    assert updater.check() is not None  # user:a reached 4; the worker leaves user:b out (its --min-pending 4:
+    # test_the_worker_command_excludes_the_quarantined_adapters, test_update_all_min_pending_leaves_small_queues...)
+
+
+def test_auto_update_args_min_pending_overrides_the_servers_default():
+    from persona.cli.serve import min_pending_of
+
+    assert min_pending_of(("--epochs", "1")) == {}
+    assert min_pending_of(("--min-pending", "1", "--force")) == {"min_pending": 1}
+    assert min_pending_of(("--min-pending=12",)) == {"min_pending": 12}
+
+
+def test_update_all_min_pending_leaves_small_queues_untouched(store):
+    from persona.training.trainer import Trainer
+
+    store.log("user:alice", [chat("a"), chat("b"), chat("c")])
+    store.log("user:bob", [chat("d")])
+    trainer = Trainer(store)
+    assert trainer.pending_adapters(min_pending=1) == [AdapterRef("user", "alice"), AdapterRef("user", "bob")]
+    assert trainer.pending_adapters(min_pending=3) == [AdapterRef("user", "alice")]
+    assert trainer.pending_adapters(min_pending=4) == []
 
 
 # ----------------------------------------------------------------------------- store: pending counts and origin
@@ -385,7 +415,8 @@ def test_a_broken_adapter_does_not_hold_back_a_healthy_one_and_is_retried_after_
     damage_queue(store, "user:bob")
     bobs_queue = store.pending_fingerprint("user:bob")
     store.log("user:alice", [chat("hi")] * 4)
-    settings = AutoUpdateSettings(parse_policy("pending>=1"), str(store.root), update_args=tuple(TRAIN.split()))
+    settings = AutoUpdateSettings(parse_policy("pending>=1"), str(store.root), update_args=tuple(TRAIN.split()),
+                                  min_pending=1)
     updater = AutoUpdater(store, settings, clock=lambda: 1000.0)  # time stands still: a back-off would stop runs
     first = updater.check()
     assert first.ok and [f.adapter for f in first.failed] == ["user:bob"], first
@@ -406,7 +437,14 @@ def test_a_broken_adapter_does_not_hold_back_a_healthy_one_and_is_retried_after_
 
 def test_update_all_exclude_is_refused_without_all_and_checked_before_loading(run_cli):
     assert "--exclude leaves adapters out of --all" in run_cli("update", "user:a", "--exclude", "user:b", ok=False).output
+    assert "--exclude leaves adapters out of --all" in run_cli("update", "--exclude", "user:b", ok=False).output
     assert "invalid reference" in run_cli("update", "--all", "--exclude", "bob", ok=False).output
+    for versioned in ("user:b@v1", "user:b@current", "domain:auto"):
+        assert "name an adapter as KIND:NAME" in run_cli("update", "--all", "--exclude", versioned, ok=False).output
+    assert "--min-pending applies to --all" in run_cli("update", "user:a", "--min-pending", "2", ok=False).output
+    result = run_cli("update", "--all", "--exclude", "user:nobody")
+    assert "note: --exclude user:nobody: no such adapter" in result.output
+    assert "no adapter to update" in result.output  # nothing pending in this store
 
 
 def test_origin_is_recorded_shown_and_absent_on_old_versions(store):
@@ -586,7 +624,7 @@ def training_worker(store: Store, server: Server, token: str) -> int:
     return int(re.search(r"worker pid (\d+) started", server.log.read_text()).group(1))
 
 
-LONG_TRAINING = "--epochs 1000 --batch-size 1"  # 1000 steps: long enough to be caught training
+LONG_TRAINING = "--epochs 1000 --batch-size 1 --min-pending 1"  # 1000 steps: long enough to be caught training
 
 
 def test_a_killed_worker_leaves_serving_answering_and_each_adapter_untouched(store, served):

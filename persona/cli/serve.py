@@ -75,6 +75,15 @@ def check_update_args(text: str, dtype: str) -> tuple[str, ...]:
     return args
 
 
+def min_pending_of(update_args: tuple[str, ...]) -> dict[str, int]:
+    """``{"min_pending": N}`` when ``--auto-update-args`` sets ``--min-pending N`` (checked already), else {}."""
+    from .training import update
+
+    if not any(arg.split("=", 1)[0] == "--min-pending" for arg in update_args):
+        return {}
+    return {"min_pending": update.make_context("update", ["--all", *update_args]).params["min_pending"]}
+
+
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (0.0.0.0 exposes it to the network).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
@@ -181,7 +190,8 @@ def serve(host, port, max_resident, max_batch, max_batch_tokens, no_auth, log_in
         from ..http.autoupdate import AutoUpdateSettings
 
         config.auto_update = AutoUpdateSettings(auto_update, str(engine.store.root), device=device, dtype=dtype,
-                                                update_args=update_args, check_interval_s=auto_update_interval)
+                                                update_args=update_args, check_interval_s=auto_update_interval,
+                                                **min_pending_of(update_args))
     try:
         run_server(engine, host, port, config)
     finally:

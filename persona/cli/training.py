@@ -8,9 +8,9 @@ import sys
 
 import click
 
-from ..refs import parse_ref
+from ..refs import AdapterRef, parse_ref
 from ..store.records import AUTO_UPDATE_ORIGIN
-from ..training.config import BulkConfig, UpdateConfig
+from ..training.config import HOLDOUT_MIN_ROWS, BulkConfig, UpdateConfig
 from ._common import (check_placement, emit, field_values, json_option, open_store, options_from, placement_options,
                       store_option)
 
@@ -45,13 +45,16 @@ def _install_sigterm() -> None:
                            "max_adapters_per_step": "--max-adapters-per-step"})
 @click.option("--exclude", "exclude", multiple=True, metavar="REF",
               help="With --all: leave adapter REF out of this run, its pending queue untouched (repeatable).")
+@click.option("--min-pending", default=1, show_default=True, type=click.IntRange(1, 1 << 30), metavar="N",
+              help="With --all: leave adapters with fewer pending rows for a later run, their queue untouched "
+                   f"(`serve --auto-update` passes {HOLDOUT_MIN_ROWS}: fewer rows hold none out for the gate).")
 @click.option("--origin", type=click.Choice([AUTO_UPDATE_ORIGIN]), hidden=True,
               help="Tag the published versions' meta.json with where they came from (set by `serve --auto-update`).")
 @placement_options
 @store_option
 @json_option
 @click.pass_context
-def update(ctx, ref, data_file, all_, exclude, origin, device, dtype, store_root, as_json, rows_per_step,
+def update(ctx, ref, data_file, all_, exclude, min_pending, origin, device, dtype, store_root, as_json, rows_per_step,
            tokens_per_step, max_adapters_per_step, **settings) -> None:
     """Train REF's current version on new interactions and publish the next version.
 
@@ -81,6 +84,8 @@ def update(ctx, ref, data_file, all_, exclude, origin, device, dtype, store_root
     from ..interactions import read_interactions
     from ..training.trainer import Trainer, UpdateFailure
 
+    if exclude and not all_:
+        raise click.UsageError("--exclude leaves adapters out of --all; with one REF, just run the one you mean")
     if bool(ref) == bool(all_):
         raise click.UsageError("give one adapter REF, or --all")
     if all_ and data_file:
@@ -88,37 +93,51 @@ def update(ctx, ref, data_file, all_, exclude, origin, device, dtype, store_root
     for name, flag in (("rows_per_step", "--rows-per-step"), ("tokens_per_step", "--tokens-per-step")):
         if not all_ and ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT:
             raise click.UsageError(f"{flag} packs the adapters of --all; one REF trains alone")
-    if exclude and not all_:
-        raise click.UsageError("--exclude leaves adapters out of --all; with one REF, just run the one you mean")
-    excluded = [parse_ref(r).unpinned() for r in exclude]  # a bad reference stops here, before the base loads
+    if not all_ and ctx.get_parameter_source("min_pending") != click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("--min-pending applies to --all; one REF trains whatever it is given")
+    excluded = [_excluded(r) for r in exclude]  # a bad reference stops here, before the base loads
     bulk = BulkConfig(rows_per_step=rows_per_step, tokens_per_step=tokens_per_step,
                       max_adapters_per_step=max_adapters_per_step)
     config = UpdateConfig(**field_values(UpdateConfig, settings))
     check_placement(device, dtype, training=True)
     store = open_store(store_root)
+    for left in excluded:  # not an error: `serve --auto-update` may exclude an adapter deleted meanwhile
+        if not store.exists(left):
+            click.echo(f"note: --exclude {left.id}: no such adapter", err=True)
     parsed = parse_ref(ref) if ref else None
     if parsed is not None:
         store.show(parsed)  # fail fast, before loading the base
     interactions = read_interactions(data_file) if data_file else None  # validated before any training
     _install_sigterm()
     trainer = Trainer(store, device=device, dtype=dtype, origin=origin)
-    results = trainer.update_all(config, bulk, progress=_progress(as_json), exclude=excluded) if all_ else [
+    results = trainer.update_all(config, bulk, progress=_progress(as_json), exclude=excluded,
+                                 min_pending=min_pending) if all_ else [
         trainer.update(parsed, interactions, config, progress=_progress(as_json))
     ]
     failed = [r for r in results if isinstance(r, UpdateFailure)]
     if as_json:
         emit(True, [r.to_dict() for r in results] if all_ else results[0].to_dict())
     else:
-        _print_updates(results, all_)
+        _print_updates(results, all_, left_out=bool(excluded) or min_pending > 1)
     if failed:
         ctx.exit(1)
 
 
-def _print_updates(results, all_: bool) -> None:
+def _excluded(text: str) -> AdapterRef:
+    """An ``--exclude`` value: one adapter by name (a version or alias would suggest a version is left out)."""
+    ref = parse_ref(text)
+    if ref.version is not None or ref.alias is not None or ref.kind == "domain" and ref.name == "auto":
+        raise click.BadParameter(f"{text!r}: name an adapter as KIND:NAME (a run updates whole adapters)",
+                                 param_hint="'--exclude'")
+    return ref.unpinned()
+
+
+def _print_updates(results, all_: bool, *, left_out: bool = False) -> None:
     from ..training.trainer import UpdateFailure
 
     if all_ and not results:
-        click.echo("no adapter has pending interactions")
+        click.echo("no adapter to update: none has pending interactions, or --exclude/--min-pending left them out"
+                   if left_out else "no adapter has pending interactions")
     for r in results:
         if isinstance(r, UpdateFailure):
             click.echo(f"{r.adapter}: FAILED, nothing published ({r.error}): {r.reason}")

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import PersonaError
 from ..store.records import AUTO_UPDATE_ORIGIN
+from ..training.config import HOLDOUT_MIN_ROWS
 from .quarantine import Quarantine, Quarantined
 from .update_policy import UpdatePolicy
 
@@ -68,6 +69,9 @@ class AutoUpdateSettings:
     device: str = "auto"
     dtype: str = "auto"
     update_args: tuple[str, ...] = ()  # more `persona update` options (--epochs 1, --max-steps 50, ...)
+    # An adapter with fewer pending rows waits (its rows do not trigger a run, the run leaves it out): an
+    # update of fewer than HOLDOUT_MIN_ROWS holds none out, so its version could only become a candidate.
+    min_pending: int = HOLDOUT_MIN_ROWS
     check_interval_s: float = 10.0  # how often the policy is checked
     backoff_s: float = 60.0  # wait after a run failed as a whole before the next; doubles per failure in a row
     max_backoff_s: float = 3600.0
@@ -79,8 +83,8 @@ class AutoUpdateSettings:
         out the ``exclude``d (quarantined) adapters."""
         left_out = [arg for adapter in exclude for arg in ("--exclude", adapter)]
         return [sys.executable, "-m", "persona", "update", "--all", "--json", "--origin", AUTO_UPDATE_ORIGIN,
-                "--store", self.store_root, "--device", self.device, "--dtype", self.dtype, *left_out,
-                *self.update_args]
+                "--store", self.store_root, "--device", self.device, "--dtype", self.dtype,
+                "--min-pending", str(self.min_pending), *left_out, *self.update_args]
 
 
 @dataclass(frozen=True)
@@ -248,11 +252,13 @@ class AutoUpdater:
         """Read the pending counts and, when the policy says so, run one worker to its end (its outcome).
 
         Quarantined adapters whose pending queue or newest version changed are let back in first; the
-        others' rows do not count toward the policy."""
+        others' rows, and those of adapters with fewer than ``min_pending`` rows, do not count toward the
+        policy."""
         pending = self.store.pending_counts()
         for released in self._quarantine.release_changed(self.store, pending):
             log.info("%s is tried again at the next run: %s", released.adapter, released.why)
-        eligible = {adapter: rows for adapter, rows in pending.items() if adapter not in self._quarantine}
+        eligible = {adapter: rows for adapter, rows in pending.items()
+                    if adapter not in self._quarantine and rows >= self.settings.min_pending}
         self._update(pending_rows=sum(pending.values()), adapters_pending=len(pending),
                      quarantined=len(self._quarantine))
         now = self._clock()

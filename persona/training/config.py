@@ -15,6 +15,9 @@ from typing import Any, Literal, Mapping
 from ..errors import InvalidConfig, refuse_unknown_keys
 from .supersede import SUPERSEDE_THRESHOLD
 
+# An update of fewer rows holds none out, so its gate has no evidence and it can only become a candidate.
+HOLDOUT_MIN_ROWS = 4
+
 FORGETTING_FLOOR = 0.05
 """Replay-loss rise (nats per token) that never counts as forgetting: the kept answers' tokens lose
 at most ~5% of their probability (exp(-0.05) = 0.95). A relative bound alone fails on a replay loss

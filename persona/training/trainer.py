@@ -45,7 +45,7 @@ from ..lora_runtime import AdapterWeights, LoraRuntime
 from ..refs import CANDIDATE, CURRENT, AdapterRef, parse_ref
 from ..store import NewVersion, PendingBatch, ReplayBuffer, Store, VersionInfo
 from .bulk import UpdateFailure, update_many
-from .config import FORGETTING_FLOOR, BulkConfig, UpdateConfig  # noqa: F401 - re-exported: UpdateConfig moved to config.py
+from .config import FORGETTING_FLOOR, HOLDOUT_MIN_ROWS, BulkConfig, UpdateConfig  # noqa: F401 - re-exported: UpdateConfig moved to config.py
 from .evaluate import EvalResult, Evaluator, evaluate_versions, layers_below
 from .gate import GateDecision, decide
 from .matrix import LossMatrix, loss_matrix
@@ -123,7 +123,7 @@ class UpdateResult:
 def split_holdout(items: Sequence[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
     """Seeded split into (train, held-out). Held-out gets round(n * fraction), at least 1 when n >= 4."""
     n = len(items)
-    k = 0 if fraction <= 0 or n < 4 else max(1, round(n * fraction))
+    k = 0 if fraction <= 0 or n < HOLDOUT_MIN_ROWS else max(1, round(n * fraction))
     order = list(range(n))
     random.Random(seed).shuffle(order)
     held = set(order[:k])
@@ -477,20 +477,22 @@ class Trainer:
         return update_many(self, refs, config or UpdateConfig(), bulk or BulkConfig(), progress=progress)
 
     def update_all(self, config: UpdateConfig | None = None, bulk: BulkConfig | None = None, *, progress: bool = False,
-                   exclude: Sequence[str | AdapterRef] = ()) -> list[UpdateResult | UpdateFailure]:
-        """:meth:`update_many` of every adapter with pending interactions but ``exclude``, the base loaded once."""
-        return self.update_many(self.pending_adapters(exclude), config, bulk, progress=progress)
+                   exclude: Sequence[str | AdapterRef] = (), min_pending: int = 1) -> list[UpdateResult | UpdateFailure]:
+        """:meth:`update_many` of every adapter with at least ``min_pending`` pending interactions but
+        ``exclude``, the base loaded once."""
+        return self.update_many(self.pending_adapters(exclude, min_pending), config, bulk, progress=progress)
 
-    def pending_adapters(self, exclude: Sequence[str | AdapterRef] = ()) -> list[AdapterRef]:
-        """The adapters with pending interactions, by reference, but those in ``exclude`` (left untouched)."""
+    def pending_adapters(self, exclude: Sequence[str | AdapterRef] = (), min_pending: int = 1) -> list[AdapterRef]:
+        """The adapters with at least ``min_pending`` pending interactions, by reference, but those in
+        ``exclude`` (both left untouched: their rows wait for a later run)."""
         left_out = {parse_ref(r).unpinned() for r in exclude}
         found = []
         for adapter in self.store.list():
             ref = AdapterRef(adapter.kind, adapter.name)
-            if ref in left_out:
+            if ref in left_out or adapter.pending < max(1, min_pending):
                 continue
             # Rows a published version consumed before a crash are not pending any more.
-            if adapter.pending and adapter.pending > self.store.drop_consumed_pending(ref):
+            if adapter.pending - self.store.drop_consumed_pending(ref) >= max(1, min_pending):
                 found.append(ref)
         return found
 
