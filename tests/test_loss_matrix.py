@@ -73,7 +73,7 @@ def test_matrix_of_planted_versions_matches_direct_evaluation_and_the_bwt_fwt_ga
     for col in m.columns:
         assert m.loss("v0001", col) == pytest.approx(m.loss("base", col), abs=1e-5)
         assert m.loss("v0005", col) == pytest.approx(m.loss("base", col), abs=1e-5)
-        assert abs(m.loss(col, col) - m.loss("base", col)) > 1e-3
+        assert abs(m.loss(col, col) - m.loss("base", col)) > 1e-4  # far outside the 1e-5 of "is the base"
     gain = [R["base"][c] - R[c][c] for c in m.columns]
     assert m.gain == pytest.approx(gain, rel=1e-4, abs=1e-4)
     # BWT: every column is older than v5, which scores as the base: BWT = -mean(gain)
