@@ -478,13 +478,11 @@ class Trainer:
 
     def update_all(self, config: UpdateConfig | None = None, bulk: BulkConfig | None = None, *, progress: bool = False,
                    exclude: Sequence[str | AdapterRef] = (), min_pending: int = 1) -> list[UpdateResult | UpdateFailure]:
-        """:meth:`update_many` of every adapter with at least ``min_pending`` pending interactions but
-        ``exclude``, the base loaded once."""
+        """:meth:`update_many` of :meth:`pending_adapters`, the base loaded once."""
         return self.update_many(self.pending_adapters(exclude, min_pending), config, bulk, progress=progress)
 
     def pending_adapters(self, exclude: Sequence[str | AdapterRef] = (), min_pending: int = 1) -> list[AdapterRef]:
-        """The adapters with at least ``min_pending`` pending interactions, by reference, but those in
-        ``exclude`` (both left untouched: their rows wait for a later run)."""
+        """Adapters with ``min_pending`` pending rows or more, but ``exclude`` (the others' rows wait)."""
         left_out = {parse_ref(r).unpinned() for r in exclude}
         found = []
         for adapter in self.store.list():
